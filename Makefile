@@ -1,0 +1,29 @@
+# Quick start: `make run` (a tuning study on this machine's CPU), `make test` (the whole suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SPACE ?= search_spaces/quickstart-cpu.yaml
+
+.PHONY: setup run test validate clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: it installs the CPU build from this machine's disk; an unpinned torch
+# would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/autotune run $(SPACE)
+
+validate: setup
+	$(VENV)/bin/autotune validate $(SPACE)
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache mlflow.db mlruns autotune-runs

@@ -1,0 +1,117 @@
+"""The run itself: command line, metrics file, memory measurement, fail-fast layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from autotune.schema import MEMORY_CATEGORIES, SUMMARY_METRICS
+from tests.launch import free_port, launch
+from trainables.moe.train import RunConfig, main
+
+ROOT = Path(__file__).resolve().parents[3]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+FLAGS = ["--model", "tiny", "--micro-batch-size", "2", "--global-batch-size", "8", "--seq-len", "64",
+         "--precision", "fp32", "--recompute", "none", "--steps", "3", "--warmup-steps", "1", "--seed", "0"]
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--ep", "3"], "experts (8) must be divisible by ep (3)"),
+    (["--tp", "3"], "heads (4) must be divisible by tp (3)"),
+    (["--pp", "3"], "layers (4) must be divisible by pp (3)"),
+    (["--global-batch-size", "7"], "global batch (7) must be divisible by micro_batch*dp*ep (2*1*1 = 2)"),
+    (["--ep", "2", "--tp", "2"], "world size 4 (pp*dp*ep*tp = 1*1*2*2) != ranks launched 1"),
+    (["--precision", "fp8"], "precision 'fp8' must be one of fp32, bf16, fp16"),
+    (["--model", "huge"], "unknown model preset 'huge'"),
+    (["--model-config", "{nope"], "--model-config is not valid JSON"),
+])
+def test_bad_layouts_fail_before_any_process_group(flags, message, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(FLAGS + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_torchrun_four_ranks_ep2_tp2_prints_the_single_rank_losses(tmp_path):
+    """The issue's acceptance run: the same command on 4 processes and on 1."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for n, layout in ((1, []), (4, ["--ep", "2", "--tp", "2"])):
+        out = tmp_path / f"m{n}.jsonl"
+        cmd = [TORCHRUN, "--nproc-per-node", str(n), "--master-port", str(free_port()),
+               "-m", "trainables.moe.train", *FLAGS, *layout, "--metrics-out", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "step   3 measure loss" in proc.stdout
+        runs[n] = _read(out)
+    for n, lines in runs.items():
+        assert [r["type"] for r in lines] == ["step"] * 4 + ["summary"]
+        summary = lines[-1]
+        assert summary["world_size"] == n and summary["status"] == "ok"
+        for key in SUMMARY_METRICS:
+            assert key in summary or key == "mfu", key  # no known peak FLOP/s on a CPU
+        assert len(summary["ranks"]) == n
+    one, four = [[r["loss"] for r in runs[n][:-1]] for n in (1, 4)]
+    for a, b in zip(four, one):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    assert runs[4][-1]["layout"] == "EP2_TP2_PP1_DP1"
+
+
+BASE = RunConfig(model="tiny", micro_batch_size=2, global_batch_size=4, seq_len=64, steps=2, warmup_steps=1)
+
+
+@pytest.mark.slow
+def test_memory_breakdown_sums_to_the_peak_and_follows_recompute():
+    acts = {}
+    for mode in ("none", "selective", "full"):
+        summary = launch(replace(BASE, recompute=mode))[0].summary
+        parts = sum(summary[k] for k in MEMORY_CATEGORIES)
+        assert parts == summary["peak_mem_bytes"]
+        assert all(summary[k] >= 0 for k in MEMORY_CATEGORIES)
+        acts[mode] = summary["mem_activations_bytes"]
+    # Re-running attention keeps its probabilities out of memory; re-running the block keeps
+    # only block inputs.
+    assert acts["full"] < acts["selective"] < acts["none"]
+
+
+@pytest.mark.slow
+def test_every_rank_reports_its_memory_and_pipeline_stages_differ():
+    results = launch(replace(BASE, pp=2, global_batch_size=8))
+    ranks = results[0].summary["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["peak_mem_bytes"] == sum(r[k] for k in MEMORY_CATEGORIES)
+    # Stage 0 keeps two micro-batches of activations in flight under 1F1B, the last stage one.
+    assert ranks[0]["mem_activations_bytes"] > ranks[1]["mem_activations_bytes"]
+    assert results[0].summary["peak_mem_bytes"] == max(r["peak_mem_bytes"] for r in ranks)
+
+
+@pytest.mark.slow
+def test_mfu_with_a_given_peak_and_consistent_throughput():
+    s = launch(replace(BASE, peak_tflops=1.0, memory_probe=False))[0].summary
+    assert s["tokens_per_s"] == pytest.approx(s["global_batch_size"] * s["seq_len"] / s["step_time_s"])
+    assert s["mfu"] == pytest.approx(s["tokens_per_s"] * s["flops_per_token"] / 1e12)
+    assert s["step_time_p90_s"] >= s["step_time_s"]
+    assert 1.0 <= s["expert_load_imbalance"] <= 8.0 and s["tokens_dropped_frac"] == 0.0
+
+
+def test_argv_round_trips_through_the_parser():
+    from trainables.moe.train import _parser, config_from_args
+
+    cfg = RunConfig(model="tiny", model_overrides={"n_layers": 8}, ep=2, tp=2, precision="bf16",
+                    recompute="full", stage_layers=(3, 5), pp=2, peak_tflops=2.5, memory_probe=False)
+    assert config_from_args(_parser().parse_args(cfg.argv())) == cfg

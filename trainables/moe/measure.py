@@ -1,0 +1,183 @@
+"""Memory and speed measurements of a running rank.
+
+Parameter, gradient and optimizer bytes are counted exactly from the tensors. The peak and
+its split into activations and the rest come from one tracked step: on CPU from a dispatch
+mode that follows every storage's life (CPU tensors have no allocator statistics), on CUDA
+from the caching allocator's peak, split the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+
+def _storage_bytes(tensors: Iterator[torch.Tensor], device: torch.device) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t is None or t.device != device:
+            continue
+        st = t.untyped_storage()
+        if st.data_ptr() in seen:
+            continue
+        seen.add(st.data_ptr())
+        total += st.nbytes()
+    return total
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    params: int
+    grads: int
+    optimizer: int
+
+
+def resident_bytes(module: nn.Module, device: torch.device) -> int:
+    """Parameters and module buffers: what exists before the first step."""
+    return _storage_bytes(iter([*module.parameters(), *module.buffers()]), device)
+
+
+def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> StateBytes:
+    """Exact bytes of what persists between steps, on this rank's device."""
+    params = list(module.parameters())
+    opt = (v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    return StateBytes(
+        params=_storage_bytes(iter(params), device),
+        grads=_storage_bytes((p.grad for p in params), device),
+        optimizer=_storage_bytes(opt, device),
+    )
+
+
+class LiveMemory(TorchDispatchMode):
+    """Bytes of every storage created while active, followed until it dies.
+
+    Each storage is tagged with the phase that created it: `forward` (activations and what
+    the forward keeps), `backward` (gradient temporaries, recomputed activations, buffers of
+    the return trip) or `optimizer`. Entering it for the first step catches what persists
+    from then on (gradients, optimizer states, pipeline receive buffers); entering it again
+    for a later step measures that step's peak over everything still alive.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = {"forward": 0, "backward": 0, "optimizer": 0}
+        self.peak = 0
+        self.peak_split: dict[str, int] = dict(self.live)
+        self._known = WeakIdKeyDictionary()
+        self._refs: dict[int, weakref.ref] = {}
+        self._in_optimizer = False
+        self._hooks: list = []
+
+    def _phase(self) -> str:
+        if self._in_optimizer:
+            return "optimizer"
+        return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+    def _freed(self, key: int, phase: str, size: int, _ref: weakref.ref) -> None:
+        self.live[phase] -= size
+        self._refs.pop(key, None)
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st in self._known or st.nbytes() == 0 or st.device.type == "meta":
+            return
+        phase, size = self._phase(), st.nbytes()
+        self._known[st] = phase
+        key = id(st)
+        self._refs[key] = weakref.ref(st, functools.partial(self._freed, key, phase, size))
+        self.live[phase] += size
+        total = sum(self.live.values())
+        if total > self.peak:
+            self.peak, self.peak_split = total, dict(self.live)
+
+    def reset_peak(self) -> None:
+        self.peak, self.peak_split = sum(self.live.values()), dict(self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Outputs that alias an input (views, in-place ops) allocated nothing new.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self._track(t)
+        return out
+
+    def __enter__(self):
+        def pre(*_a):
+            self._in_optimizer = True
+
+        def post(*_a):
+            self._in_optimizer = False
+
+        self._hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    peak: int
+    activations: int
+    other: int
+
+
+def measure_peak(live: LiveMemory, resident: int, state: StateBytes, device: torch.device,
+                 step: Callable[[], object]) -> PeakMemory:
+    """Run `step` under the tracker; split its peak into state, activations and the rest.
+
+    `resident` is what existed before tracking began (parameters and module buffers).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    live.reset_peak()
+    with live:
+        step()
+    tracked_peak = resident + live.peak
+    act = live.peak_split["forward"]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        peak = tracked_peak
+    known = state.params + state.grads + state.optimizer
+    act = max(0, min(act, peak - known))
+    return PeakMemory(peak=peak, activations=act, other=peak - known - act)
+
+
+# Dense peak FLOP/s of tensor-core (or fp32) math by device name fragment, from vendor datasheets.
+_PEAK_FLOPS = {
+    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12},
+    "H100 PCIe": {"bf16": 756.0e12, "fp16": 756.0e12, "fp32": 51.2e12},
+    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12},
+    "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362.05e12, "fp16": 362.05e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121.0e12, "fp16": 121.0e12, "fp32": 30.3e12},
+}
+
+
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device for this precision; None where it is not known (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, table in _PEAK_FLOPS.items():
+        if fragment in name:
+            return table[precision]
+    return None

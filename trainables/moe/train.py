@@ -1,0 +1,500 @@
+"""One short MoE training run under a parallel layout: build, warm up, measure, report.
+
+Two callers, one program:
+
+* a shell: ``torchrun --nproc-per-node 4 -m trainables.moe.train --model tiny --ep 2 --tp 2 ...``
+  (this is the launch command a deployment report prints);
+* a tuning trial, on ranks it already started: ``run_rank(config, rank, world, addr, port)``.
+
+Rank 0 writes one JSON line per step and a summary as the last line (`--metrics-out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from autotune.schema import Status
+from trainables.moe.config import (
+    PRESETS,
+    ModelConfig,
+    ParallelDims,
+    RunShape,
+    flops_per_token,
+    layout_problems,
+    preset,
+)
+from trainables.moe.data import synthetic_batch
+from trainables.moe.measure import LiveMemory, device_peak_flops, measure_peak, resident_bytes, state_bytes
+from trainables.moe.model import (
+    AttentionCore,
+    Block,
+    build_model,
+    moe_layers,
+    reset_moe_stats,
+    set_aux_loss_scale,
+)
+from trainables.moe.parallel import (
+    ParallelModel,
+    backend_for,
+    build_context,
+    parallelize,
+    sync_gradients,
+)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LayoutError(ValueError):
+    """The layout breaks a structural rule; raised before any process group starts."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    seq_len: int = 64
+    precision: str = "fp32"
+    recompute: str = "none"
+    schedule: str = "1f1b"
+    stage_layers: tuple[int, ...] | None = None
+    steps: int = 5  # measured steps, after the warm-up steps
+    warmup_steps: int = 1
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    device: str = "auto"  # auto | cpu | cuda
+    memory_probe: bool = True  # one extra tracked step after the measured ones
+    peak_tflops: float | None = None  # per device; overrides the built-in table (needed for MFU on CPU)
+    timeout_s: float | None = None  # process-group timeout
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(pp=self.pp, dp=self.dp, ep=self.ep, tp=self.tp)
+
+    @property
+    def shape(self) -> RunShape:
+        return RunShape(self.micro_batch_size, self.global_batch_size, self.seq_len, self.precision,
+                        self.recompute, self.schedule, self.stage_layers)
+
+    def model_config(self) -> ModelConfig:
+        return replace(preset(self.model), **self.model_overrides)
+
+    def problems(self, ranks_available: int | None = None) -> list[str]:
+        out = []
+        if self.model not in PRESETS:
+            return [f"unknown model preset {self.model!r}: choose one of {', '.join(PRESETS)}"]
+        unknown = set(self.model_overrides) - set(ModelConfig.__dataclass_fields__)
+        if unknown:
+            return [f"unknown model field(s) {', '.join(sorted(unknown))}"]
+        if self.steps < 1:
+            out.append(f"steps must be >= 1 (got {self.steps})")
+        if self.warmup_steps < 0:
+            out.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        return out + layout_problems(self.model_config(), self.dims, self.shape, ranks_available)
+
+    def check(self, ranks_available: int | None = None) -> None:
+        problems = self.problems(ranks_available)
+        if problems:
+            raise LayoutError("; ".join(problems))
+
+    def argv(self) -> list[str]:
+        """The command-line flags that reproduce this run exactly."""
+        out = ["--model", self.model]
+        if self.model_overrides:
+            out += ["--model-config", json.dumps(self.model_overrides, sort_keys=True, separators=(",", ":"))]
+        for name in ("ep", "tp", "pp", "dp", "micro_batch_size", "global_batch_size", "seq_len", "precision",
+                     "recompute", "schedule", "steps", "warmup_steps", "seed", "lr", "weight_decay", "device"):
+            out += ["--" + name.replace("_", "-"), str(getattr(self, name))]
+        if self.stage_layers is not None:
+            out += ["--stage-layers", ",".join(map(str, self.stage_layers))]
+        if self.peak_tflops is not None:
+            out += ["--peak-tflops", str(self.peak_tflops)]
+        if not self.memory_probe:
+            out += ["--no-memory-probe"]
+        return out
+
+
+@dataclass
+class RankResult:
+    """What one rank knows after the run; `summary` is filled on rank 0 only."""
+
+    rank: int
+    losses: list[float]
+    step_times: list[float]
+    memory: dict[str, int]
+    summary: dict[str, Any] | None = None
+    params: dict[str, tuple[torch.Tensor, Any]] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    return torch.device(name)
+
+
+def _apply_recompute(pm: ParallelModel, mode: str) -> None:
+    """Re-run part of the forward in backward instead of keeping its activations."""
+    if mode == "none":
+        return
+    target = AttentionCore if mode == "selective" else Block
+    for module in pm.module.modules():
+        if isinstance(module, target):
+            inner = module.forward
+            module.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
+
+
+class Trainer:
+    """Holds one rank's model shard, optimizer and (for pp > 1) pipeline schedule."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.model_cfg = cfg.model_config()
+        self.dims = cfg.dims
+        self.accum = cfg.shape.accum_steps(self.dims)
+        ctx = build_context(self.dims, device)
+        torch.manual_seed(cfg.seed)
+        self.pm = parallelize(build_model(self.model_cfg), ctx, cfg.seed, cfg.stage_layers)
+        _apply_recompute(self.pm, cfg.recompute)
+        self.optimizer = torch.optim.AdamW(self.pm.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.amp_dtype = AUTOCAST_DTYPES.get(cfg.precision)
+        self.scaler = None
+        if cfg.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            # Inf/NaN found on any rank must skip the step on every rank.
+            self.scaler = ShardedGradScaler(device=device.type, process_group=dist.group.WORLD)
+            # Stages that never see the loss must still hold the scale before they unscale.
+            self.scaler.scale(torch.ones((), device=device))
+        p, d, e, t = ctx.coords
+        self.replica = d * self.dims.ep + e
+        self.reports_loss = self.pm.is_last_stage and t == 0
+        self.schedule = self._build_schedule() if self.dims.pp > 1 else None
+        self._ce: list[torch.Tensor] = []
+
+    # -- pipeline -------------------------------------------------------------------------------
+    def _build_schedule(self):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        cfg, mb, s, d = self.cfg, self.cfg.micro_batch_size, self.cfg.seq_len, self.model_cfg.d_model
+        act_dtype = torch.float32
+        if self.pm.is_first_stage:
+            example_in = torch.zeros(mb, s, dtype=torch.long, device=self.device)
+        else:
+            example_in = torch.zeros(mb, s, d, dtype=act_dtype, device=self.device, requires_grad=True)
+        if self.pm.is_last_stage:
+            vocab_local = self.model_cfg.vocab_size // self.dims.tp
+            example_out = torch.zeros(mb, s, vocab_local, dtype=self.amp_dtype or torch.float32, device=self.device)
+        else:
+            example_out = torch.zeros(mb, s, d, dtype=act_dtype, device=self.device, requires_grad=True)
+        stage = PipelineStage(self.pm.module, self.pm.ctx.pp_rank, self.dims.pp, self.device,
+                              input_args=example_in, output_args=example_out, group=self.pm.ctx.pp_group)
+        kind = Schedule1F1B if cfg.schedule == "1f1b" else ScheduleGPipe
+        return kind(stage, n_microbatches=self.accum, loss_fn=self._loss, scale_grads=False)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = self.pm.loss_fn(logits, target)
+        self._ce.append(ce.detach())
+        loss = ce / self.accum
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def step(self, step: int) -> float:
+        cfg = self.cfg
+        tokens = synthetic_batch(self.model_cfg.vocab_size, cfg.global_batch_size, cfg.seq_len, cfg.seed, step)
+        rows = cfg.micro_batch_size * self.accum
+        mine = tokens[self.replica * rows:(self.replica + 1) * rows].to(self.device)
+        x, y = mine[:, :-1].contiguous(), mine[:, 1:].contiguous()
+        loss_scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+        set_aux_loss_scale(self.pm.module, self.model_cfg.aux_loss_coef * loss_scale / self.accum)
+        self._ce = []
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else nullcontext())
+        with amp:
+            if self.schedule is None:
+                for xm, ym in zip(x.split(cfg.micro_batch_size), y.split(cfg.micro_batch_size)):
+                    self._loss(self.pm.module(xm), ym).backward()
+            else:
+                args = (x,) if self.pm.is_first_stage else ()
+                target = y if self.pm.is_last_stage else None
+                self.schedule.step(*args, target=target, losses=[] if target is not None else None)
+        sync_gradients(self.pm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in Megatron's buffers
+        # Mean loss of the whole global batch, known on every rank (also the step's sync point).
+        mean = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.reports_loss:
+            mean += torch.stack(self._ce).double().mean() / self.dims.data_replicas
+        dist.all_reduce(mean)
+        return float(mean.item())
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- MoE routing statistics -----------------------------------------------------------------
+    def routing_stats(self) -> tuple[float, float]:
+        """(worst layer's max/mean expert load, dropped fraction) over all data since the reset."""
+        n_moe = self.model_cfg.n_moe_layers
+        counts = torch.zeros(max(n_moe, 1), self.model_cfg.n_experts, dtype=torch.float64, device=self.device)
+        dropped = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.pm.ctx.tp_rank == 0:  # TP ranks route the same tokens: count them once
+            moe_index = [i for i in range(self.model_cfg.n_layers) if self.model_cfg.is_moe_layer(i)]
+            for name, block in self.pm.module.layers.items():
+                if hasattr(block.ffn, "tokens_per_expert"):
+                    counts[moe_index.index(int(name))] += block.ffn.tokens_per_expert.double()
+                    dropped += block.ffn.dropped.double()
+        dist.all_reduce(counts)
+        dist.all_reduce(dropped)
+        if n_moe == 0 or counts.sum() == 0:
+            return 1.0, 0.0
+        imbalance = (counts.max(1).values / counts.mean(1).clamp_min(1e-12)).max()
+        return float(imbalance), float(dropped.item() / counts.sum().item())
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def run(cfg: RunConfig, on_step: Callable[[dict[str, Any]], None] | None = None,
+        keep_params: bool = False) -> RankResult:
+    """Run on an initialised default process group; every rank calls this."""
+    cfg.check(dist.get_world_size())
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank = dist.get_rank()
+    trainer = Trainer(cfg, device)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    losses, times = [], []
+    total = cfg.warmup_steps + cfg.steps
+    # The memory tracker watches the first step (where gradients, optimizer states and pipeline
+    # buffers come to life) and the probe step after the measured ones; timed steps run bare.
+    live = LiveMemory() if cfg.memory_probe else None
+    resident = resident_bytes(trainer.pm.module, device)
+    for i in range(total):
+        if i == cfg.warmup_steps:
+            reset_moe_stats(trainer.pm.module)
+        trainer.sync()
+        t0 = time.perf_counter()
+        with live if (live is not None and i == 0) else nullcontext():
+            loss = trainer.step(i)
+        trainer.sync()
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        times.append(dt)
+        if rank == 0 and on_step is not None:
+            on_step({"type": "step", "step": i, "phase": "warmup" if i < cfg.warmup_steps else "measure",
+                     "loss": loss, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt})
+    imbalance, dropped = trainer.routing_stats()
+
+    st = state_bytes(trainer.pm.module, trainer.optimizer, device)
+    memory = {"mem_params_bytes": st.params, "mem_grads_bytes": st.grads, "mem_optimizer_bytes": st.optimizer}
+    if live is not None:
+        peak = measure_peak(live, resident, st, device, lambda: trainer.step(total))
+        memory.update(peak_mem_bytes=peak.peak, mem_activations_bytes=peak.activations,
+                      mem_other_bytes=peak.other)
+    result = RankResult(rank=rank, losses=losses, step_times=times, memory=memory)
+    if keep_params:
+        result.params = {n: (p.detach().cpu().clone(), trainer.pm.specs[n])
+                         for n, p in trainer.pm.module.named_parameters()}
+
+    # Slowest rank per step (the step ends with a world all-reduce, so they are close anyway).
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    times = t.tolist()
+    gathered: list[dict[str, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, {"rank": rank, "coords": list(cfg.dims.coords(rank)), **memory})
+    if rank == 0:
+        result.summary = summarize(cfg, device, losses, times, gathered, imbalance, dropped)
+    return result
+
+
+def summarize(cfg: RunConfig, device: torch.device, losses: list[float], times: list[float],
+              ranks: list[dict[str, Any]], imbalance: float, dropped: float) -> dict[str, Any]:
+    measured = times[cfg.warmup_steps:]
+    step_time = statistics.median(measured)
+    model_cfg = cfg.model_config()
+    tokens = cfg.global_batch_size * cfg.seq_len
+    summary: dict[str, Any] = {
+        "type": "summary", "status": Status.OK.value, "reason": "",
+        "layout": cfg.dims.name(), "world_size": cfg.dims.world_size, "device": device.type,
+        **{k: getattr(cfg, k) for k in ("model", "ep", "tp", "pp", "dp", "micro_batch_size",
+                                        "global_batch_size", "seq_len", "precision", "recompute",
+                                        "schedule", "steps", "warmup_steps", "seed")},
+        "accum_steps": cfg.shape.accum_steps(cfg.dims),
+        "tokens_per_s": tokens / step_time, "samples_per_s": cfg.global_batch_size / step_time,
+        "step_time_s": step_time, "step_time_p90_s": _percentile(measured, 0.9),
+        "step_times_s": measured, "losses": losses,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "expert_load_imbalance": imbalance, "tokens_dropped_frac": dropped,
+        "flops_per_token": flops_per_token(model_cfg, cfg.seq_len),
+        "ranks": ranks,
+    }
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else device_peak_flops(device, cfg.precision)
+    if peak:
+        summary["mfu"] = summary["tokens_per_s"] * summary["flops_per_token"] / (peak * cfg.dims.world_size)
+    if "peak_mem_bytes" in ranks[0]:
+        worst = max(ranks, key=lambda r: r["peak_mem_bytes"])
+        summary["worst_rank"] = worst["rank"]
+        for k in ("peak_mem_bytes", "mem_params_bytes", "mem_grads_bytes", "mem_optimizer_bytes",
+                  "mem_activations_bytes", "mem_other_bytes"):
+            summary[k] = worst[k]
+    return summary
+
+
+def run_rank(cfg: RunConfig, rank: int, world_size: int, master_addr: str, master_port: int,
+             on_step: Callable[[dict[str, Any]], None] | None = None, keep_params: bool = False) -> RankResult:
+    """Entry for ranks started by someone else (a tuning trial): join, run, leave."""
+    cfg.check(world_size)
+    device = resolve_device(cfg.device)
+    timeout = timedelta(seconds=cfg.timeout_s) if cfg.timeout_s else timedelta(minutes=30)
+    dist.init_process_group(backend_for(device), init_method=f"tcp://{master_addr}:{master_port}",
+                            rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        result = run(cfg, on_step=on_step, keep_params=keep_params)
+        dist.barrier()  # nobody tears the group down while a peer still talks to it
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = argparse.ArgumentParser(prog="python -m trainables.moe.train",
+                                description="One short MoE training run under an EP/TP/PP/DP layout.")
+    p.add_argument("--model", default=d.model, help=f"preset: {', '.join(PRESETS)}")
+    p.add_argument("--model-config", default="{}", help="JSON object of model fields overriding the preset")
+    for name in ("ep", "tp", "pp", "dp", "micro_batch_size", "global_batch_size", "seq_len", "steps",
+                 "warmup_steps", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--precision", default=d.precision, help="fp32 | bf16 | fp16")
+    p.add_argument("--recompute", default=d.recompute, help="none | selective | full")
+    p.add_argument("--schedule", default=d.schedule, help="pipeline schedule: 1f1b | gpipe")
+    p.add_argument("--stage-layers", default=None, help="explicit pipeline split, e.g. 3,1")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device, for MFU")
+    p.add_argument("--no-memory-probe", action="store_true", help="skip the tracked memory step")
+    p.add_argument("--timeout-s", type=float, default=None, help="process-group timeout in seconds")
+    p.add_argument("--metrics-out", default=None, help="JSON-lines file written by rank 0")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    try:
+        overrides = json.loads(ns.model_config)
+    except json.JSONDecodeError as exc:
+        raise LayoutError(f"--model-config is not valid JSON ({exc.msg}): pass an object like '{{\"n_layers\": 8}}'")
+    if not isinstance(overrides, dict):
+        raise LayoutError("--model-config must be a JSON object like '{\"n_layers\": 8}'")
+    stage_layers = None
+    if ns.stage_layers:
+        try:
+            stage_layers = tuple(int(v) for v in ns.stage_layers.split(","))
+        except ValueError:
+            raise LayoutError(f"--stage-layers {ns.stage_layers!r} must be comma-separated integers like 3,1")
+    return RunConfig(
+        model=ns.model, model_overrides=overrides, ep=ns.ep, tp=ns.tp, pp=ns.pp, dp=ns.dp,
+        micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size, seq_len=ns.seq_len,
+        precision=ns.precision, recompute=ns.recompute, schedule=ns.schedule, stage_layers=stage_layers,
+        steps=ns.steps, warmup_steps=ns.warmup_steps, seed=ns.seed, lr=ns.lr, weight_decay=ns.weight_decay,
+        device=ns.device, memory_probe=not ns.no_memory_probe, peak_tflops=ns.peak_tflops,
+        timeout_s=ns.timeout_s,
+    )
+
+
+class _JsonLines:
+    def __init__(self, path: str | None) -> None:
+        self.file = open(path, "w") if path else None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        print(line if record.get("type") != "step" else _step_text(record), flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+
+def _step_text(r: dict[str, Any]) -> str:
+    return (f"step {r['step']:>3} {r['phase']:<7} loss {r['loss']:.6f}  "
+            f"{r['step_time_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:10.0f} tok/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = config_from_args(ns)
+        cfg.check(world)  # before any process group exists
+    except LayoutError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "MASTER_ADDR" not in os.environ:  # plain `python -m`, one rank
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    timeout = timedelta(seconds=cfg.timeout_s) if cfg.timeout_s else None
+    dist.init_process_group(backend_for(device), **({"timeout": timeout} if timeout else {}))
+    out = _JsonLines(ns.metrics_out if rank == 0 else None)
+    code = 0
+    try:
+        result = run(cfg, on_step=out)
+        if rank == 0:
+            out(result.summary)
+        dist.barrier()  # nobody tears the group down while a peer still talks to it
+    except torch.OutOfMemoryError as exc:
+        code = 1
+        out({"type": "summary", "status": Status.OOM.value, "reason": f"rank {rank}: {str(exc).splitlines()[0]}"})
+    finally:
+        dist.destroy_process_group()
+    return code
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
