@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainables.moe.config import ModelConfig, ParallelDims, stage_layer_counts
+from trainables.moe.config import ModelConfig, ParallelDims, RunShape, stage_layer_counts
 
 FP32 = 4
 
@@ -65,3 +65,82 @@ def state_memory(model: ModelConfig, dims: ParallelDims, stage: int, device: str
     steps = sp.tensors * FP32 if device == "cpu" else 0
     return StateMemory(params=sp.elements * FP32, grads=sp.elements * FP32,
                        optimizer=2 * sp.elements * FP32 + steps)
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """Predicted bytes on the worst rank (the pipeline stage with the largest total)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    other: int
+    stage: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.other
+
+    def as_metrics(self) -> dict[str, int]:
+        return {"pred_mem_params_bytes": self.params, "pred_mem_grads_bytes": self.grads,
+                "pred_mem_optimizer_bytes": self.optimizer, "pred_mem_activations_bytes": self.activations,
+                "pred_mem_other_bytes": self.other, "pred_peak_mem_bytes": self.total}
+
+
+def _in_flight(dims: ParallelDims, shape: RunShape, stage: int) -> int:
+    """Micro-batches whose activations a stage holds at once under the schedule."""
+    if dims.pp == 1:
+        return 1
+    n = shape.accum_steps(dims)
+    return n if shape.schedule == "gpipe" else min(n, dims.pp - stage)
+
+
+def _activation_bytes_per_microbatch(model: ModelConfig, dims: ParallelDims, shape: RunShape, stage: int,
+                                     split: tuple[int, ...] | None) -> tuple[int, int]:
+    """(bytes kept for backward by one micro-batch on this stage, transient bytes at the peak).
+
+    A first-order count of what autograd saves per layer; the coefficients are checked
+    against measurements by benchmarks/memory_model.py.
+    """
+    d, tp, s, b = model.d_model, dims.tp, shape.seq_len, shape.micro_batch_size
+    tokens = b * s
+    act = 2 if shape.precision in ("bf16", "fp16") else 4
+    counts = stage_layer_counts(model, dims, split)
+    first = sum(counts[:stage])
+    kept = 0
+    for i in range(first, first + counts[stage]):
+        attn_core = b * (model.n_heads // tp) * s * s * FP32 + 3 * tokens * d // tp * act
+        if shape.recompute == "full":
+            kept += tokens * d * FP32  # only the block input survives
+            continue
+        layer = 6 * tokens * d * FP32 + 2 * tokens * d // tp * act  # norms, residuals, attention in/out
+        if shape.recompute != "selective":
+            layer += attn_core
+        if model.is_moe_layer(i):
+            routed = tokens * model.top_k
+            layer += 3 * tokens * model.n_experts * FP32  # router logits and probabilities
+            layer += 3 * routed * d * FP32  # dispatched tokens, expert outputs, weighted outputs
+            layer += 4 * routed * model.ffn_hidden // tp * act  # SwiGLU intermediates
+        else:
+            layer += 4 * tokens * model.dense_ffn // tp * act
+        kept += layer
+    transient = 0
+    if stage == dims.pp - 1:
+        logits = tokens * model.vocab_size // tp
+        kept += 2 * logits * FP32
+        transient += 2 * logits * FP32  # gradient of the logits at the start of backward
+    return kept, transient
+
+
+def predict(model: ModelConfig, dims: ParallelDims, shape: RunShape, device: str = "cpu") -> MemoryPrediction:
+    """Per-category bytes of the worst rank of a layout, before anything runs."""
+    best: MemoryPrediction | None = None
+    for stage in range(dims.pp):
+        st = state_memory(model, dims, stage, device, shape.stage_layers)
+        kept, transient = _activation_bytes_per_microbatch(model, dims, shape, stage, shape.stage_layers)
+        pred = MemoryPrediction(params=st.params, grads=st.grads, optimizer=st.optimizer,
+                                activations=kept * _in_flight(dims, shape, stage), other=transient, stage=stage)
+        if best is None or pred.total > best.total:
+            best = pred
+    return best

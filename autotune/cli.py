@@ -1,0 +1,89 @@
+"""`autotune`: validate a space, run a study, write its report, open the MLflow UI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from autotune.spec import Spec, SpecError, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find the fastest MoE training layout that fits, with measured evidence.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output keeps whole rows: a log or a CI transcript is read later, not in a terminal.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+@app.callback()
+def _group() -> None:
+    """Find the fastest MoE training layout that fits, with measured evidence."""
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def _load(path: Path) -> Spec:
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        _fail(str(exc))
+
+
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.3f}"
+
+
+@app.command()
+def validate(
+    space: Path = typer.Argument(..., help="the space file (YAML)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    limit: int = typer.Option(200, help="rows shown in the table (the JSON has them all)"),
+) -> None:
+    """Screen every candidate layout: structural rules and predicted memory. No Ray, no GPU."""
+    from autotune.candidates import screen
+
+    spec = _load(space)
+    sc = screen(spec)
+    if as_json:
+        rows = [{"layout": c.layout.key, **c.layout.params(), "verdict": c.verdict, "reason": c.reason,
+                 **(c.prediction.as_metrics() if c.prediction else {})} for c in sc.candidates]
+        print(json.dumps({"space": str(space), "candidates": rows, "counts": sc.counts,
+                          "excluded_by_reason": sc.reasons, "cap_bytes": sc.cap_bytes}, indent=1))
+        return
+    table = Table(title=f"{len(sc.candidates)} candidates for {spec.study.name} "
+                        f"(cap {_gb(sc.cap_bytes)} GB per rank)", show_lines=False)
+    for col in ("layout", "world", "mb", "prec", "recompute", "params", "grads", "optim", "activ", "other",
+                "total GB", "verdict"):
+        table.add_column(col, justify="right" if col not in ("layout", "prec", "recompute", "verdict") else "left")
+    shown = sorted(sc.candidates, key=lambda c: (not c.fits, c.layout))[:limit]
+    for c in shown:
+        p = c.prediction
+        table.add_row(c.layout.name, str(c.layout.world_size), str(c.layout.micro_batch_size), c.layout.precision,
+                      c.layout.recompute, *(_gb(getattr(p, k)) if p else "-" for k in
+                                            ("params", "grads", "optimizer", "activations", "other")),
+                      _gb(p.total) if p else "-", "fits" if c.fits else f"{c.verdict}: {c.reason}")
+    out.print(table)
+    if len(sc.candidates) > limit:
+        out.print(f"({len(sc.candidates) - limit} more rows: use --json for all)")
+    out.print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(sc.counts.items())))
+    if sc.reasons:
+        out.print("excluded by reason: " + ", ".join(f"{k} {v}" for k, v in
+                                                     sorted(sc.reasons.items(), key=lambda kv: -kv[1])))
+    if not sc.fitting():
+        _fail("no candidate layout fits: widen the search lists or raise cluster.memory_gb", 1)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,94 @@
+"""Layouts: the value object, the candidate set a space spans, and why each is in or out."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from trainables.moe.config import ModelConfig, ParallelDims, RunShape, layout_problems
+
+
+@dataclass(frozen=True, order=True)
+class Layout:
+    """One point of the search space: parallel degrees plus the per-step knobs."""
+
+    ep: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    precision: str
+    recompute: str
+    schedule: str = "1f1b"
+
+    @property
+    def world_size(self) -> int:
+        return self.ep * self.tp * self.pp * self.dp
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(pp=self.pp, dp=self.dp, ep=self.ep, tp=self.tp)
+
+    @property
+    def name(self) -> str:
+        """The seed's notation, e.g. EP16_TP1_PP1_DP1."""
+        return self.dims.name()
+
+    @property
+    def key(self) -> str:
+        """Unique and readable: the layout name plus every knob."""
+        return f"{self.name}/mb{self.micro_batch_size}/{self.precision}/{self.recompute}/{self.schedule}"
+
+    def params(self) -> dict[str, Any]:
+        return {"ep": self.ep, "tp": self.tp, "pp": self.pp, "dp": self.dp, "world_size": self.world_size,
+                "micro_batch_size": self.micro_batch_size, "precision": self.precision,
+                "recompute": self.recompute, "schedule": self.schedule}
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> "Layout":
+        return cls(ep=int(p["ep"]), tp=int(p["tp"]), pp=int(p["pp"]), dp=int(p["dp"]),
+                   micro_batch_size=int(p["micro_batch_size"]), precision=str(p["precision"]),
+                   recompute=str(p["recompute"]), schedule=str(p.get("schedule", "1f1b")))
+
+    def shape(self, global_batch_size: int, seq_len: int) -> RunShape:
+        return RunShape(self.micro_batch_size, global_batch_size, seq_len, self.precision, self.recompute,
+                        self.schedule)
+
+
+def product(ep: Iterable[int], tp: Iterable[int], pp: Iterable[int], dp: Iterable[int] | None,
+            worlds: Iterable[int], micro_batch_size: Iterable[int], precision: Iterable[str],
+            recompute: Iterable[str], schedule: Iterable[str]) -> list[Layout]:
+    """Every combination; dp=None fills each allowed world size (`dp: auto`).
+
+    The pipeline schedule only varies where there is a pipeline.
+    """
+    worlds = sorted(set(worlds))
+    out: list[Layout] = []
+    schedules = list(dict.fromkeys(schedule))
+    for e, t, p in itertools.product(ep, tp, pp):
+        base = e * t * p
+        dps = [w // base for w in worlds if w % base == 0] if dp is None else list(dp)
+        for d, mb, prec, rc in itertools.product(dps, micro_batch_size, precision, recompute):
+            for s in (schedules if p > 1 else schedules[:1]):
+                out.append(Layout(e, t, p, d, mb, prec, rc, s))
+    return sorted(set(out))
+
+
+def structural_problems(model: ModelConfig, layout: Layout, global_batch_size: int, seq_len: int,
+                        worlds: Iterable[int]) -> list[str]:
+    """The trainable's own rules plus the cluster's: a layout must use an allowed world size."""
+    problems = layout_problems(model, layout.dims, layout.shape(global_batch_size, seq_len))
+    allowed = sorted(set(worlds))
+    if layout.world_size not in allowed:
+        problems.append(f"world size {layout.world_size} is not one of the allowed world sizes "
+                        f"{allowed} (cluster ranks or search.world_sizes)")
+    return problems
+
+
+def rule_of(problem: str) -> str:
+    """A short, stable name for the rule a problem line breaks (for counts by reason)."""
+    head = problem.split(" must ")[0].split(" (")[0].split(" needs ")[0]
+    if problem.startswith("world size"):
+        return "world size"
+    return head.strip()

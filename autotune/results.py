@@ -1,0 +1,117 @@
+"""What a study produced: one record per trial, plain data for tracking and reports."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from autotune.layout import Layout
+from autotune.schema import Status
+from autotune.spec import Spec
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial, launched or not. `metrics` uses the schema's names (autotune.schema)."""
+
+    number: int
+    layout: Layout
+    status: Status
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)  # summary metrics of a run
+    prediction: dict[str, int] = field(default_factory=dict)  # pred_mem_*_bytes and pred_peak_mem_bytes
+    ranks: tuple[dict[str, Any], ...] = ()  # per rank: rank, coords, node, memory categories
+    losses: tuple[float, ...] = ()  # every step, warm-up included
+    step_times: tuple[float, ...] = ()  # measured steps
+    duration_s: float | None = None  # wall time of the whole trial
+    attempts: int = 1
+    mlflow_run_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.metrics.get("tokens_per_s", 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "layout": self.layout.params(), "layout_key": self.layout.key,
+                "status": self.status.value, "reason": self.reason, "metrics": dict(self.metrics),
+                "prediction": dict(self.prediction), "ranks": list(self.ranks), "losses": list(self.losses),
+                "step_times": list(self.step_times), "duration_s": self.duration_s, "attempts": self.attempts,
+                "mlflow_run_id": self.mlflow_run_id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialRecord":
+        return cls(number=int(d["number"]), layout=Layout.from_params(d["layout"]), status=Status(d["status"]),
+                   reason=d.get("reason", ""), metrics=dict(d.get("metrics", {})),
+                   prediction=dict(d.get("prediction", {})), ranks=tuple(d.get("ranks", ())),
+                   losses=tuple(d.get("losses", ())), step_times=tuple(d.get("step_times", ())),
+                   duration_s=d.get("duration_s"), attempts=int(d.get("attempts", 1)),
+                   mlflow_run_id=d.get("mlflow_run_id"))
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    name: str
+    spec: Spec
+    trials: tuple[TrialRecord, ...]
+    machine: dict[str, Any] = field(default_factory=dict)  # what the trials ran on
+    wall_s: float | None = None
+    mlflow_parent_run_id: str | None = None
+
+    def ok_trials(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.ok]
+
+    def best(self) -> TrialRecord | None:
+        """Fastest trial that ran and stayed within the memory cap."""
+        cap = self.spec.objective.memory_cap * self.spec.cluster.memory_bytes
+        fitting = [t for t in self.ok_trials() if t.metrics.get("peak_mem_bytes", 0) <= cap]
+        return max(fitting, key=lambda t: t.tokens_per_s, default=None)
+
+    def counts_by_status(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.trials:
+            out[t.status.value] = out.get(t.status.value, 0) + 1
+        return out
+
+    def pareto(self) -> list[TrialRecord]:
+        """Trials no other beats on both throughput (higher) and peak memory (lower)."""
+        ok = [t for t in self.ok_trials() if "peak_mem_bytes" in t.metrics]
+        front = []
+        for t in ok:
+            dominated = any(o.tokens_per_s >= t.tokens_per_s and o.metrics["peak_mem_bytes"] <= t.metrics["peak_mem_bytes"]
+                            and (o.tokens_per_s > t.tokens_per_s or o.metrics["peak_mem_bytes"] < t.metrics["peak_mem_bytes"])
+                            for o in ok)
+            if not dominated:
+                front.append(t)
+        return sorted(front, key=lambda t: t.metrics["peak_mem_bytes"])
+
+
+def run_config_for(spec: Spec, layout: Layout, **extra: Any):
+    """The trainable's config for a layout of this space (imports nothing heavy)."""
+    from trainables.moe.run_config import RunConfig
+
+    return RunConfig(
+        model=spec.model.preset, model_overrides=spec.model.overrides(), ep=layout.ep, tp=layout.tp,
+        pp=layout.pp, dp=layout.dp, micro_batch_size=layout.micro_batch_size,
+        global_batch_size=spec.search.global_batch_size, seq_len=spec.search.seq_len,
+        precision=layout.precision, recompute=layout.recompute, schedule=layout.schedule,
+        steps=spec.budget.measure_steps, warmup_steps=spec.budget.warmup_steps, seed=spec.study.seed,
+        device=spec.cluster.device, **extra,
+    )
+
+
+def launch_command(spec: Spec, layout: Layout) -> str:
+    """The exact torchrun command that reproduces a trial's run on one node per `nodes`."""
+    cfg = run_config_for(spec, layout)
+    nodes = spec.cluster.nodes if spec.cluster.ranks_per_node else 1
+    per_node = layout.world_size // nodes if layout.world_size % nodes == 0 and nodes > 1 else layout.world_size
+    nnodes = layout.world_size // per_node
+    head = ["torchrun", f"--nnodes={nnodes}", f"--nproc-per-node={per_node}"]
+    if nnodes > 1:
+        head += ["--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"]
+    return " ".join(head + ["-m", "trainables.moe.train"] + [shlex.quote(a) for a in cfg.argv()]
+                    + ["--metrics-out", "metrics.jsonl"])
