@@ -81,6 +81,69 @@ def validate(
         _fail("no candidate layout fits: widen the search lists or raise cluster.memory_gb", 1)
 
 
+@app.command()
+def run(
+    space: Path = typer.Argument(..., help="the space file (YAML)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the study of the same name"),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                                          help="Ray cluster to use (default: a local Ray)"),
+    live: Optional[bool] = typer.Option(None, "--live/--plain", help="live view or plain log (default: by terminal)"),
+) -> None:
+    """Run a tuning study: Optuna proposes, Ray Tune runs real trials, MLflow records, a report is written."""
+    from autotune.study import RunOptions, StudyError, run_study
+
+    spec = _load(space)
+    try:
+        result = run_study(spec, space.read_text(), RunOptions(resume=resume, address=address, live=live))
+    except StudyError as exc:
+        _fail(str(exc), exc.code)
+    report = spec.study.directory() / "report"
+    best = result.best()
+    out.print(f"study {result.name}: {len(result.trials)} trials; by status: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(result.counts_by_status().items())))
+    out.print(f"report: {report / 'report.md'} (also .html, .json); MLflow: autotune ui")
+    if best is None:
+        _fail("no feasible layout: every trial failed or was pruned; see the report's counts by reason", 1)
+    out.print(f"best: {best.layout.key} at {best.tokens_per_s:,.0f} tokens/s")
+
+
+@app.command()
+def report(
+    study: str = typer.Argument(..., help="the study name (study.name in the space)"),
+    directory: Path = typer.Option(Path("autotune-runs"), "--dir", help="the study output folder's parent"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage (journal path or RDB URL)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="where to write (default: <dir>/<study>/report)"),
+) -> None:
+    """Write the deployment report of a study from its Optuna storage."""
+    from autotune.report import write_report
+    from autotune.study import StudyError, load_result
+
+    try:
+        result = load_result(study, directory, storage)
+    except StudyError as exc:
+        _fail(str(exc), exc.code)
+    files = write_report(result, out_dir or directory / study / "report")
+    out.print(f"report: {files.markdown} (also {files.html.name}, {files.json.name})")
+    if result.best() is None:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="port to serve on"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; keep loopback unless you mean to share it"),
+    uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                      help="MLflow store (default: sqlite:///mlflow.db here)"),
+) -> None:
+    """Open the MLflow UI on the studies' tracking store (bound to 127.0.0.1 by default)."""
+    import subprocess
+
+    store = uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)]
+    out.print(f"MLflow UI on http://{host}:{port} for {store} (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

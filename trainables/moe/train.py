@@ -12,16 +12,18 @@ Rank 0 writes one JSON line per step and a summary as the last line (`--metrics-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -201,9 +203,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def run(cfg: RunConfig, on_step: Callable[[dict[str, Any]], None] | None = None,
-        keep_params: bool = False) -> RankResult:
-    """Run on an initialised default process group; every rank calls this."""
+def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, Any] | RankResult]:
+    """Run on an initialised default process group, yielding each step's record as it ends.
+
+    Every rank calls this; the last item is the rank's RankResult (with the summary on rank 0).
+    Records carry the step's global loss and wall time, so a caller can stream progress.
+    """
     cfg.check(dist.get_world_size())
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -228,15 +233,14 @@ def run(cfg: RunConfig, on_step: Callable[[dict[str, Any]], None] | None = None,
         dt = time.perf_counter() - t0
         losses.append(loss)
         times.append(dt)
-        if rank == 0 and on_step is not None:
-            on_step({"type": "step", "step": i, "phase": "warmup" if i < cfg.warmup_steps else "measure",
-                     "loss": loss, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt})
+        yield {"type": "step", "step": i, "phase": "warmup" if i < cfg.warmup_steps else "measure",
+               "loss": loss, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
     imbalance, dropped = trainer.routing_stats()
 
     st = state_bytes(trainer.pm.module, trainer.optimizer, device)
     memory = {"mem_params_bytes": st.params, "mem_grads_bytes": st.grads, "mem_optimizer_bytes": st.optimizer}
     if live is not None:
-        peak = measure_peak(live, resident, st, device, lambda: trainer.step(total))
+        peak = measure_peak(live, resident, st, device, functools.partial(trainer.step, total))
         memory.update(peak_mem_bytes=peak.peak, mem_activations_bytes=peak.activations,
                       mem_other_bytes=peak.other)
     result = RankResult(rank=rank, losses=losses, step_times=times, memory=memory)
@@ -249,10 +253,25 @@ def run(cfg: RunConfig, on_step: Callable[[dict[str, Any]], None] | None = None,
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     times = t.tolist()
     gathered: list[dict[str, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, {"rank": rank, "coords": list(cfg.dims.coords(rank)), **memory})
+    dist.all_gather_object(gathered, {"rank": rank, "coords": list(cfg.dims.coords(rank)),
+                                      "host": socket.gethostname(), **memory})
     if rank == 0:
         result.summary = summarize(cfg, device, losses, times, gathered, imbalance, dropped)
-    return result
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    yield result
+
+
+def run(cfg: RunConfig, on_step: Callable[[dict[str, Any]], None] | None = None,
+        keep_params: bool = False) -> RankResult:
+    """`iter_run` to the end; rank 0 hands each step record to `on_step`."""
+    for item in iter_run(cfg, keep_params):
+        if isinstance(item, RankResult):
+            return item
+        if on_step is not None and dist.get_rank() == 0:
+            on_step(item)
+    raise AssertionError("iter_run ended without a result")
 
 
 def summarize(cfg: RunConfig, device: torch.device, losses: list[float], times: list[float],
@@ -405,8 +424,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

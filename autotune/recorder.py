@@ -1,0 +1,100 @@
+"""Turns trial events (Tune callbacks, searcher decisions) into MLflow runs and trial records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from ray.tune import Callback
+
+from autotune.layout import Layout
+from autotune.progress import Progress
+from autotune.results import TrialRecord
+from autotune.schema import SUMMARY_METRICS, Status
+from autotune.spec import Spec
+from autotune.tracking import Tracker
+
+
+def record_from_result(number: int, layout: Layout, prediction: dict[str, int], result: dict | None,
+                       error: bool, steps: list[dict[str, Any]]) -> TrialRecord:
+    """A trial's record from its last Tune result (the final one, or the last step it reported)."""
+    result = result or {}
+    if result.get("autotune_final"):
+        outcome = json.loads(result["outcome"])
+        summary = outcome.get("summary") or {}
+        metrics = {k: summary[k] for k in (*SUMMARY_METRICS, "flops_per_token", "accum_steps") if k in summary}
+        rank_mem = {r["rank"]: r for r in summary.get("ranks", [])}
+        ranks = tuple({**rank_mem.get(r["rank"], {}), "rank": r["rank"], "node": r.get("node"), "ip": r.get("ip"),
+                       **r.get("memory", {})} for r in outcome.get("ranks", []))
+        return TrialRecord(number=number, layout=layout, status=Status(outcome["status"]),
+                           reason=outcome.get("reason", ""), metrics=metrics, prediction=prediction, ranks=ranks,
+                           losses=tuple(summary.get("losses", [s["loss"] for s in outcome.get("steps", [])])),
+                           step_times=tuple(summary.get("step_times_s", [])),
+                           duration_s=outcome.get("duration_s"))
+    if error:
+        return TrialRecord(number=number, layout=layout, status=Status.CRASHED, prediction=prediction,
+                           reason="the trial's coordinator failed; see the Ray logs of this study")
+    tps = sorted(s["tokens_per_s"] for s in steps)
+    metrics = {"tokens_per_s": tps[len(tps) // 2]} if tps else {}
+    return TrialRecord(number=number, layout=layout, status=Status.EARLY_STOPPED, prediction=prediction,
+                       reason=f"stopped by the scheduler after {len(steps)} measured steps (slower than its peers)",
+                       metrics=metrics, losses=tuple(s["loss"] for s in steps),
+                       step_times=tuple(s["step_time_s"] for s in steps))
+
+
+class Recorder(Callback):
+    """Tune callback + searcher hooks: turns trial events into MLflow runs and records.
+
+    Everything lands here, in the driver, so MLflow has a single writer however many trials run.
+    """
+
+    def __init__(self, spec: Spec, tracker: Tracker, parent: str, progress: Progress) -> None:
+        self.spec, self.tracker, self.parent, self.progress = spec, tracker, parent, progress
+        self.trials: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks for Tuner.restore, which autotune never uses: a study resumes
+        # from its Optuna storage. This object only ever lives in the driver.
+        return {}
+
+    def _entry(self, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
+        if trial_id not in self.trials:
+            layout = Layout.from_params(config["layout"])
+            params = {**layout.params(), "global_batch_size": self.spec.search.global_batch_size,
+                      "seq_len": self.spec.search.seq_len, "layout": layout.key}
+            run_id = self.tracker.start_trial(self.parent, config["number"], params)
+            self.trials[trial_id] = {"number": config["number"], "layout": layout, "run_id": run_id,
+                                     "prediction": config.get("prediction", {}), "steps": []}
+            self.progress.started(config["number"], layout)
+        return self.trials[trial_id]
+
+    # Tune callback hooks
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._entry(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        entry = self._entry(trial.trial_id, trial.config)
+        if result.get("autotune_final"):
+            return
+        entry["steps"].append({k: result[k] for k in ("tokens_per_s", "step_time_s", "loss", "step")})
+        self.tracker.log_step(entry["run_id"], int(result["step"]),
+                              {k: result[k] for k in ("tokens_per_s", "step_time_s", "loss")})
+        self.progress.step(entry["number"])
+
+    # Searcher hooks
+    def decided(self, record: TrialRecord) -> TrialRecord:
+        run_id = self.tracker.log_unlaunched(self.parent, record, self.spec)
+        record = replace(record, mlflow_run_id=run_id)
+        self.progress.finished(record)
+        return record
+
+    def complete(self, trial_id: str, result: dict | None, error: bool) -> TrialRecord:
+        config = (result or {}).get("config") or {}
+        entry = self.trials.get(trial_id) or self._entry(trial_id, config)
+        record = record_from_result(entry["number"], entry["layout"], entry["prediction"], result, error,
+                                    entry["steps"])
+        record = replace(record, mlflow_run_id=entry["run_id"])
+        self.tracker.finish_trial(entry["run_id"], record, self.spec)
+        self.progress.finished(record)
+        return record

@@ -1,0 +1,207 @@
+"""Optuna proposes layouts for Ray Tune; the memory model and the study's own history filter them.
+
+Optuna's samplers see the space as independent knobs (ep, tp, pp, world or dp, micro-batch,
+precision, recompute, schedule), so they can learn which values help. A proposal that breaks a
+structural rule or is predicted over the memory cap is answered at once as an infeasible
+trial (Optuna constraint > 0) and recorded, never launched; one that repeats a layout already
+measured gets its measured result back. Only new, fitting layouts reach Tune. Failed runs
+(oom, timeout, crash) are told as COMPLETE and infeasible: TPE learns nothing from FAIL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from autotune.candidates import OVER_MEMORY, Candidate, Screening, judge
+from autotune.layout import Layout
+from autotune.results import TrialRecord
+from autotune.schema import Status
+from autotune.spec import Spec
+
+log = logging.getLogger(__name__)
+
+RECORD_ATTR = "record"
+KEY_ATTR = "layout_key"
+MAX_FREE_PROPOSALS = 2000
+FAILED_STATUSES = {Status.OOM, Status.TIMEOUT, Status.CRASHED, Status.NODE_LOST, Status.INVALID}
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage | str:
+    """A journal file (path) or an RDB URL (anything with '://')."""
+    if "://" in url:
+        return url
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(url))
+
+
+def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
+    seed = spec.study.seed
+    name = spec.study.sampler
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler({k: list(d.choices) for k, d in distributions(spec).items()}, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                      n_startup_trials=max(4, min(10, spec.budget.trials // 3)))
+
+
+def distributions(spec: Spec) -> dict[str, CategoricalDistribution]:
+    s = spec.search
+    space = {"ep": CategoricalDistribution(sorted(set(s.ep))), "tp": CategoricalDistribution(sorted(set(s.tp))),
+             "pp": CategoricalDistribution(sorted(set(s.pp)))}
+    if s.dp == "auto":
+        space["world_size"] = CategoricalDistribution(spec.world_sizes)
+    else:
+        space["dp"] = CategoricalDistribution(sorted(set(s.dp)))
+    space["micro_batch_size"] = CategoricalDistribution(sorted(set(s.micro_batch_size)))
+    space["precision"] = CategoricalDistribution(list(dict.fromkeys(s.precision)))
+    space["recompute"] = CategoricalDistribution(list(dict.fromkeys(s.recompute)))
+    if len(set(s.schedule)) > 1 and max(s.pp) > 1:
+        space["schedule"] = CategoricalDistribution(list(dict.fromkeys(s.schedule)))
+    return space
+
+
+def layout_from_params(spec: Spec, p: dict[str, Any]) -> Layout | str:
+    """The layout a proposal means, or why it means none (a world the degrees do not divide)."""
+    ep, tp, pp = int(p["ep"]), int(p["tp"]), int(p["pp"])
+    if "world_size" in p:
+        world = int(p["world_size"])
+        if world % (ep * tp * pp):
+            return f"world size {world} is not divisible by ep*tp*pp ({ep}*{tp}*{pp} = {ep * tp * pp})"
+        dp = world // (ep * tp * pp)
+    else:
+        dp = int(p["dp"])
+    schedule = str(p.get("schedule", spec.search.schedule[0]))
+    return Layout(ep, tp, pp, dp, int(p["micro_batch_size"]), str(p["precision"]), str(p["recompute"]),
+                  schedule if pp > 1 else spec.search.schedule[0])
+
+
+def create_study(spec: Spec, storage: Any, load_if_exists: bool) -> optuna.Study:
+    kwargs: dict[str, Any] = {"directions": ["maximize", "minimize"]} if spec.objective.minimize else \
+        {"direction": "maximize"}
+    return optuna.create_study(storage=storage, sampler=make_sampler(spec), study_name=spec.study.name,
+                               load_if_exists=load_if_exists, **kwargs)
+
+
+def stored_records(study: optuna.Study) -> list[TrialRecord]:
+    """Every trial the study decided, from its own storage (the report's source of truth)."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        raw = t.user_attrs.get(RECORD_ATTR)
+        if raw:
+            out.append(TrialRecord.from_dict(json.loads(raw)))
+    return sorted(out, key=lambda r: r.number)
+
+
+def reconcile(study: optuna.Study) -> list[int]:
+    """Trials a killed driver left RUNNING are closed as FAIL (Optuna's heartbeat does not cover
+    ask/tell); their layouts have no record, so the search will propose them again."""
+    stale = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for number in stale:
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    return stale
+
+
+class LayoutSearcher(Searcher):
+    """A Ray Tune Searcher over Optuna ask/tell with memory-model pruning and a result cache."""
+
+    def __init__(self, spec: Spec, screening: Screening, study: optuna.Study,
+                 make_config: Callable[[int, Layout, Candidate], dict[str, Any]],
+                 on_decided: Callable[[TrialRecord], TrialRecord], on_complete: Callable[[str, dict | None, bool], TrialRecord],
+                 launches: int) -> None:
+        super().__init__(metric="tokens_per_s", mode="max")
+        self.spec, self.screening, self.study = spec, screening, study
+        self.space = distributions(spec)
+        self.make_config, self.on_decided, self.on_complete = make_config, on_decided, on_complete
+        self.launches_left = launches
+        self.cap = screening.cap_bytes
+        self.pending: dict[str, tuple[optuna.trial.Trial, Layout]] = {}
+        self.in_flight: set[str] = set()
+        self.known: dict[str, TrialRecord] = {}
+        self.decided_without_run: set[str] = set()
+        for record in stored_records(study):
+            if record.status in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID) and not record.metrics:
+                self.decided_without_run.add(record.layout.key)
+            else:
+                self.known[record.layout.key] = record
+        self.fitting = {c.layout.key for c in screening.candidates if c.fits}
+
+    # -- telling Optuna -----------------------------------------------------------------------------
+    def _values(self, record: TrialRecord) -> tuple[list[float] | float, float]:
+        """Objective value(s) and constraint (> 0 = infeasible) of a decided trial."""
+        tps = record.tokens_per_s if record.status in (Status.OK, Status.EARLY_STOPPED) else 0.0
+        peak = float(record.metrics.get("peak_mem_bytes") or record.prediction.get("pred_peak_mem_bytes") or 0)
+        if record.status in (Status.OK, Status.EARLY_STOPPED):
+            constraint = (peak - self.cap) / self.cap if peak else -1.0
+        elif record.status == Status.PRUNED_BY_MEMORY_MODEL:
+            constraint = max((peak - self.cap) / self.cap, 1e-3)
+        else:
+            constraint = 1.0
+        if self.spec.objective.minimize:
+            return [tps, peak if peak else float(self.cap) * 10], constraint
+        return tps, constraint
+
+    def _tell(self, trial: optuna.trial.Trial, record: TrialRecord, store: bool) -> None:
+        values, constraint = self._values(record)
+        trial.set_constraint("memory_and_failures", constraint)
+        trial.set_user_attr(KEY_ATTR, record.layout.key)
+        if store:
+            trial.set_user_attr(RECORD_ATTR, json.dumps(record.to_dict()))
+        self.study.tell(trial, values, state=TrialState.COMPLETE)
+
+    # -- Tune's Searcher interface ------------------------------------------------------------------
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.launches_left <= 0:
+            return Searcher.FINISHED
+        for _ in range(MAX_FREE_PROPOSALS):
+            if not (self.fitting - set(self.known) - self.in_flight):
+                return Searcher.FINISHED  # every fitting layout is measured or running
+            trial = self.study.ask(self.space)
+            layout = layout_from_params(self.spec, trial.params)
+            if isinstance(layout, str):  # not a layout at all: tell it infeasible, keep no record
+                trial.set_constraint("memory_and_failures", 1.0)
+                self.study.tell(trial, [0.0, float(self.cap) * 10] if self.spec.objective.minimize else 0.0)
+                continue
+            key = layout.key
+            if key in self.known:
+                self._tell(trial, self.known[key], store=False)
+                continue
+            if key in self.in_flight:
+                self.study.tell(trial, state=TrialState.FAIL)  # a twin is running; constant liar covers it
+                continue
+            cand = judge(self.spec, layout)
+            if not cand.fits:
+                status = Status.PRUNED_BY_MEMORY_MODEL if cand.verdict == OVER_MEMORY else Status.INVALID
+                record = TrialRecord(number=trial.number, layout=layout, status=status, reason=cand.reason,
+                                     prediction=cand.prediction.as_metrics() if cand.prediction else {})
+                first = key not in self.decided_without_run
+                if first:
+                    self.decided_without_run.add(key)
+                    record = self.on_decided(record)
+                self._tell(trial, record, store=first)
+                continue
+            self.pending[trial_id] = (trial, layout)
+            self.in_flight.add(key)
+            self.launches_left -= 1
+            return self.make_config(trial.number, layout, cand)
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.pending:
+            return
+        trial, layout = self.pending.pop(trial_id)
+        self.in_flight.discard(layout.key)
+        record = self.on_complete(trial_id, result, error)
+        self.known[layout.key] = record
+        self._tell(trial, record, store=True)

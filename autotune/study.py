@@ -1,0 +1,245 @@
+"""One tuning study: screen the space, let Optuna propose, let Ray Tune run, record, report.
+
+The Optuna storage is the study's memory: every decided trial keeps its full record there, so
+`--resume` (after a crash, or the next scheduled run) re-runs nothing already measured, and
+`autotune report` can rebuild the report from it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune.candidates import Candidate, screen
+from autotune.layout import Layout
+from autotune.progress import Progress
+from autotune.results import StudyResult, run_config_for
+from autotune.schema import Status
+from autotune.spec import Spec
+from autotune.tracking import Tracker, TrackingError, machine_description
+
+STATE_FILE = "state.json"
+PARENT_ATTR = "mlflow_parent_run_id"
+TRACKING_ATTR = "mlflow_tracking_uri"
+EXPERIMENT_ATTR = "mlflow_experiment"
+SPEC_ATTR = "spec"
+
+
+class StudyError(RuntimeError):
+    """A study cannot start or continue; `code` is the exit code the CLI uses."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    resume: bool = False
+    address: str | None = None  # Ray cluster; None = $RAY_ADDRESS or a local Ray
+    live: bool | None = None  # rich view; None = when stdout is a terminal
+    report: bool = True
+
+
+# ------------------------------------------------------------------------------------------------
+# State that outlives a driver
+
+
+def state_path(spec: Spec) -> Path:
+    return spec.study.directory() / STATE_FILE
+
+
+def write_state(spec: Spec, parent_run_id: str, tracking_uri: str) -> None:
+    """Where to find the study again; written atomically so a kill never leaves half a file."""
+    path = state_path(spec)
+    data = {"study": spec.study.name, "storage": spec.study.storage_url(), "tracking_uri": tracking_uri,
+            "experiment": spec.tracking.experiment, "mlflow_parent_run_id": parent_run_id}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def read_state(directory: Path) -> dict[str, Any] | None:
+    """The state file, or None when it is missing, empty or truncated (the storage still knows)."""
+    try:
+        data = json.loads((directory / STATE_FILE).read_text())
+        return data if isinstance(data, dict) and "storage" in data else None
+    except (OSError, ValueError):
+        return None
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StudyError(f"study.output_dir: cannot write to {directory} ({exc.strerror}); "
+                         f"choose a writable folder or free some space") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Trial configs and records
+
+
+def bundle_for(spec: Spec) -> dict[str, float]:
+    if spec.cluster.device == "cuda":
+        return {"GPU": 1.0, "CPU": spec.cluster.cpus_per_rank}
+    return {"CPU": spec.cluster.cpus_per_rank}
+
+
+def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate) -> dict[str, Any]:
+    return {
+        "number": number,
+        "layout": layout.params(),
+        "layout_key": layout.key,
+        "run": run_config_for(spec, layout, timeout_s=spec.budget.trial_timeout_s),
+        "bundle": bundle_for(spec),
+        "strategy": "PACK",
+        "timeout_s": spec.budget.trial_timeout_s,
+        "placement_wait_s": spec.budget.trial_timeout_s * max(1, spec.budget.max_concurrent),
+        "prediction": cand.prediction.as_metrics() if cand.prediction else {},
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The study
+
+
+def _ray_init(spec: Spec, address: str | None) -> bool:
+    """Connect to a cluster, or start a local Ray sized for the space. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        cpus = spec.cluster.total_ranks * spec.cluster.cpus_per_rank + 0.05 * spec.budget.max_concurrent
+        ray.init(num_cpus=max(1, math.ceil(cpus)), **kwargs)
+    return True
+
+
+def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) -> StudyResult:
+    import optuna
+
+    from autotune.searcher import create_study, open_storage, reconcile, stored_records
+
+    screening = screen(spec)
+    if not screening.fitting():
+        raise StudyError("no candidate layout fits: " + ", ".join(f"{k} {v}" for k, v in screening.reasons.items())
+                         + "; widen the search lists or raise cluster.memory_gb", code=1)
+    directory = spec.study.directory()
+    _check_writable(directory)
+    tracker = Tracker(spec.tracking.resolved_uri(), spec.tracking.experiment)
+    try:
+        tracker.check()
+    except TrackingError as exc:
+        raise StudyError(str(exc)) from None
+
+    storage = open_storage(spec.study.storage_url())
+    exists = spec.study.name in optuna.study.get_all_study_names(storage)
+    if exists and not options.resume:
+        raise StudyError(f"study {spec.study.name!r} already exists in {spec.study.storage_url()}: add --resume to "
+                         f"continue it, or change study.name to start a new one")
+    if not exists and options.resume:
+        raise StudyError(f"--resume: there is no study {spec.study.name!r} in {spec.study.storage_url()} to "
+                         f"continue; run without --resume to start it")
+    study = create_study(spec, storage, load_if_exists=options.resume)
+    reconcile(study)
+    parent = tracker.start_study(spec, spec_text, machine_description(),
+                                 study.user_attrs.get(PARENT_ATTR) if options.resume else None)
+    if options.resume:
+        tracker.close_stale(parent)
+    study.set_user_attr(PARENT_ATTR, parent)
+    study.set_user_attr(TRACKING_ATTR, tracker.uri)
+    study.set_user_attr(EXPERIMENT_ATTR, spec.tracking.experiment)
+    study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
+    write_state(spec, parent, tracker.uri)
+
+    launched = sum(1 for r in stored_records(study) if r.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID))
+    launches = max(0, spec.budget.trials - launched)
+    started = time.monotonic()
+    if launches:
+        _tune(spec, screening, study, tracker, parent, launches, options)
+    result = StudyResult(name=spec.study.name, spec=spec, trials=tuple(stored_records(study)),
+                         machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent)
+    report_dir = directory / "report"
+    if options.report:
+        from autotune.report import write_report
+
+        write_report(result, report_dir)
+    tracker.finish_study(parent, report_dir if options.report else None)
+    return result
+
+
+def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int, options: RunOptions) -> None:
+    import ray
+    from ray import tune
+
+    from autotune.executor import tune_trial
+    from autotune.recorder import Recorder
+    from autotune.searcher import LayoutSearcher
+
+    from ray.tune.logger import JsonLoggerCallback
+
+    # Only the JSON logger (Tune's result grid reads it); CSV and TensorBoard files are not needed.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    progress = Progress(spec.study.name, launches, spec.budget.wall_clock_s, live=options.live)
+    recorder = Recorder(spec, tracker, parent, progress)
+    searcher = LayoutSearcher(spec, screening, study, lambda n, lay, c: make_trial_config(spec, n, lay, c),
+                              recorder.decided, recorder.complete, launches)
+    scheduler = None
+    if spec.budget.early_stop:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="measured_steps", metric="tokens_per_s", mode="max",
+                                  max_t=spec.budget.measure_steps, grace_period=max(1, spec.budget.measure_steps // 2),
+                                  reduction_factor=2)
+    started_ray = _ray_init(spec, options.address)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(tune_trial, {"CPU": 0.01}),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=launches, scheduler=scheduler,
+                                        max_concurrent_trials=spec.budget.max_concurrent, reuse_actors=True,
+                                        time_budget_s=spec.budget.wall_clock_s),
+            run_config=tune.RunConfig(name="tune", storage_path=str((spec.study.directory() / "ray").resolve()),
+                                      callbacks=[recorder, JsonLoggerCallback()], verbose=0),
+        )
+        with progress:
+            tuner.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def load_result(name: str, output_dir: Path, storage_url: str | None = None) -> StudyResult:
+    """Rebuild a study's result from its Optuna storage (the state file only says where it is)."""
+    import optuna
+
+    from autotune.searcher import open_storage, stored_records
+    from autotune.spec import Spec
+
+    state = read_state(output_dir / name) or {}
+    url = storage_url or state.get("storage") or str(output_dir / name / "optuna.journal")
+    if "://" not in url and not Path(url).exists():
+        raise StudyError(f"no study {name!r} under {output_dir}: {url} does not exist; pass --dir or --storage")
+    storage = open_storage(url)
+    if name not in optuna.study.get_all_study_names(storage):
+        raise StudyError(f"storage {url} holds no study named {name!r}")
+    study = optuna.load_study(study_name=name, storage=storage)
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if not raw:
+        raise StudyError(f"study {name!r} in {url} has no spec recorded; it was not created by autotune run")
+    spec = Spec.model_validate(raw)
+    return StudyResult(name=name, spec=spec, trials=tuple(stored_records(study)), machine=machine_description(),
+                       mlflow_parent_run_id=study.user_attrs.get(PARENT_ATTR))
