@@ -15,7 +15,7 @@ from autotune.spec import Spec, SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find the fastest MoE training layout that fits, with measured evidence.")
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 # Piped output keeps whole rows: a log or a CI transcript is read later, not in a terminal.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
@@ -45,7 +45,7 @@ def _gb(n: int | None) -> str:
 def validate(
     space: Path = typer.Argument(..., help="the space file (YAML)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-    limit: int = typer.Option(200, help="rows shown in the table (the JSON has them all)"),
+    limit: int = typer.Option(200, min=0, help="rows shown in the table (the JSON has them all)"),
 ) -> None:
     """Screen every candidate layout: structural rules and predicted memory. No Ray, no GPU."""
     from autotune.candidates import screen
@@ -57,17 +57,19 @@ def validate(
                  **(c.prediction.as_metrics() if c.prediction else {})} for c in sc.candidates]
         print(json.dumps({"space": str(space), "candidates": rows, "counts": sc.counts,
                           "excluded_by_reason": sc.reasons, "cap_bytes": sc.cap_bytes}, indent=1))
+        if not sc.fitting():
+            _fail(_nothing_fits(sc), 1)
         return
     table = Table(title=f"{len(sc.candidates)} candidates for {spec.study.name} "
                         f"(cap {_gb(sc.cap_bytes)} GB per rank)", show_lines=False)
-    for col in ("layout", "world", "mb", "prec", "recompute", "params", "grads", "optim", "activ", "other",
+    for col in ("layout", "world", "mb", "prec", "recompute", "sched", "params", "grads", "optim", "activ", "other",
                 "total GB", "verdict"):
-        table.add_column(col, justify="right" if col not in ("layout", "prec", "recompute", "verdict") else "left")
+        table.add_column(col, justify="left" if col in ("layout", "prec", "recompute", "sched", "verdict") else "right")
     shown = sorted(sc.candidates, key=lambda c: (not c.fits, c.layout))[:limit]
     for c in shown:
         p = c.prediction
         table.add_row(c.layout.name, str(c.layout.world_size), str(c.layout.micro_batch_size), c.layout.precision,
-                      c.layout.recompute, *(_gb(getattr(p, k)) if p else "-" for k in
+                      c.layout.recompute, c.layout.schedule if c.layout.pp > 1 else "-", *(_gb(getattr(p, k)) if p else "-" for k in
                                             ("params", "grads", "optimizer", "activations", "other")),
                       _gb(p.total) if p else "-", "fits" if c.fits else f"{c.verdict}: {c.reason}")
     out.print(table)
@@ -78,7 +80,14 @@ def validate(
         out.print("excluded by reason: " + ", ".join(f"{k} {v}" for k, v in
                                                      sorted(sc.reasons.items(), key=lambda kv: -kv[1])))
     if not sc.fitting():
-        _fail("no candidate layout fits: widen the search lists or raise cluster.memory_gb", 1)
+        _fail(_nothing_fits(sc), 1)
+
+
+def _nothing_fits(sc) -> str:
+    top = max(sc.reasons, key=sc.reasons.get)
+    fix = ("raise cluster.memory_gb or objective.memory_cap, or allow recompute/smaller micro-batches"
+           if top == "over memory cap" else "widen the search lists so some combination satisfies it")
+    return f"no candidate layout fits (most are excluded by: {top}, {sc.reasons[top]}); {fix}"
 
 
 @app.command()

@@ -202,9 +202,11 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     if spec.budget.early_stop:
         from ray.tune.schedulers import ASHAScheduler
 
+        # max_t is one past the last step: ASHA stops a trial that reaches max_t, and a trial that
+        # measured every step must still deliver its final report.
         scheduler = ASHAScheduler(time_attr="measured_steps", metric="tokens_per_s", mode="max",
-                                  max_t=spec.budget.measure_steps, grace_period=max(1, spec.budget.measure_steps // 2),
-                                  reduction_factor=2)
+                                  max_t=spec.budget.measure_steps + 1,
+                                  grace_period=max(1, spec.budget.measure_steps // 2), reduction_factor=2)
     started_ray = _ray_init(spec, options.address)
     try:
         tuner = tune.Tuner(
