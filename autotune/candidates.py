@@ -58,7 +58,7 @@ def judge(spec: Spec, layout: Layout) -> Candidate:
     pred = predict(model, layout.dims, layout.shape(spec.search.global_batch_size, spec.search.seq_len),
                    spec.cluster.device)
     cap = int(spec.objective.memory_cap * spec.cluster.memory_bytes)
-    if pred.total > cap:
+    if pred.total > cap and spec.objective.prune_over_cap:
         return Candidate(layout, OVER_MEMORY, f"predicted peak {pred.total / 1e9:.3f} GB > cap {cap / 1e9:.3f} GB "
                          f"({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)", pred)
     return Candidate(layout, FITS, "", pred)

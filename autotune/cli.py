@@ -107,6 +107,8 @@ def run(
     except StudyError as exc:
         _fail(str(exc), exc.code)
     report = spec.study.directory() / "report"
+    if result.tracking_error:
+        err.print(f"warning: {result.tracking_error}", markup=False)
     best = result.best()
     out.print(f"study {result.name}: {len(result.trials)} trials; by status: "
               + ", ".join(f"{k} {v}" for k, v in sorted(result.counts_by_status().items())))
@@ -135,6 +137,70 @@ def report(
     out.print(f"report: {files.markdown} (also {files.html.name}, {files.json.name})")
     if result.best() is None:
         raise typer.Exit(1)
+
+
+@app.command()
+def sync(
+    study: str = typer.Argument(..., help="the study name (study.name in the space)"),
+    directory: Path = typer.Option(Path("autotune-runs"), "--dir", help="the study output folder's parent"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage (journal path or RDB URL)"),
+    uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the study's own)"),
+) -> None:
+    """Copy trial records MLflow is missing (it was unreachable mid-study) from the study's storage."""
+    from autotune.study import StudyError, load_result
+    from autotune.tracking import Tracker, TrackingError, machine_description
+
+    try:
+        result = load_result(study, directory, storage)
+    except StudyError as exc:
+        _fail(str(exc), exc.code)
+    tracker = Tracker(uri or result.spec.tracking.resolved_uri(), result.spec.tracking.experiment)
+    try:
+        tracker.check()
+    except TrackingError as exc:
+        _fail(str(exc))
+    import yaml
+
+    parent, created, completed = tracker.sync(result.mlflow_parent_run_id, list(result.trials), result.spec,
+                                              yaml.safe_dump(result.spec.model_dump(mode="json")),
+                                              machine_description())
+    out.print(f"study {study}: {created} trial runs created, {completed} completed, parent run {parent}")
+
+
+@app.command()
+def k8s(
+    space: Path = typer.Argument(..., help="the space file (YAML)"),
+    schedule: str = typer.Option(..., "--schedule", help="cron schedule of the submissions, e.g. '0 2 * * *'"),
+    image: str = typer.Option(..., "--image", help="container image with autotune installed (docker/)"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to write the manifests to"),
+    namespace: str = typer.Option("default", "--namespace", help="Kubernetes namespace"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="worker pods (default: cluster.nodes)"),
+    gpus_per_worker: Optional[int] = typer.Option(None, "--gpus-per-worker",
+                                                  help="GPUs per worker pod (default: cluster.ranks_per_node)"),
+    token_secret: str = typer.Option("ray-auth-token", "--token-secret",
+                                     help="Secret holding the Ray token under the key auth_token"),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="MLflow server for the study driver"),
+) -> None:
+    """Write Kubernetes manifests (KubeRay cluster, RayJob, nightly CronJob) that run the study on a schedule."""
+    from autotune.k8s import TOKEN_KEY, K8sError, render_manifests
+
+    spec = _load(space)
+    try:
+        files = render_manifests(spec, space.read_text(encoding="utf-8"), schedule=schedule, image=image,
+                                 namespace=namespace, workers=workers, gpus_per_worker=gpus_per_worker,
+                                 token_secret=token_secret, mlflow_uri=mlflow_uri)
+    except K8sError as exc:
+        _fail(str(exc))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out_dir / name).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"--out {out_dir}: cannot write the manifests ({exc.strerror or exc}); choose a writable folder")
+    out.print(f"wrote {', '.join(files)} to {out_dir}")
+    out.print(f"first, once: kubectl -n {namespace} create secret generic {token_secret} "
+              f"--from-literal={TOKEN_KEY}=\"$(openssl rand -hex 32)\"", markup=False)
+    out.print(f"then: kubectl apply -f {out_dir}", markup=False)
 
 
 @app.command()

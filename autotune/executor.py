@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, NodeDiedError, RayError, RayTaskError, TaskCancelledError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -28,49 +29,63 @@ from trainables.moe.run_config import RunConfig
 
 
 
+_context: Any = None
+
+
+def _fork_context():
+    """This worker's fork server, with torch and the trainable imported once (started lazily)."""
+    global _context
+    if _context is None:
+        import multiprocessing
+
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(["torch", "torch.distributed", "trainables.moe.train",
+                                         "autotune.rank_process"])
+    return _context
+
+
+def _exit_text(pid: int, code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"process {pid} was killed by {name}"
+    return f"process {pid} exited with code {code} before reporting"
+
+
 def _rank_main(cfg: RunConfig, rank: int, world: int, addr: str, port: int, threads: int):
-    """Body of one rank (a streaming Ray task): rendezvous, train, report; never raises."""
-    import gc
-    from datetime import timedelta
+    """One rank as a streaming Ray task: fork the rank's process, relay its items, reap it."""
+    from autotune.rank_process import rank_process
 
-    import torch
-    import torch.distributed as dist
-
-    from trainables.moe.train import RankResult, backend_for, iter_run, resolve_device
-
-    torch.set_num_threads(max(1, threads))
     ip = ray.util.get_node_ip_address()
     node = ray.get_runtime_context().get_node_id()
-    timeout = timedelta(seconds=cfg.timeout_s or 600)
-    store = None
+    ctx = _fork_context()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=rank_process, args=(cfg, rank, world, addr, port, threads, send, ip), daemon=True)
+    proc.start()
+    send.close()
+    yield {"type": "started", "rank": rank, "pid": proc.pid, "node": node, "ip": ip, "worker_pid": os.getpid()}
     try:
-        if rank == 0:
-            store = dist.TCPStore(ip, 0, world, is_master=True, wait_for_workers=False, timeout=timeout)
-            yield {"type": "rendezvous", "addr": ip, "port": store.port}
-        else:
-            store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
-        device = resolve_device(cfg.device)
-        dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world, timeout=timeout)
-        for item in iter_run(cfg):
-            if isinstance(item, RankResult):
-                yield {"type": "result", "rank": rank, "node": node, "ip": ip, "pid": os.getpid(),
-                       "memory": item.memory, "summary": item.summary}
-            elif rank == 0:
+        while True:
+            if recv.poll(0.2):
+                try:
+                    item = recv.recv()
+                except EOFError:  # the process closed its end: it exited, cleanly or not
+                    break
                 yield item
-        dist.barrier()
-    except torch.OutOfMemoryError as exc:
-        yield {"type": "error", "status": Status.OOM.value, "rank": rank,
-               "reason": f"rank {rank}: out of memory: {str(exc).splitlines()[0]}"}
-    except Exception as exc:  # a trial's failure is data, not a crash of the study
+                if item["type"] in ("result", "error"):
+                    return
+            elif not proc.is_alive():
+                break
+        proc.join(10)
         yield {"type": "error", "status": Status.CRASHED.value, "rank": rank,
-               "reason": f"rank {rank}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+               "reason": f"rank {rank}: {_exit_text(proc.pid, proc.exitcode)}"}
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        del store
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if proc.is_alive():  # cancelled, or a peer failed: nothing of this trial may outlive it
+            proc.kill()
+        proc.join(10)
+        recv.close()
 
 
 rank_task = ray.remote(max_retries=0)(_rank_main)
@@ -86,21 +101,72 @@ class TrialOutcome:
     duration_s: float = 0.0
 
 
-def _describe_failure(rank: int, exc: BaseException) -> tuple[Status, str]:
-    text = str(exc).strip().splitlines()
-    first = next((line for line in text if line.strip()), type(exc).__name__)
+CANCEL_GRACE_S = 5.0
+# After a first error, how long to keep listening to the other ranks: when a rank dies, its
+# peers fail too (connection reset), and the report must name the cause, not a symptom.
+FAILURE_GRACE_S = 3.0
+_PEER_SYMPTOMS = ("connection reset", "connection closed", "closed by peer", "read error", "broken pipe",
+                  "timed out", "timeout", "socket", "nccl", "gloo")
+
+
+def _root_cause(errors: list[tuple[Status, str]]) -> tuple[Status, str]:
+    """The most causal of several ranks' errors: a lost node or dead process, then out of
+    memory, then a plain exception, and only then a peer's communication failure."""
+    def weight(error: tuple[Status, str]) -> int:
+        status, reason = error
+        text = reason.lower()
+        if status == Status.NODE_LOST:
+            return 5
+        if "was killed by" in text or "exited with code" in text or "ray worker died" in text:
+            return 4
+        if status == Status.OOM:
+            return 3
+        return 1 if any(s in text for s in _PEER_SYMPTOMS) else 2
+    return max(errors, key=weight)
+# A node whose raylet died keeps reporting alive until the GCS health checks give up on it.
+NODE_DEATH_WAIT_S = float(os.environ.get("AUTOTUNE_NODE_DEATH_WAIT_S", "30"))
+
+
+def _node_alive(node_id: str | None) -> bool | None:
+    if not node_id:
+        return None
+    for n in ray.nodes():
+        if n.get("NodeID") == node_id:
+            return bool(n.get("Alive"))
+    return False
+
+
+def _classify(rank: int, exc: BaseException, node_id: str | None) -> tuple[Status, str]:
+    """A rank's task failed in Ray itself: its node went away, or its worker process died.
+
+    Workers on a lost node fail at once, but the node is only declared dead after the GCS
+    health checks fail, so a dead worker waits (up to NODE_DEATH_WAIT_S) for that verdict.
+    """
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    first = text[0] if text else type(exc).__name__
+    lost = isinstance(exc, NodeDiedError)
+    if not lost and not isinstance(exc, RayTaskError) and node_id:
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S
+        while not lost and time.monotonic() < deadline:
+            lost = _node_alive(node_id) is False
+            if not lost:
+                time.sleep(1.0)
+    if lost:
+        return Status.NODE_LOST, f"rank {rank}: node {str(node_id)[:12]} was lost ({first})"
     if isinstance(exc, RayTaskError):
         return Status.CRASHED, f"rank {rank}: {first}"
-    return Status.CRASHED, f"rank {rank}: {type(exc).__name__}: {first}"
+    return Status.CRASHED, f"rank {rank}: its Ray worker died ({type(exc).__name__}: {first})"
 
 
 def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", timeout_s: float = 600.0,
               on_step: Callable[[dict[str, Any]], None] | None = None,
-              placement_wait_s: float | None = None) -> TrialOutcome:
+              placement_wait_s: float | None = None,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> TrialOutcome:
     """Reserve `world` bundles, run every rank in one, and always give them back.
 
     The time budget starts once the ranks are reserved: waiting for another trial to free
-    them is queueing, not this trial's cost (it may last `placement_wait_s`).
+    them is queueing, not this trial's cost (it may last `placement_wait_s`). Whatever ends the
+    trial (success, a failed rank, a hang), no rank process outlives it.
     """
     start = time.monotonic()
     world = cfg.dims.world_size
@@ -108,6 +174,7 @@ def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", 
     pg = placement_group([dict(bundle)] * world, strategy=strategy)
     gens: dict[int, Any] = {}
     finished: set[int] = set()
+    started: dict[int, dict[str, Any]] = {}
     try:
         wait = placement_wait_s if placement_wait_s is not None else timeout_s
         if not pg.wait(timeout_seconds=wait):
@@ -124,13 +191,18 @@ def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", 
             ).remote(cfg, rank, world, addr, port, threads)
 
         gens[0] = launch(0, "", 0)
+        errors: list[tuple[Status, str]] = []
+        failing_until: float | None = None
         while len(finished) < world:
             active = [g for r, g in gens.items() if r not in finished]
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            if failing_until is not None and now >= failing_until:
+                break
+            remaining = (failing_until or deadline) - now
             if remaining <= 0:
                 outcome.status = Status.TIMEOUT
                 outcome.reason = (f"trial exceeded its {timeout_s:.0f} s budget; ranks still running: "
-                                  f"{sorted(set(gens) - finished) or 'not started'}")
+                                  f"{sorted(set(range(world)) - finished)}")
                 return outcome
             ready, _ = ray.wait(active, num_returns=1, timeout=remaining)
             for gen in ready:
@@ -145,10 +217,16 @@ def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", 
                 except GetTimeoutError:
                     continue
                 except RayError as exc:
-                    outcome.status, outcome.reason = _describe_failure(rank, exc)
-                    return outcome
+                    finished.add(rank)
+                    errors.append(_classify(rank, exc, started.get(rank, {}).get("node")))
+                    failing_until = failing_until or time.monotonic() + FAILURE_GRACE_S
+                    continue
+                if on_event is not None:
+                    on_event(item)
                 kind = item.get("type")
-                if kind == "rendezvous":
+                if kind == "started":
+                    started[rank] = {k: v for k, v in item.items() if k != "type"}
+                elif kind == "rendezvous":
                     for r in range(1, world):
                         gens[r] = launch(r, item["addr"], item["port"])
                 elif kind == "step":
@@ -156,24 +234,50 @@ def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", 
                     if on_step is not None:
                         on_step(item)
                 elif kind == "result":
-                    outcome.ranks.append({k: v for k, v in item.items() if k not in ("type", "summary")})
+                    started.setdefault(rank, {"rank": rank})["memory"] = item["memory"]
                     if item.get("summary") is not None:
                         outcome.summary = item["summary"]
                 elif kind == "error":
-                    outcome.status, outcome.reason = Status(item["status"]), item["reason"]
-                    return outcome
-        outcome.ranks.sort(key=lambda r: r["rank"])
+                    errors.append((Status(item["status"]), item["reason"]))
+                    failing_until = failing_until or time.monotonic() + FAILURE_GRACE_S
+        if errors:
+            outcome.status, outcome.reason = _root_cause(errors)
+            outcome.summary = None
         return outcome
     finally:
-        # Ranks still running (hung, or waiting for a failed peer) are killed, not abandoned.
-        for rank, gen in gens.items():
-            if rank not in finished:
-                try:
-                    ray.cancel(gen, force=True)
-                except Exception:
-                    pass
+        outcome.ranks = [started[r] for r in sorted(started)]
+        _stop(gens, finished)
         remove_placement_group(pg)
         outcome.duration_s = time.monotonic() - start
+
+
+def _stop(gens: dict[int, Any], finished: set[int]) -> None:
+    """Cancel ranks still running: politely first (their worker kills the rank's process and
+    stays warm for the next trial), then by killing the worker if that does not end them."""
+    pending = [g for r, g in gens.items() if r not in finished]
+    for gen in pending:
+        try:
+            ray.cancel(gen, force=False)
+        except Exception:
+            pass
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while pending and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+        still = []
+        for gen in ready:
+            try:
+                ray.get(next(gen), timeout=1)
+                still.append(gen)  # it produced another item: not finished yet
+            except StopIteration:
+                pass
+            except (TaskCancelledError, RayError, GetTimeoutError):
+                pass
+        pending += still
+    for gen in pending:
+        try:
+            ray.cancel(gen, force=True)
+        except Exception:
+            pass
 
 
 def tune_trial(config: dict[str, Any]) -> None:
@@ -193,13 +297,21 @@ def tune_trial(config: dict[str, Any]) -> None:
             tune.report({"tokens_per_s": step["tokens_per_s"], "step_time_s": step["step_time_s"],
                          "loss": step["loss"], "step": step["step"], "measured_steps": measured})
 
-    outcome = run_trial(config["run"], config["bundle"], config["strategy"], config["timeout_s"], on_step,
-                        config.get("placement_wait_s"))
+    def attempt() -> TrialOutcome:
+        return run_trial(config["run"], config["bundle"], config["strategy"], config["timeout_s"], on_step,
+                         config.get("placement_wait_s"))
+
+    outcome, attempts = attempt(), 1
+    if outcome.status == Status.NODE_LOST:  # once more, on what remains of the cluster
+        lost = outcome.reason
+        outcome, attempts = attempt(), 2
+        outcome.reason = (f"retried after: {lost}" if outcome.status == Status.OK
+                          else f"{outcome.reason} (first attempt: {lost})")
     # Tune flattens nested results; the outcome travels as one JSON string instead.
     tune.report({
         "autotune_final": True, "status": outcome.status.value, "measured_steps": measured,
         "tokens_per_s": outcome.summary["tokens_per_s"] if outcome.summary is not None else 0.0,
         "outcome": json.dumps({"status": outcome.status.value, "reason": outcome.reason,
                                "summary": outcome.summary, "ranks": outcome.ranks, "steps": outcome.steps,
-                               "duration_s": outcome.duration_s}),
+                               "duration_s": outcome.duration_s, "attempts": attempts}),
     })

@@ -81,6 +81,9 @@ class Progress:
             self.failed += 1
             self._line(f"trial {record.number:>3} {record.status.value:<7} {record.layout.key}: {record.reason}")
 
+    def note(self, text: str) -> None:
+        self._line(text)
+
     # -- output ------------------------------------------------------------------------------------
     def elapsed(self) -> float:
         return time.monotonic() - self.start

@@ -13,7 +13,7 @@ from autotune.progress import Progress
 from autotune.results import TrialRecord
 from autotune.schema import SUMMARY_METRICS, Status
 from autotune.spec import Spec
-from autotune.tracking import Tracker
+from autotune.tracking import Tracker, redact
 
 
 def record_from_result(number: int, layout: Layout, prediction: dict[str, int], result: dict | None,
@@ -31,7 +31,7 @@ def record_from_result(number: int, layout: Layout, prediction: dict[str, int], 
                            reason=outcome.get("reason", ""), metrics=metrics, prediction=prediction, ranks=ranks,
                            losses=tuple(summary.get("losses", [s["loss"] for s in outcome.get("steps", [])])),
                            step_times=tuple(summary.get("step_times_s", [])),
-                           duration_s=outcome.get("duration_s"))
+                           duration_s=outcome.get("duration_s"), attempts=int(outcome.get("attempts", 1)))
     if error:
         return TrialRecord(number=number, layout=layout, status=Status.CRASHED, prediction=prediction,
                            reason="the trial's coordinator failed; see the Ray logs of this study")
@@ -47,23 +47,39 @@ class Recorder(Callback):
     """Tune callback + searcher hooks: turns trial events into MLflow runs and records.
 
     Everything lands here, in the driver, so MLflow has a single writer however many trials run.
+    If MLflow stops answering mid-study the study goes on: records keep going to the Optuna
+    storage (the study's own memory) and `autotune sync` copies the missing ones to MLflow later.
     """
 
     def __init__(self, spec: Spec, tracker: Tracker, parent: str, progress: Progress) -> None:
         self.spec, self.tracker, self.parent, self.progress = spec, tracker, parent, progress
         self.trials: dict[str, dict[str, Any]] = {}
+        self.tracking_error: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks for Tuner.restore, which autotune never uses: a study resumes
         # from its Optuna storage. This object only ever lives in the driver.
         return {}
 
+    def _track(self, method: str, *args: Any) -> Any:
+        if self.tracking_error is not None:
+            return None
+        try:
+            return getattr(self.tracker, method)(*args)
+        except Exception as exc:  # the store went away: keep the study, say so once
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.tracking_error = (f"MLflow at {redact(self.tracker.uri)} stopped answering ({first[:200]}); "
+                                   f"the records are in the study's Optuna storage: run `autotune sync "
+                                   f"{self.spec.study.name}` once it is back")
+            self.progress.note(f"warning: {self.tracking_error}")
+            return None
+
     def _entry(self, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
         if trial_id not in self.trials:
             layout = Layout.from_params(config["layout"])
             params = {**layout.params(), "global_batch_size": self.spec.search.global_batch_size,
                       "seq_len": self.spec.search.seq_len, "layout": layout.key}
-            run_id = self.tracker.start_trial(self.parent, config["number"], params)
+            run_id = self._track("start_trial", self.parent, config["number"], params)
             self.trials[trial_id] = {"number": config["number"], "layout": layout, "run_id": run_id,
                                      "prediction": config.get("prediction", {}), "steps": []}
             self.progress.started(config["number"], layout)
@@ -78,23 +94,24 @@ class Recorder(Callback):
         if result.get("autotune_final"):
             return
         entry["steps"].append({k: result[k] for k in ("tokens_per_s", "step_time_s", "loss", "step")})
-        self.tracker.log_step(entry["run_id"], int(result["step"]),
-                              {k: result[k] for k in ("tokens_per_s", "step_time_s", "loss")})
+        if entry["run_id"]:
+            self._track("log_step", entry["run_id"], int(result["step"]),
+                        {k: result[k] for k in ("tokens_per_s", "step_time_s", "loss")})
         self.progress.step(entry["number"])
 
     # Searcher hooks
     def decided(self, record: TrialRecord) -> TrialRecord:
-        run_id = self.tracker.log_unlaunched(self.parent, record, self.spec)
+        run_id = self._track("log_unlaunched", self.parent, record, self.spec)
         record = replace(record, mlflow_run_id=run_id)
         self.progress.finished(record)
         return record
 
     def complete(self, trial_id: str, result: dict | None, error: bool) -> TrialRecord:
-        config = (result or {}).get("config") or {}
-        entry = self.trials.get(trial_id) or self._entry(trial_id, config)
+        entry = self.trials.get(trial_id) or self._entry(trial_id, (result or {})["autotune_config"])
         record = record_from_result(entry["number"], entry["layout"], entry["prediction"], result, error,
                                     entry["steps"])
         record = replace(record, mlflow_run_id=entry["run_id"])
-        self.tracker.finish_trial(entry["run_id"], record, self.spec)
+        if entry["run_id"]:
+            self._track("finish_trial", entry["run_id"], record, self.spec)
         self.progress.finished(record)
         return record

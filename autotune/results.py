@@ -61,6 +61,7 @@ class StudyResult:
     machine: dict[str, Any] = field(default_factory=dict)  # what the trials ran on
     wall_s: float | None = None
     mlflow_parent_run_id: str | None = None
+    tracking_error: str | None = None  # set when MLflow stopped taking records mid-study
 
     def ok_trials(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.ok]

@@ -126,7 +126,7 @@ class LayoutSearcher(Searcher):
         self.make_config, self.on_decided, self.on_complete = make_config, on_decided, on_complete
         self.launches_left = launches
         self.cap = screening.cap_bytes
-        self.pending: dict[str, tuple[optuna.trial.Trial, Layout]] = {}
+        self.pending: dict[str, tuple[optuna.trial.Trial, Layout, dict[str, Any]]] = {}
         self.in_flight: set[str] = set()
         self.known: dict[str, TrialRecord] = {}
         self.decided_without_run: set[str] = set()
@@ -191,17 +191,19 @@ class LayoutSearcher(Searcher):
                     record = self.on_decided(record)
                 self._tell(trial, record, store=first)
                 continue
-            self.pending[trial_id] = (trial, layout)
+            config = self.make_config(trial.number, layout, cand)
+            self.pending[trial_id] = (trial, layout, config)
             self.in_flight.add(key)
             self.launches_left -= 1
-            return self.make_config(trial.number, layout, cand)
+            return config
         return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.pending:
             return
-        trial, layout = self.pending.pop(trial_id)
+        trial, layout, config = self.pending.pop(trial_id)
         self.in_flight.discard(layout.key)
-        record = self.on_complete(trial_id, result, error)
+        # Tune flattens results; the trial's own config rides along intact under its own key.
+        record = self.on_complete(trial_id, {**(result or {}), "autotune_config": config}, error)
         self.known[layout.key] = record
         self._tell(trial, record, store=True)

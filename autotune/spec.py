@@ -313,6 +313,9 @@ class ObjectiveSpec(_Strict):
     maximize: Literal["tokens_per_s"] = "tokens_per_s"
     minimize: Literal["peak_mem_bytes"] | None = None  # a second objective: the Pareto front
     memory_cap: float = Field(default=0.9, gt=0, le=1)  # of the rank memory
+    # Skip layouts the memory model predicts over the cap (false: launch them and let the real
+    # per-rank memory limit decide).
+    prune_over_cap: bool = True
 
 
 class BudgetSpec(_Strict):

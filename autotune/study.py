@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,12 @@ from autotune.progress import Progress
 from autotune.results import StudyResult, run_config_for
 from autotune.schema import Status
 from autotune.spec import Spec
-from autotune.tracking import Tracker, TrackingError, machine_description
+from autotune.tracking import Tracker, TrackingError, machine_description, redact
 
 STATE_FILE = "state.json"
+# Trial coordinators run on the head node (where the driver is) and hold no CPU: a sliver of the
+# resource Ray gives every head node. A head started with --num-cpus=0 still runs them.
+COORDINATOR_RESOURCES = {"node:__internal_head__": 0.01}
 PARENT_ATTR = "mlflow_parent_run_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
 EXPERIMENT_ATTR = "mlflow_experiment"
@@ -61,6 +64,7 @@ def write_state(spec: Spec, parent_run_id: str, tracking_uri: str) -> None:
             "experiment": spec.tracking.experiment, "mlflow_parent_run_id": parent_run_id}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
+    os.chmod(tmp, 0o600)  # it may name a database URL
     os.replace(tmp, path)
 
 
@@ -71,6 +75,11 @@ def read_state(directory: Path) -> dict[str, Any] | None:
         return data if isinstance(data, dict) and "storage" in data else None
     except (OSError, ValueError):
         return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return redact(text.splitlines()[0][:300]) if text else type(exc).__name__
 
 
 def _check_writable(directory: Path) -> None:
@@ -122,9 +131,8 @@ def _ray_init(spec: Spec, address: str | None) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        cpus = spec.cluster.total_ranks * spec.cluster.cpus_per_rank + 0.05 * spec.budget.max_concurrent
-        ray.init(num_cpus=max(1, math.ceil(cpus)), **kwargs)
+    else:  # the ranks' CPUs; trial coordinators only hold a sliver of the head node's own resource
+        ray.init(num_cpus=max(1, math.ceil(spec.cluster.total_ranks * spec.cluster.cpus_per_rank)), **kwargs)
     return True
 
 
@@ -145,43 +153,69 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
     except TrackingError as exc:
         raise StudyError(str(exc)) from None
 
-    storage = open_storage(spec.study.storage_url())
-    exists = spec.study.name in optuna.study.get_all_study_names(storage)
+    try:
+        storage = open_storage(spec.study.storage_url())
+        exists = spec.study.name in optuna.study.get_all_study_names(storage)
+    except OSError as exc:
+        raise StudyError(f"study.storage: cannot use {redact(spec.study.storage_url())} ({exc.strerror or exc}); "
+                         f"choose a writable path or a reachable database URL") from None
+    except Exception as exc:  # a database URL that does not connect
+        raise StudyError(f"study.storage: cannot use {redact(spec.study.storage_url())} ({_first_line(exc)}); "
+                         f"check the URL, the server and its credentials") from None
     if exists and not options.resume:
-        raise StudyError(f"study {spec.study.name!r} already exists in {spec.study.storage_url()}: add --resume to "
+        raise StudyError(f"study {spec.study.name!r} already exists in {redact(spec.study.storage_url())}: add --resume to "
                          f"continue it, or change study.name to start a new one")
     if not exists and options.resume:
-        raise StudyError(f"--resume: there is no study {spec.study.name!r} in {spec.study.storage_url()} to "
+        raise StudyError(f"--resume: there is no study {spec.study.name!r} in {redact(spec.study.storage_url())} to "
                          f"continue; run without --resume to start it")
-    study = create_study(spec, storage, load_if_exists=options.resume)
-    reconcile(study)
-    parent = tracker.start_study(spec, spec_text, machine_description(),
-                                 study.user_attrs.get(PARENT_ATTR) if options.resume else None)
-    if options.resume:
-        tracker.close_stale(parent)
-    study.set_user_attr(PARENT_ATTR, parent)
-    study.set_user_attr(TRACKING_ATTR, tracker.uri)
-    study.set_user_attr(EXPERIMENT_ATTR, spec.tracking.experiment)
-    study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
-    write_state(spec, parent, tracker.uri)
+    try:
+        study = create_study(spec, storage, load_if_exists=options.resume)
+        reconcile(study)
+    except OSError as exc:
+        raise StudyError(f"study.storage: cannot write {redact(spec.study.storage_url())} ({exc.strerror or exc}); "
+                         f"free space or choose another path") from None
+    try:
+        parent = tracker.start_study(spec, spec_text, machine_description(),
+                                     study.user_attrs.get(PARENT_ATTR) if options.resume else None)
+        if options.resume:
+            tracker.close_stale(parent)
+    except Exception as exc:  # the store answered the preflight but refuses writes (full disk, permissions)
+        raise StudyError(f"tracking store {redact(tracker.uri)} refused to record the study "
+                         f"({_first_line(exc)}); free space or fix the store, then run again"
+                         + (" with --resume" if options.resume else "")) from None
+    try:
+        study.set_user_attr(PARENT_ATTR, parent)
+        study.set_user_attr(TRACKING_ATTR, redact(tracker.uri))
+        study.set_user_attr(EXPERIMENT_ATTR, spec.tracking.experiment)
+        study.set_user_attr(SPEC_ATTR, json.loads(redact(spec.model_dump_json())))
+        write_state(spec, parent, tracker.uri)
+    except OSError as exc:
+        raise StudyError(f"cannot write the study's state ({exc.strerror or exc}: {exc.filename or ''}); "
+                         f"free space or fix the folder, then run again") from None
 
     launched = sum(1 for r in stored_records(study) if r.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID))
     launches = max(0, spec.budget.trials - launched)
     started = time.monotonic()
-    if launches:
-        _tune(spec, screening, study, tracker, parent, launches, options)
+    tracking_error = _tune(spec, screening, study, tracker, parent, launches, options) if launches else None
     result = StudyResult(name=spec.study.name, spec=spec, trials=tuple(stored_records(study)),
-                         machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent)
+                         machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent,
+                         tracking_error=tracking_error)
     report_dir = directory / "report"
     if options.report:
         from autotune.report import write_report
 
         write_report(result, report_dir)
-    tracker.finish_study(parent, report_dir if options.report else None)
+    if tracking_error is None:
+        try:
+            tracker.finish_study(parent, report_dir if options.report else None)
+        except Exception as exc:
+            result = replace(result, tracking_error=f"closing the study's MLflow run failed: {exc}")
     return result
 
 
-def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int, options: RunOptions) -> None:
+def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int,
+          options: RunOptions) -> str | None:
+    """Run the trials; returns why MLflow stopped taking records mid-study, if it did."""
     import ray
     from ray import tune
 
@@ -210,18 +244,24 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     started_ray = _ray_init(spec, options.address)
     try:
         tuner = tune.Tuner(
-            tune.with_resources(tune_trial, {"CPU": 0.01}),
+            tune.with_resources(tune_trial, COORDINATOR_RESOURCES),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=launches, scheduler=scheduler,
                                         max_concurrent_trials=spec.budget.max_concurrent, reuse_actors=True,
                                         time_budget_s=spec.budget.wall_clock_s),
-            run_config=tune.RunConfig(name="tune", storage_path=str((spec.study.directory() / "ray").resolve()),
+            run_config=tune.RunConfig(name=time.strftime("tune-%Y%m%d-%H%M%S"),
+                                      storage_path=str((spec.study.directory() / "ray").resolve()),
+                                      failure_config=tune.FailureConfig(max_failures=1),
                                       callbacks=[recorder, JsonLoggerCallback()], verbose=0),
         )
         with progress:
             tuner.fit()
+    except OSError as exc:  # the study's own files (storage, output folder) became unwritable
+        raise StudyError(f"the study could not write its state ({exc.strerror or exc}: {exc.filename or ''}); "
+                         f"trials recorded so far are kept; free space or fix the folder, then run with --resume")
     finally:
         if started_ray:
             ray.shutdown()
+    return recorder.tracking_error
 
 
 def load_result(name: str, output_dir: Path, storage_url: str | None = None) -> StudyResult:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,14 @@ def _fail_fast() -> Iterator[None]:
                 os.environ[k] = v
 
 
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<secret>[^@/\s]+)@")
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URIs (`postgresql://user:secret@host` -> `postgresql://user:***@host`)."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -65,7 +74,7 @@ class Tracker:
                 self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         except Exception as exc:  # any failure here means no trial could be recorded
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrackingError(f"tracking store {self.uri} is not usable ({first[:300]}); start the server, fix "
+            raise TrackingError(f"tracking store {redact(self.uri)} is not usable ({redact(first)[:300]}); start the server, fix "
                                 f"tracking.uri / MLFLOW_TRACKING_URI, or drop it to use sqlite:///mlflow.db") from None
 
     # -- study ------------------------------------------------------------------------------------
@@ -81,8 +90,8 @@ class Tracker:
                                        f"{spec.cluster.total_ranks} x {spec.cluster.device}"}
         run = self.client.create_run(self.experiment_id, run_name=f"study-{spec.study.name}", tags=tags)
         rid = run.info.run_id
-        self.client.log_text(rid, spec_text, "space.yaml")
-        self.client.log_dict(rid, spec.model_dump(mode="json"), "spec.json")
+        self.client.log_text(rid, redact(spec_text), "space.yaml")
+        self.client.log_dict(rid, json.loads(redact(spec.model_dump_json())), "spec.json")
         for key, value in (("global_batch_size", spec.search.global_batch_size),
                            ("seq_len", spec.search.seq_len), ("memory_gb", spec.cluster.memory_gb),
                            ("memory_cap", spec.objective.memory_cap), ("trials", spec.budget.trials)):
@@ -152,6 +161,50 @@ class Tracker:
         run_id = self.start_trial(parent_run_id, record.number, params)
         self.finish_trial(run_id, record, spec)
         return run_id
+
+    def log_record(self, parent_run_id: str, record: TrialRecord, spec: Spec, run_id: str | None = None) -> str:
+        """A whole trial after the fact (sync): params, step series, summary, status."""
+        if run_id is None:
+            params = {**record.layout.params(), "global_batch_size": spec.search.global_batch_size,
+                      "seq_len": spec.search.seq_len, "layout": record.layout.key}
+            run_id = self.start_trial(parent_run_id, record.number, params)
+        tokens = spec.search.global_batch_size * spec.search.seq_len
+        warm = spec.budget.warmup_steps
+        for i, loss in enumerate(record.losses):
+            values = {"loss": loss}
+            j = i - warm
+            if 0 <= j < len(record.step_times) and record.step_times[j] > 0:
+                values.update(step_time_s=record.step_times[j], tokens_per_s=tokens / record.step_times[j])
+            self.log_step(run_id, i, values)
+        self.finish_trial(run_id, record, spec)
+        return run_id
+
+    def sync(self, parent_run_id: str | None, records: list[TrialRecord], spec: Spec, spec_text: str,
+             machine: dict[str, Any]) -> tuple[str, int, int]:
+        """Copy records MLflow lacks (after an outage); returns (parent, created, completed)."""
+        parent = None
+        if parent_run_id:
+            try:
+                parent = self.client.get_run(parent_run_id).info.run_id
+            except Exception:
+                parent = None
+        if parent is None:
+            parent = self.start_study(spec, spec_text, machine, None)
+        children: dict[int, Any] = {}
+        for run in self.trial_runs(parent):
+            number = run.data.tags.get(TRIAL_TAG)
+            if number is not None:
+                children[int(number)] = run
+        created = completed = 0
+        for record in records:
+            run = children.get(record.number)
+            if run is None:
+                self.log_record(parent, record, spec)
+                created += 1
+            elif run.info.status == "RUNNING":  # started before the outage, never closed
+                self.finish_trial(run.info.run_id, record, spec)
+                completed += 1
+        return parent, created, completed
 
     # -- reading back -----------------------------------------------------------------------------
     def trial_runs(self, parent_run_id: str) -> list[Any]:

@@ -62,15 +62,18 @@ def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer, device: tor
 class LiveMemory(TorchDispatchMode):
     """Bytes of every storage created while active, followed until it dies.
 
-    Each storage is tagged with the phase that created it: `forward` (activations and what
+    With a limit, going over it raises torch.OutOfMemoryError at the allocation that crosses
+    it: a CPU rank gets the same failure a GPU's allocator would give. Each storage is tagged
+    with the phase that created it: `forward` (activations and what
     the forward keeps), `backward` (gradient temporaries, recomputed activations, buffers of
     the return trip) or `optimizer`. Entering it for the first step catches what persists
     from then on (gradients, optimizer states, pipeline receive buffers); entering it again
     for a later step measures that step's peak over everything still alive.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, resident: int = 0, limit_bytes: int | None = None) -> None:
         super().__init__()
+        self.resident, self.limit = resident, limit_bytes
         self.live = {"forward": 0, "backward": 0, "optimizer": 0}
         self.peak = 0
         self.peak_split: dict[str, int] = dict(self.live)
@@ -100,6 +103,10 @@ class LiveMemory(TorchDispatchMode):
         total = sum(self.live.values())
         if total > self.peak:
             self.peak, self.peak_split = total, dict(self.live)
+        if self.limit is not None and self.resident + total > self.limit:
+            raise torch.OutOfMemoryError(
+                f"tried to hold {(self.resident + total) / 1e6:,.2f} MB on this rank, over its memory limit "
+                f"of {self.limit / 1e6:,.2f} MB")
 
     def reset_peak(self) -> None:
         self.peak, self.peak_split = sum(self.live.values()), dict(self.live)

@@ -38,6 +38,7 @@ class RunConfig:
     memory_probe: bool = True  # one extra tracked step after the measured ones
     peak_tflops: float | None = None  # per device; overrides the built-in table (needed for MFU on CPU)
     timeout_s: float | None = None  # process-group timeout
+    memory_limit_bytes: int | None = None  # per rank: going over it is an out-of-memory error
 
     @property
     def dims(self) -> ParallelDims:
@@ -81,6 +82,8 @@ class RunConfig:
             out += ["--stage-layers", ",".join(map(str, self.stage_layers))]
         if self.peak_tflops is not None:
             out += ["--peak-tflops", str(self.peak_tflops)]
+        if self.memory_limit_bytes is not None:
+            out += ["--memory-limit-gb", repr(self.memory_limit_bytes / 1e9)]
         if not self.memory_probe:
             out += ["--no-memory-probe"]
         return out

@@ -220,8 +220,13 @@ def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, An
     total = cfg.warmup_steps + cfg.steps
     # The memory tracker watches the first step (where gradients, optimizer states and pipeline
     # buffers come to life) and the probe step after the measured ones; timed steps run bare.
-    live = LiveMemory() if cfg.memory_probe else None
     resident = resident_bytes(trainer.pm.module, device)
+    limit = cfg.memory_limit_bytes
+    if limit is not None and device.type == "cuda":  # the caching allocator enforces it for real
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / torch.cuda.get_device_properties(device).total_memory),
+                                                   device)
+        limit = None
+    live = LiveMemory(resident, limit) if (cfg.memory_probe or limit is not None) else None
     for i in range(total):
         if i == cfg.warmup_steps:
             reset_moe_stats(trainer.pm.module)
@@ -346,6 +351,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device, for MFU")
     p.add_argument("--no-memory-probe", action="store_true", help="skip the tracked memory step")
     p.add_argument("--timeout-s", type=float, default=None, help="process-group timeout in seconds")
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="per-rank memory limit: exceeding it is an out-of-memory error (CPU and CUDA)")
     p.add_argument("--metrics-out", default=None, help="JSON-lines file written by rank 0")
     return p
 
@@ -370,6 +377,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         steps=ns.steps, warmup_steps=ns.warmup_steps, seed=ns.seed, lr=ns.lr, weight_decay=ns.weight_decay,
         device=ns.device, memory_probe=not ns.no_memory_probe, peak_tflops=ns.peak_tflops,
         timeout_s=ns.timeout_s,
+        memory_limit_bytes=round(ns.memory_limit_gb * 1e9) if ns.memory_limit_gb is not None else None,
     )
 
 

@@ -1,0 +1,176 @@
+"""Real faults for tests: processes to kill or stop, and multi-node Ray clusters on this machine.
+
+Everything here acts on real processes found through /proc, never on mocks. Each cluster gets
+its own temporary folder and token, and is torn down by killing exactly its own processes
+(`ray stop` would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+FORKSERVER = "multiprocessing.forkserver"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def parent(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return not line.split()[1].startswith("Z")
+    except OSError:
+        return False
+    return False
+
+
+def wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
+    """The pids still alive after waiting up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if alive(p)]
+    return left
+
+
+def rank_processes(session_dir: str) -> list[int]:
+    """Trial rank processes of one Ray session: forked by a fork server that a Ray worker of
+    that session (a child of its raylet) started."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if FORKSERVER not in cmdline(pid):
+            continue
+        server = parent(pid)
+        if server is None or FORKSERVER not in cmdline(server):
+            continue
+        worker = parent(server)
+        raylet = parent(worker) if worker else None
+        if raylet and session_dir in cmdline(raylet):
+            out.append(pid)
+    return sorted(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    """A real Ray cluster of several nodes (processes) on this machine."""
+
+    root: Path
+    port: int
+    env: dict[str, str]
+    address: str = ""
+    dashboard_port: int | None = None
+    nodes: list[dict] = field(default_factory=list)
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def pids(self) -> list[int]:
+        return [int(e.name) for e in Path("/proc").iterdir()
+                if e.name.isdigit() and str(self.root) in cmdline(int(e.name))]
+
+    def raylet_of(self, node_manager_port: int) -> int:
+        for pid in self.pids():
+            line = cmdline(pid)
+            if "raylet/raylet" in line and f"--node_manager_port={node_manager_port}" in line:
+                return pid
+        raise LookupError(f"no raylet with node manager port {node_manager_port}")
+
+    def stop(self) -> None:
+        pids = self.pids()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        left = wait_gone(pids, 5)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        wait_gone(left, 10)
+
+
+def cluster_env(token: str | None = None) -> dict[str, str]:
+    """Token auth on (as Ray 2.60 defaults to), fast node-death detection for tests."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token or secrets.token_hex(16),
+               RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="4",
+               RAY_health_check_initial_delay_ms="0", RAY_health_check_timeout_ms="1000")
+    return env
+
+
+def start_cluster(nodes: list[dict], dashboard: bool = False) -> Cluster:
+    """nodes[0] is the head; each is {"num_cpus": n, "resources": {...}}."""
+    root = Path(tempfile.mkdtemp(prefix="atr", dir="/tmp"))  # short: socket paths have a length limit
+    port = free_port()
+    env = cluster_env()
+    cluster = Cluster(root=root, port=port, env=env, nodes=nodes)
+    head = [RAY, "start", "--head", f"--port={port}", f"--num-cpus={nodes[0].get('num_cpus', 1)}",
+            f"--temp-dir={root}", "--disable-usage-stats"]
+    if nodes[0].get("resources"):
+        head.append(f"--resources={json.dumps(nodes[0]['resources'])}")
+    if dashboard:
+        cluster.dashboard_port = free_port()
+        head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={cluster.dashboard_port}"]
+    else:
+        head.append("--include-dashboard=false")
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, text=True, timeout=120)
+        ip = _node_ip()
+        cluster.address = f"{ip}:{port}"
+        for node in nodes[1:]:
+            cmd = [RAY, "start", f"--address={cluster.address}", f"--num-cpus={node.get('num_cpus', 1)}",
+                   "--disable-usage-stats"]
+            if node.get("resources"):
+                cmd.append(f"--resources={json.dumps(node['resources'])}")
+            subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _node_ip() -> str:
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
