@@ -108,7 +108,10 @@ def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate) 
         "number": number,
         "layout": layout.params(),
         "layout_key": layout.key,
-        "run": run_config_for(spec, layout, timeout_s=spec.budget.trial_timeout_s),
+        # The rank's memory is limited for real to cluster.memory_gb: a layout that needs more fails
+        # as out of memory, as it would on the target hardware.
+        "run": run_config_for(spec, layout, timeout_s=spec.budget.trial_timeout_s,
+                              memory_limit_bytes=spec.cluster.memory_bytes),
         "bundle": bundle_for(spec),
         "strategy": "PACK",
         "timeout_s": spec.budget.trial_timeout_s,

@@ -7,6 +7,7 @@ its own temporary folder and token, and is torn down by killing exactly its own 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -61,9 +62,9 @@ def wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
     return left
 
 
-def rank_processes(session_dir: str) -> list[int]:
-    """Trial rank processes of one Ray session: forked by a fork server that a Ray worker of
-    that session (a child of its raylet) started."""
+def rank_processes(session_dir: str, raylet: int | None = None) -> list[int]:
+    """Trial rank processes of one Ray session (or of one raylet, i.e. one node): forked by a
+    fork server that a Ray worker of that session (a child of its raylet) started."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -75,8 +76,8 @@ def rank_processes(session_dir: str) -> list[int]:
         if server is None or FORKSERVER not in cmdline(server):
             continue
         worker = parent(server)
-        raylet = parent(worker) if worker else None
-        if raylet and session_dir in cmdline(raylet):
+        owner = parent(worker) if worker else None
+        if owner and session_dir in cmdline(owner) and raylet in (None, owner):
             out.append(pid)
     return sorted(out)
 
@@ -106,12 +107,23 @@ class Cluster:
         return [int(e.name) for e in Path("/proc").iterdir()
                 if e.name.isdigit() and str(self.root) in cmdline(int(e.name))]
 
-    def raylet_of(self, node_manager_port: int) -> int:
+    def raylet_of(self, node_id: str) -> int:
         for pid in self.pids():
             line = cmdline(pid)
-            if "raylet/raylet" in line and f"--node_manager_port={node_manager_port}" in line:
+            if "raylet/raylet" in line and f"--node_id={node_id}" in line:
                 return pid
-        raise LookupError(f"no raylet with node manager port {node_manager_port}")
+        raise LookupError(f"no raylet of node {node_id}")
+
+    @contextlib.contextmanager
+    def client(self):
+        """This process as a driver of the cluster (it shares the session's token)."""
+        import ray
+
+        ray.init(address=self.address, logging_level="ERROR")
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
     def stop(self) -> None:
         pids = self.pids()
@@ -129,17 +141,31 @@ class Cluster:
         wait_gone(left, 10)
 
 
-def cluster_env(token: str | None = None) -> dict[str, str]:
-    """Token auth on (as Ray 2.60 defaults to), fast node-death detection for tests."""
+def cluster_env() -> dict[str, str]:
+    """Token auth on with this session's token (tests/conftest.py), fast node-death detection."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token or secrets.token_hex(16),
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16),
                RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="4",
                RAY_health_check_initial_delay_ms="0", RAY_health_check_timeout_ms="1000")
     return env
 
 
-def start_cluster(nodes: list[dict], dashboard: bool = False) -> Cluster:
-    """nodes[0] is the head; each is {"num_cpus": n, "resources": {...}}."""
+def start_cluster(nodes: list[dict], dashboard: bool = False, attempts: int = 3) -> Cluster:
+    """nodes[0] is the head; each is {"num_cpus": n, "resources": {...}}.
+
+    A loaded machine sometimes fails a node's start (a port taken meanwhile, a slow GCS): the
+    whole cluster is then torn down and started again on fresh ports.
+    """
+    for attempt in range(attempts):
+        try:
+            return _start_cluster(nodes, dashboard)
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_cluster(nodes: list[dict], dashboard: bool) -> Cluster:
     root = Path(tempfile.mkdtemp(prefix="atr", dir="/tmp"))  # short: socket paths have a length limit
     port = free_port()
     env = cluster_env()
@@ -154,8 +180,13 @@ def start_cluster(nodes: list[dict], dashboard: bool = False) -> Cluster:
                  f"--dashboard-port={cluster.dashboard_port}"]
     else:
         head.append("--include-dashboard=false")
+    def start(cmd: list[str]) -> None:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+
     try:
-        subprocess.run(head, env=env, check=True, capture_output=True, text=True, timeout=120)
+        start(head)
         ip = _node_ip()
         cluster.address = f"{ip}:{port}"
         for node in nodes[1:]:
@@ -163,7 +194,7 @@ def start_cluster(nodes: list[dict], dashboard: bool = False) -> Cluster:
                    "--disable-usage-stats"]
             if node.get("resources"):
                 cmd.append(f"--resources={json.dumps(node['resources'])}")
-            subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)
+            start(cmd)
     except BaseException:
         cluster.stop()
         raise
