@@ -93,7 +93,11 @@ def _nothing_fits(sc) -> str:
 @app.command()
 def run(
     space: Path = typer.Argument(..., help="the space file (YAML)"),
-    resume: bool = typer.Option(False, "--resume", help="continue the study of the same name"),
+    resume: bool = typer.Option(False, "--resume", help="finish an interrupted study of the same name"),
+    extend: bool = typer.Option(False, "--continue",
+                                help="start the study, or if it exists run budget.trials more trials (scheduled runs)"),
+    remeasure_top: Optional[int] = typer.Option(None, "--remeasure-top", min=0,
+                                                help="when continuing, measure the best K layouts again first"),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                                           help="Ray cluster to use (default: a local Ray)"),
     live: Optional[bool] = typer.Option(None, "--live/--plain", help="live view or plain log (default: by terminal)"),
@@ -102,8 +106,11 @@ def run(
     from autotune.study import RunOptions, StudyError, run_study
 
     spec = _load(space)
+    if resume and extend:
+        _fail("--resume and --continue: choose one (--resume finishes the budget, --continue adds to it)")
     try:
-        result = run_study(spec, space.read_text(), RunOptions(resume=resume, address=address, live=live))
+        result = run_study(spec, space.read_text(), RunOptions(resume=resume, extend=extend, address=address,
+                                                               live=live, remeasure_top=remeasure_top))
     except StudyError as exc:
         _fail(str(exc), exc.code)
     report = spec.study.directory() / "report"

@@ -24,6 +24,7 @@ from ray.exceptions import GetTimeoutError, NodeDiedError, RayError, RayTaskErro
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from autotune.placement import Placement, single
 from autotune.schema import Status
 from trainables.moe.run_config import RunConfig
 
@@ -158,11 +159,12 @@ def _classify(rank: int, exc: BaseException, node_id: str | None) -> tuple[Statu
     return Status.CRASHED, f"rank {rank}: its Ray worker died ({type(exc).__name__}: {first})"
 
 
-def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", timeout_s: float = 600.0,
-              on_step: Callable[[dict[str, Any]], None] | None = None,
+def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy: str = "PACK",
+              timeout_s: float = 600.0, on_step: Callable[[dict[str, Any]], None] | None = None,
               placement_wait_s: float | None = None,
               on_event: Callable[[dict[str, Any]], None] | None = None) -> TrialOutcome:
-    """Reserve `world` bundles, run every rank in one, and always give them back.
+    """Reserve the ranks (a placement, or one bundle of these resources per rank), run each in
+    its bundle, and always give them back.
 
     The time budget starts once the ranks are reserved: waiting for another trial to free
     them is queueing, not this trial's cost (it may last `placement_wait_s`). Whatever ends the
@@ -171,7 +173,10 @@ def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", 
     start = time.monotonic()
     world = cfg.dims.world_size
     outcome = TrialOutcome(Status.OK)
-    pg = placement_group([dict(bundle)] * world, strategy=strategy)
+    if not isinstance(placement, Placement):
+        placement = single(placement, strategy)
+    bundle, strategy = placement.rank, placement.strategy
+    pg = placement_group(placement.bundles(world), strategy=placement.strategy)
     gens: dict[int, Any] = {}
     finished: set[int] = set()
     started: dict[int, dict[str, Any]] = {}
@@ -179,7 +184,8 @@ def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", 
         wait = placement_wait_s if placement_wait_s is not None else timeout_s
         if not pg.wait(timeout_seconds=wait):
             outcome.status = Status.CRASHED
-            outcome.reason = f"the cluster could not place {world} ranks of {bundle} ({strategy}) within {wait:.0f} s"
+            outcome.reason = (f"the cluster could not place {world} ranks of {bundle} in groups of {placement.group} "
+                              f"({strategy}) within {wait:.0f} s")
             return outcome
         deadline = time.monotonic() + timeout_s
         threads = max(1, int(bundle.get("CPU", 1)))
@@ -187,7 +193,8 @@ def run_trial(cfg: RunConfig, bundle: dict[str, float], strategy: str = "PACK", 
         def launch(rank: int, addr: str, port: int):
             return rank_task.options(
                 num_returns="streaming", num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=placement.bundle_of(rank)),
             ).remote(cfg, rank, world, addr, port, threads)
 
         gens[0] = launch(0, "", 0)
@@ -298,8 +305,9 @@ def tune_trial(config: dict[str, Any]) -> None:
                          "loss": step["loss"], "step": step["step"], "measured_steps": measured})
 
     def attempt() -> TrialOutcome:
-        return run_trial(config["run"], config["bundle"], config["strategy"], config["timeout_s"], on_step,
-                         config.get("placement_wait_s"))
+        placement = config.get("placement") or single(config["bundle"], config.get("strategy", "PACK"))
+        return run_trial(config["run"], placement, timeout_s=config["timeout_s"], on_step=on_step,
+                         placement_wait_s=config.get("placement_wait_s"))
 
     outcome, attempts = attempt(), 1
     if outcome.status == Status.NODE_LOST:  # once more, on what remains of the cluster

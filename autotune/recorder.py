@@ -51,8 +51,9 @@ class Recorder(Callback):
     storage (the study's own memory) and `autotune sync` copies the missing ones to MLflow later.
     """
 
-    def __init__(self, spec: Spec, tracker: Tracker, parent: str, progress: Progress) -> None:
+    def __init__(self, spec: Spec, tracker: Tracker, parent: str, progress: Progress, session: int = 0) -> None:
         self.spec, self.tracker, self.parent, self.progress = spec, tracker, parent, progress
+        self.session = session
         self.trials: dict[str, dict[str, Any]] = {}
         self.tracking_error: str | None = None
 
@@ -81,7 +82,8 @@ class Recorder(Callback):
                       "seq_len": self.spec.search.seq_len, "layout": layout.key}
             run_id = self._track("start_trial", self.parent, config["number"], params)
             self.trials[trial_id] = {"number": config["number"], "layout": layout, "run_id": run_id,
-                                     "prediction": config.get("prediction", {}), "steps": []}
+                                     "prediction": config.get("prediction", {}), "steps": [],
+                                     "remeasure_of": config.get("remeasure_of")}
             self.progress.started(config["number"], layout)
         return self.trials[trial_id]
 
@@ -110,7 +112,10 @@ class Recorder(Callback):
         entry = self.trials.get(trial_id) or self._entry(trial_id, (result or {})["autotune_config"])
         record = record_from_result(entry["number"], entry["layout"], entry["prediction"], result, error,
                                     entry["steps"])
-        record = replace(record, mlflow_run_id=entry["run_id"])
+        record = replace(record, mlflow_run_id=entry["run_id"], session=self.session,
+                         remeasure_of=entry["remeasure_of"])
+        if record.remeasure_of is not None and not record.reason:
+            record = replace(record, reason=f"measured again (trial {record.remeasure_of} had this layout)")
         if entry["run_id"]:
             self._track("finish_trial", entry["run_id"], record, self.spec)
         self.progress.finished(record)

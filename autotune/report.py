@@ -389,6 +389,8 @@ def build_report(result: StudyResult) -> dict[str, Any]:
                        for t in result.ok_trials() if "peak_mem_bytes" in t.metrics],
         },
         "memory_bars": [{"number": t.number, "label": _label(t), **_memory(t)} for t in bar_trials],
+        "changes": result.changes(),
+        "tracking_error": result.tracking_error,
     }
     return _clean(report)
 
@@ -595,6 +597,27 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
         if len(trials["not_ok"]) > len(shown):
             blocks.append(("p", f"({len(trials['not_ok']) - len(shown)} more in report.json)"))
     out.append(("Trials by status", blocks))
+
+    changes = report.get("changes")
+    if changes:
+        prev, now = changes["previous_best"], changes["best"]
+        lines = [f"This run of the study (its run #{changes['session'] + 1}) decided "
+                 f"{plural(changes['new_trials'], 'trial')}.",
+                 "Best before this run: " + (f"{prev['layout']} (trial #{prev['trial']}), "
+                                             f"{fmt_tokens(prev['tokens_per_s'])} tokens/s" if prev else "none") + ".",
+                 "Best now: " + (f"{now['layout']} (trial #{now['trial']}), {fmt_tokens(now['tokens_per_s'])} tokens/s"
+                                 if now else "none") + (" (changed)" if changes["best_changed"] else " (unchanged)") + "."]
+        blocks = [("list", lines)]
+        if changes["remeasured"]:
+            blocks += [("p", "Layouts measured again in this run (drift):"),
+                       ("table", ["layout", "before", "now", "change"],
+                        [[r["layout"], f"{fmt_tokens(r['previous_tokens_per_s'])} (#{r['previous_trial']})",
+                          (f"{fmt_tokens(r['tokens_per_s'])} (#{r['trial']})" if r["tokens_per_s"] is not None
+                           else r["status"]),
+                          fmt_pct(r["change"]) if r["change"] is not None else "-"] for r in changes["remeasured"]])]
+        out.append(("Since the last run", blocks))
+    if report.get("tracking_error"):
+        out.append(("Tracking", [("p", f"Warning: {report['tracking_error']}")]))
 
     out.append(("Plots", [("image", "pareto", "Pareto front: tokens/s vs peak memory"),
                           ("image", "memory", "Memory by category, measured vs predicted")]))

@@ -27,6 +27,8 @@ class TrialRecord:
     duration_s: float | None = None  # wall time of the whole trial
     attempts: int = 1
     mlflow_run_id: str | None = None
+    session: int = 0  # which run of the study (0 = the first) decided it
+    remeasure_of: int | None = None  # the earlier trial of the same layout this one measured again
 
     @property
     def ok(self) -> bool:
@@ -41,7 +43,7 @@ class TrialRecord:
                 "status": self.status.value, "reason": self.reason, "metrics": dict(self.metrics),
                 "prediction": dict(self.prediction), "ranks": list(self.ranks), "losses": list(self.losses),
                 "step_times": list(self.step_times), "duration_s": self.duration_s, "attempts": self.attempts,
-                "mlflow_run_id": self.mlflow_run_id}
+                "mlflow_run_id": self.mlflow_run_id, "session": self.session, "remeasure_of": self.remeasure_of}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialRecord":
@@ -50,7 +52,8 @@ class TrialRecord:
                    prediction=dict(d.get("prediction", {})), ranks=tuple(d.get("ranks", ())),
                    losses=tuple(d.get("losses", ())), step_times=tuple(d.get("step_times", ())),
                    duration_s=d.get("duration_s"), attempts=int(d.get("attempts", 1)),
-                   mlflow_run_id=d.get("mlflow_run_id"))
+                   mlflow_run_id=d.get("mlflow_run_id"), session=int(d.get("session", 0)),
+                   remeasure_of=d.get("remeasure_of"))
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,47 @@ class StudyResult:
     tracking_error: str | None = None  # set when MLflow stopped taking records mid-study
 
     def ok_trials(self) -> list[TrialRecord]:
-        return [t for t in self.trials if t.ok]
+        """Successful trials, the latest measurement of each layout only (re-measures replace)."""
+        latest: dict[str, TrialRecord] = {}
+        for t in sorted(self.trials, key=lambda t: t.number):
+            if t.ok:
+                latest[t.layout.key] = t
+        return sorted(latest.values(), key=lambda t: t.number)
 
     def best(self) -> TrialRecord | None:
         """Fastest trial that ran and stayed within the memory cap."""
         cap = self.spec.objective.memory_cap * self.spec.cluster.memory_bytes
         fitting = [t for t in self.ok_trials() if t.metrics.get("peak_mem_bytes", 0) <= cap]
         return max(fitting, key=lambda t: t.tokens_per_s, default=None)
+
+    def sessions(self) -> int:
+        return 1 + max((t.session for t in self.trials), default=0)
+
+    def changes(self) -> dict[str, Any] | None:
+        """What the latest run of the study added or changed; None for a study run once."""
+        last = self.sessions() - 1
+        if last == 0:
+            return None
+        before = StudyResult(self.name, self.spec, tuple(t for t in self.trials if t.session < last))
+        prev_best, best = before.best(), self.best()
+        by_number = {t.number: t for t in self.trials}
+        drift = []
+        for t in self.trials:
+            if t.session == last and t.remeasure_of is not None and t.remeasure_of in by_number:
+                old = by_number[t.remeasure_of]
+                drift.append({"layout": t.layout.key, "trial": t.number, "previous_trial": old.number,
+                              "previous_tokens_per_s": old.tokens_per_s if old.ok else None,
+                              "tokens_per_s": t.tokens_per_s if t.ok else None, "status": t.status.value,
+                              "change": (t.tokens_per_s / old.tokens_per_s - 1)
+                              if t.ok and old.ok and old.tokens_per_s else None})
+        return {"session": last, "new_trials": sum(1 for t in self.trials if t.session == last),
+                "previous_best": {"layout": prev_best.layout.key, "trial": prev_best.number,
+                                  "tokens_per_s": prev_best.tokens_per_s} if prev_best else None,
+                "best": {"layout": best.layout.key, "trial": best.number,
+                         "tokens_per_s": best.tokens_per_s} if best else None,
+                "best_changed": (prev_best is None) != (best is None) or (
+                    prev_best is not None and best is not None and prev_best.number != best.number),
+                "remeasured": drift}
 
     def counts_by_status(self) -> dict[str, int]:
         out: dict[str, int] = {}

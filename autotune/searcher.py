@@ -72,6 +72,18 @@ def distributions(spec: Spec) -> dict[str, CategoricalDistribution]:
     return space
 
 
+def params_for(spec: Spec, layout: Layout) -> dict[str, Any]:
+    """The sampler's parameters that mean this layout (the inverse of layout_from_params)."""
+    space = distributions(spec)
+    p: dict[str, Any] = {"ep": layout.ep, "tp": layout.tp, "pp": layout.pp,
+                         "micro_batch_size": layout.micro_batch_size, "precision": layout.precision,
+                         "recompute": layout.recompute}
+    p["world_size" if "world_size" in space else "dp"] = layout.world_size if "world_size" in space else layout.dp
+    if "schedule" in space:
+        p["schedule"] = layout.schedule
+    return p
+
+
 def layout_from_params(spec: Spec, p: dict[str, Any]) -> Layout | str:
     """The layout a proposal means, or why it means none (a world the degrees do not divide)."""
     ep, tp, pp = int(p["ep"]), int(p["tp"]), int(p["pp"])
@@ -119,12 +131,14 @@ class LayoutSearcher(Searcher):
     def __init__(self, spec: Spec, screening: Screening, study: optuna.Study,
                  make_config: Callable[[int, Layout, Candidate], dict[str, Any]],
                  on_decided: Callable[[TrialRecord], TrialRecord], on_complete: Callable[[str, dict | None, bool], TrialRecord],
-                 launches: int) -> None:
+                 launches: int, session: int = 0, remeasure: list[TrialRecord] | None = None) -> None:
         super().__init__(metric="tokens_per_s", mode="max")
         self.spec, self.screening, self.study = spec, screening, study
         self.space = distributions(spec)
         self.make_config, self.on_decided, self.on_complete = make_config, on_decided, on_complete
         self.launches_left = launches
+        self.session = session
+        self.remeasure = list(remeasure or [])  # measured layouts to launch again first
         self.cap = screening.cap_bytes
         self.pending: dict[str, tuple[optuna.trial.Trial, Layout, dict[str, Any]]] = {}
         self.in_flight: set[str] = set()
@@ -161,9 +175,25 @@ class LayoutSearcher(Searcher):
         self.study.tell(trial, values, state=TrialState.COMPLETE)
 
     # -- Tune's Searcher interface ------------------------------------------------------------------
+    def _launch(self, trial_id: str, trial: optuna.trial.Trial, layout: Layout, cand: Candidate,
+                **extra: Any) -> dict[str, Any]:
+        config = {**self.make_config(trial.number, layout, cand), **extra}
+        self.pending[trial_id] = (trial, layout, config)
+        self.in_flight.add(layout.key)
+        self.launches_left -= 1
+        return config
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self.launches_left <= 0:
             return Searcher.FINISHED
+        while self.remeasure:
+            previous = self.remeasure.pop(0)
+            if previous.layout.key in self.in_flight:
+                continue
+            self.study.enqueue_trial(params_for(self.spec, previous.layout), skip_if_exists=False)
+            trial = self.study.ask(self.space)
+            return self._launch(trial_id, trial, previous.layout, judge(self.spec, previous.layout),
+                                remeasure_of=previous.number)
         for _ in range(MAX_FREE_PROPOSALS):
             if not (self.fitting - set(self.known) - self.in_flight):
                 return Searcher.FINISHED  # every fitting layout is measured or running
@@ -184,18 +214,15 @@ class LayoutSearcher(Searcher):
             if not cand.fits:
                 status = Status.PRUNED_BY_MEMORY_MODEL if cand.verdict == OVER_MEMORY else Status.INVALID
                 record = TrialRecord(number=trial.number, layout=layout, status=status, reason=cand.reason,
-                                     prediction=cand.prediction.as_metrics() if cand.prediction else {})
+                                     prediction=cand.prediction.as_metrics() if cand.prediction else {},
+                                     session=self.session)
                 first = key not in self.decided_without_run
                 if first:
                     self.decided_without_run.add(key)
                     record = self.on_decided(record)
                 self._tell(trial, record, store=first)
                 continue
-            config = self.make_config(trial.number, layout, cand)
-            self.pending[trial_id] = (trial, layout, config)
-            self.in_flight.add(key)
-            self.launches_left -= 1
-            return config
+            return self._launch(trial_id, trial, layout, cand)
         return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

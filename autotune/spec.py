@@ -326,6 +326,9 @@ class BudgetSpec(_Strict):
     trial_timeout_s: float = Field(default=600, gt=0)
     wall_clock_s: float | None = Field(default=None, gt=0)
     early_stop: bool = False  # ASHA on per-step throughput
+    # When a study continues (a scheduled run), first measure again the best K layouts known,
+    # so that drift (a new driver, a busy cluster) shows up in the report.
+    remeasure_top: int = Field(default=0, ge=0)
 
 
 class TrackingSpec(_Strict):

@@ -17,6 +17,7 @@ from typing import Any
 
 from autotune.candidates import Candidate, screen
 from autotune.layout import Layout
+from autotune.placement import plan
 from autotune.progress import Progress
 from autotune.results import StudyResult, run_config_for
 from autotune.schema import Status
@@ -31,6 +32,7 @@ PARENT_ATTR = "mlflow_parent_run_id"
 TRACKING_ATTR = "mlflow_tracking_uri"
 EXPERIMENT_ATTR = "mlflow_experiment"
 SPEC_ATTR = "spec"
+SESSIONS_ATTR = "sessions"  # one entry per run of the study (start, resume or continue)
 
 
 class StudyError(RuntimeError):
@@ -43,7 +45,9 @@ class StudyError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunOptions:
-    resume: bool = False
+    resume: bool = False  # finish an interrupted study's budget
+    extend: bool = False  # start the study, or continue it with budget.trials more launches
+    remeasure_top: int | None = None  # overrides budget.remeasure_top
     address: str | None = None  # Ray cluster; None = $RAY_ADDRESS or a local Ray
     live: bool | None = None  # rich view; None = when stdout is a terminal
     report: bool = True
@@ -97,12 +101,6 @@ def _check_writable(directory: Path) -> None:
 # Trial configs and records
 
 
-def bundle_for(spec: Spec) -> dict[str, float]:
-    if spec.cluster.device == "cuda":
-        return {"GPU": 1.0, "CPU": spec.cluster.cpus_per_rank}
-    return {"CPU": spec.cluster.cpus_per_rank}
-
-
 def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate) -> dict[str, Any]:
     return {
         "number": number,
@@ -112,8 +110,7 @@ def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate) 
         # as out of memory, as it would on the target hardware.
         "run": run_config_for(spec, layout, timeout_s=spec.budget.trial_timeout_s,
                               memory_limit_bytes=spec.cluster.memory_bytes),
-        "bundle": bundle_for(spec),
-        "strategy": "PACK",
+        "placement": plan(layout, spec.cluster),
         "timeout_s": spec.budget.trial_timeout_s,
         "placement_wait_s": spec.budget.trial_timeout_s * max(1, spec.budget.max_concurrent),
         "prediction": cand.prediction.as_metrics() if cand.prediction else {},
@@ -165,28 +162,33 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
     except Exception as exc:  # a database URL that does not connect
         raise StudyError(f"study.storage: cannot use {redact(spec.study.storage_url())} ({_first_line(exc)}); "
                          f"check the URL, the server and its credentials") from None
-    if exists and not options.resume:
-        raise StudyError(f"study {spec.study.name!r} already exists in {redact(spec.study.storage_url())}: add --resume to "
-                         f"continue it, or change study.name to start a new one")
+    if exists and not (options.resume or options.extend):
+        raise StudyError(f"study {spec.study.name!r} already exists in {redact(spec.study.storage_url())}: add --resume "
+                         f"to finish it, --continue to run budget.trials more, or change study.name")
     if not exists and options.resume:
         raise StudyError(f"--resume: there is no study {spec.study.name!r} in {redact(spec.study.storage_url())} to "
                          f"continue; run without --resume to start it")
     try:
-        study = create_study(spec, storage, load_if_exists=options.resume)
+        study = create_study(spec, storage, load_if_exists=exists)
         reconcile(study)
     except OSError as exc:
         raise StudyError(f"study.storage: cannot write {redact(spec.study.storage_url())} ({exc.strerror or exc}); "
                          f"free space or choose another path") from None
     try:
         parent = tracker.start_study(spec, spec_text, machine_description(),
-                                     study.user_attrs.get(PARENT_ATTR) if options.resume else None)
-        if options.resume:
+                                     study.user_attrs.get(PARENT_ATTR) if exists else None)
+        if exists:
             tracker.close_stale(parent)
     except Exception as exc:  # the store answered the preflight but refuses writes (full disk, permissions)
         raise StudyError(f"tracking store {redact(tracker.uri)} refused to record the study "
                          f"({_first_line(exc)}); free space or fix the store, then run again"
                          + (" with --resume" if options.resume else "")) from None
+    sessions = list(study.user_attrs.get(SESSIONS_ATTR, []))
+    session = len(sessions)
+    sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "mode": "resume" if options.resume else "continue" if exists else "start"})
     try:
+        study.set_user_attr(SESSIONS_ATTR, sessions)
         study.set_user_attr(PARENT_ATTR, parent)
         study.set_user_attr(TRACKING_ATTR, redact(tracker.uri))
         study.set_user_attr(EXPERIMENT_ATTR, spec.tracking.experiment)
@@ -196,10 +198,17 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
         raise StudyError(f"cannot write the study's state ({exc.strerror or exc}: {exc.filename or ''}); "
                          f"free space or fix the folder, then run again") from None
 
-    launched = sum(1 for r in stored_records(study) if r.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID))
-    launches = max(0, spec.budget.trials - launched)
+    records = stored_records(study)
+    launched = sum(1 for r in records if r.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID))
+    launches = spec.budget.trials if options.extend else max(0, spec.budget.trials - launched)
+    top = spec.budget.remeasure_top if options.remeasure_top is None else options.remeasure_top
+    remeasure = []
+    if session > 0 and top > 0:
+        known = StudyResult(spec.study.name, spec, tuple(records)).ok_trials()
+        remeasure = sorted(known, key=lambda t: -t.tokens_per_s)[:min(top, launches)]
     started = time.monotonic()
-    tracking_error = _tune(spec, screening, study, tracker, parent, launches, options) if launches else None
+    tracking_error = (_tune(spec, screening, study, tracker, parent, launches, options, session, remeasure)
+                      if launches else None)
     result = StudyResult(name=spec.study.name, spec=spec, trials=tuple(stored_records(study)),
                          machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent,
                          tracking_error=tracking_error)
@@ -216,8 +225,8 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
     return result
 
 
-def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int,
-          options: RunOptions) -> str | None:
+def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int, options: RunOptions,
+          session: int = 0, remeasure: list | None = None) -> str | None:
     """Run the trials; returns why MLflow stopped taking records mid-study, if it did."""
     import ray
     from ray import tune
@@ -232,9 +241,9 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     progress = Progress(spec.study.name, launches, spec.budget.wall_clock_s, live=options.live)
-    recorder = Recorder(spec, tracker, parent, progress)
+    recorder = Recorder(spec, tracker, parent, progress, session)
     searcher = LayoutSearcher(spec, screening, study, lambda n, lay, c: make_trial_config(spec, n, lay, c),
-                              recorder.decided, recorder.complete, launches)
+                              recorder.decided, recorder.complete, launches, session=session, remeasure=remeasure)
     scheduler = None
     if spec.budget.early_stop:
         from ray.tune.schedulers import ASHAScheduler

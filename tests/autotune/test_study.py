@@ -131,3 +131,24 @@ def test_resume_extends_the_study_without_rerunning(study_run):
     assert all(t.to_dict() == first[t.number] for t in more.trials if t.number in first)  # untouched
     assert more.mlflow_parent_run_id == result.mlflow_parent_run_id
     assert len(layouts_of(spec2)) >= len(launched)
+
+
+def test_continue_measures_the_best_again_and_the_report_says_what_changed(study_run):
+    tmp, data, spec, result = study_run
+    data3 = json.loads(json.dumps(data))
+    data3["budget"]["trials"] = 2
+    spec3 = spec_from_data(data3)
+    before = load_result("e2e", Path(spec.study.output_dir))
+    best_before = before.best()
+    more = run_study(spec3, yaml.safe_dump(data3), RunOptions(extend=True, remeasure_top=1, live=False))
+    new = [t for t in more.trials if t.session == more.sessions() - 1 and t.number not in
+           {b.number for b in before.trials}]
+    launched_now = [t for t in new if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)]
+    assert len(launched_now) == 2  # --continue adds budget.trials launches
+    again = [t for t in launched_now if t.remeasure_of is not None]
+    assert len(again) == 1 and again[0].remeasure_of == best_before.number
+    assert again[0].layout == best_before.layout and "measured again" in again[0].reason
+    changes = more.changes()
+    assert changes["remeasured"][0]["previous_tokens_per_s"] == pytest.approx(best_before.tokens_per_s)
+    md = (spec3.study.directory() / "report" / "report.md").read_text()
+    assert "## Since the last run" in md and best_before.layout.key in md
