@@ -113,6 +113,8 @@ def run(
                                                                live=live, remeasure_top=remeasure_top))
     except StudyError as exc:
         _fail(str(exc), exc.code)
+    except Exception as exc:  # a failure of autotune itself: one line here, the traceback in a file
+        _fail(_crash_report(spec, exc), 1)
     report = spec.study.directory() / "report"
     if result.tracking_error:
         err.print(f"warning: {result.tracking_error}", markup=False)
@@ -172,6 +174,88 @@ def sync(
                                               yaml.safe_dump(result.spec.model_dump(mode="json")),
                                               machine_description())
     out.print(f"study {study}: {created} trial runs created, {completed} completed, parent run {parent}")
+
+
+def _crash_report(spec: Spec, exc: BaseException) -> str:
+    import traceback
+
+    path = spec.study.directory() / "error.log"
+    text = "".join(traceback.format_exception(exc))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        where = f"the traceback is in {path}"
+    except OSError:
+        err.print(text, markup=False)
+        where = "the traceback is above"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return (f"the study stopped on an unexpected {type(exc).__name__}: {first}; trials recorded so far are kept "
+            f"(run again with --resume); {where}")
+
+
+def _job_address(address: Optional[str]) -> str:
+    if address:
+        return address
+    import os
+
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env.startswith("http"):
+        return env
+    _fail("--address: give the Ray Jobs API of the cluster, e.g. --address http://HEAD:8265")
+
+
+@app.command()
+def submit(
+    space: Path = typer.Argument(..., help="the space file (YAML)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray Jobs API, e.g. http://HEAD:8265"),
+    python: str = typer.Option("python", "--python", help="the cluster's Python with autotune's dependencies"),
+    remeasure_top: Optional[int] = typer.Option(None, "--remeasure-top", min=0,
+                                                help="measure the best K known layouts again first"),
+) -> None:
+    """Submit the study to a Ray cluster as a job (`autotune run --continue` there); prints the job id."""
+    from autotune.jobs import JobError
+    from autotune.jobs import submit as submit_job
+
+    spec = _load(space)
+    try:
+        job_id = submit_job(space, spec, _job_address(address), python=python, remeasure_top=remeasure_top)
+    except JobError as exc:
+        _fail(str(exc))
+    print(job_id)
+
+
+jobs_app = typer.Typer(help="Follow submitted studies.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: str = typer.Argument(..., help="the id `autotune submit` printed"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray Jobs API, e.g. http://HEAD:8265"),
+) -> None:
+    """The job's state: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
+    from autotune.jobs import JobError, status
+
+    try:
+        st = status(_job_address(address), job_id)
+    except JobError as exc:
+        _fail(str(exc))
+    out.print(f"{st.job_id}: {st.status}" + (f" ({st.message})" if st.message else ""), markup=False)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str = typer.Argument(..., help="the id `autotune submit` printed"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray Jobs API, e.g. http://HEAD:8265"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
+) -> None:
+    """The job's output (the study's plain progress log)."""
+    from autotune.jobs import JobError, logs
+
+    try:
+        logs(_job_address(address), job_id, follow, lambda text: print(text, end="", flush=True))
+    except JobError as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -56,6 +56,51 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
                                       n_startup_trials=max(4, min(10, spec.budget.trials // 3)))
 
 
+_RECOMPUTE_ORDER = {"none": 0, "selective": 1, "full": 2}
+# What a device runs fastest, first: CPUs rarely have bf16/fp16 matmul units; GPUs have.
+_PRECISION_ORDER = {"cpu": ("fp32", "bf16", "fp16"), "cuda": ("bf16", "fp16", "fp32")}
+
+
+def _dominates(a: Layout, b: Layout) -> bool:
+    """`a` is at least as fast as `b` by construction: the same layout with less recomputation
+    (recompute only adds work) and, without pipelining, a micro-batch at least as large (fewer,
+    larger matmuls; with pp > 1 a larger micro-batch means fewer micro-batches and a larger
+    bubble, so nothing is claimed there)."""
+    if a == b or (a.ep, a.tp, a.pp, a.dp, a.precision, a.schedule) != (b.ep, b.tp, b.pp, b.dp, b.precision,
+                                                                          b.schedule):
+        return False
+    if _RECOMPUTE_ORDER[a.recompute] > _RECOMPUTE_ORDER[b.recompute]:
+        return False
+    return a.micro_batch_size == b.micro_batch_size or (a.pp == 1 and a.micro_batch_size > b.micro_batch_size)
+
+
+def frontier(spec: Spec, screening: Screening) -> list[Layout]:
+    """The fitting layouts no other fitting layout dominates, most promising first.
+
+    The memory model knows which layouts fit; among them, one that recomputes less or takes a
+    larger micro-batch than a fitting twin cannot be slower. These are where the search starts
+    (enqueued into Optuna, so the sampler learns from them like from its own proposals): the
+    device's fast precision first, then the widest worlds, then the least model parallelism.
+    """
+    fitting = [c.layout for c in screening.candidates if c.fits]
+    front = [b for b in fitting if not any(_dominates(a, b) for a in fitting)]
+    order = _PRECISION_ORDER[spec.cluster.device]
+
+    def rank(layout: Layout) -> tuple:
+        precision = order.index(layout.precision) if layout.precision in order else len(order)
+        return (precision, -layout.world_size, layout.ep * layout.tp * layout.pp, -layout.micro_batch_size,
+                layout.key)
+
+    return sorted(front, key=rank)
+
+
+def warm_start_size(spec: Spec) -> int:
+    """How many frontier layouts open a study before the sampler proposes on its own."""
+    if spec.study.sampler != "auto":
+        return 0
+    return max(2, spec.budget.trials // 3)
+
+
 def distributions(spec: Spec) -> dict[str, CategoricalDistribution]:
     s = spec.search
     space = {"ep": CategoricalDistribution(sorted(set(s.ep))), "tp": CategoricalDistribution(sorted(set(s.tp))),
@@ -150,6 +195,9 @@ class LayoutSearcher(Searcher):
             else:
                 self.known[record.layout.key] = record
         self.fitting = {c.layout.key for c in screening.candidates if c.fits}
+        # A study that continues has already started: only a new one opens on the frontier.
+        fresh = not self.known and not self.decided_without_run
+        self.opening = frontier(spec, screening)[:warm_start_size(spec)] if fresh else []
 
     # -- telling Optuna -----------------------------------------------------------------------------
     def _values(self, record: TrialRecord) -> tuple[list[float] | float, float]:
@@ -194,6 +242,13 @@ class LayoutSearcher(Searcher):
             trial = self.study.ask(self.space)
             return self._launch(trial_id, trial, previous.layout, judge(self.spec, previous.layout),
                                 remeasure_of=previous.number)
+        while self.opening:
+            layout = self.opening.pop(0)
+            if layout.key in self.known or layout.key in self.in_flight:
+                continue
+            self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
+            trial = self.study.ask(self.space)
+            return self._launch(trial_id, trial, layout, judge(self.spec, layout))
         for _ in range(MAX_FREE_PROPOSALS):
             if not (self.fitting - set(self.known) - self.in_flight):
                 return Searcher.FINISHED  # every fitting layout is measured or running

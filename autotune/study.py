@@ -7,6 +7,7 @@ The Optuna storage is the study's memory: every decided trial keeps its full rec
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from autotune.spec import Spec
 from autotune.tracking import Tracker, TrackingError, machine_description, redact
 
 STATE_FILE = "state.json"
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 # Trial coordinators run on the head node (where the driver is) and hold no CPU: a sliver of the
 # resource Ray gives every head node. A head started with --num-cpus=0 still runs them.
 COORDINATOR_RESOURCES = {"node:__internal_head__": 0.01}
@@ -267,7 +269,10 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
         )
         with progress:
             tuner.fit()
-    except OSError as exc:  # the study's own files (storage, output folder) became unwritable
+    except OSError as exc:
+        if exc.errno not in _WRITE_FAILURES:
+            raise
+        # The study's own files (storage, output folder) became unwritable.
         raise StudyError(f"the study could not write its state ({exc.strerror or exc}: {exc.filename or ''}); "
                          f"trials recorded so far are kept; free space or fix the folder, then run with --resume")
     finally:

@@ -34,7 +34,7 @@ def _fail_fast() -> Iterator[None]:
     """MLflow retries an unreachable server for minutes by default; a preflight should not."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "30"
     try:
         yield
     finally:

@@ -189,9 +189,11 @@ def _start_cluster(nodes: list[dict], dashboard: bool) -> Cluster:
         start(head)
         ip = _node_ip()
         cluster.address = f"{ip}:{port}"
-        for node in nodes[1:]:
+        for i, node in enumerate(nodes[1:], 1):
+            # A temp folder of its own, as on a machine of its own: nodes sharing one would also
+            # share (and garbage-collect) each other's unpacked runtime environments.
             cmd = [RAY, "start", f"--address={cluster.address}", f"--num-cpus={node.get('num_cpus', 1)}",
-                   "--disable-usage-stats"]
+                   f"--temp-dir={root / f'n{i}'}", "--disable-usage-stats"]
             if node.get("resources"):
                 cmd.append(f"--resources={json.dumps(node['resources'])}")
             start(cmd)
