@@ -305,6 +305,11 @@ def tune_trial(config: dict[str, Any]) -> None:
                          "loss": step["loss"], "step": step["step"], "measured_steps": measured})
 
     def attempt() -> TrialOutcome:
+        if config.get("command") is not None:  # the user's own program (autotune.command_trial)
+            from autotune.command_trial import run_command_trial
+
+            return run_command_trial(config["command"], config["placement"], timeout_s=config["timeout_s"],
+                                     placement_wait_s=config.get("placement_wait_s"))
         placement = config.get("placement") or single(config["bundle"], config.get("strategy", "PACK"))
         return run_trial(config["run"], placement, timeout_s=config["timeout_s"], on_step=on_step,
                          placement_wait_s=config.get("placement_wait_s"))

@@ -29,7 +29,8 @@ def record_from_result(number: int, layout: Layout, prediction: dict[str, int], 
                        **r.get("memory", {})} for r in outcome.get("ranks", []))
         return TrialRecord(number=number, layout=layout, status=Status(outcome["status"]),
                            reason=outcome.get("reason", ""), metrics=metrics, prediction=prediction, ranks=ranks,
-                           losses=tuple(summary.get("losses", [s["loss"] for s in outcome.get("steps", [])])),
+                           losses=tuple(summary.get("losses", [s["loss"] for s in outcome.get("steps", [])
+                                                                 if s.get("loss") is not None])),
                            step_times=tuple(summary.get("step_times_s", [])),
                            duration_s=outcome.get("duration_s"), attempts=int(outcome.get("attempts", 1)))
     if error:

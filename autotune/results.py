@@ -143,7 +143,17 @@ def run_config_for(spec: Spec, layout: Layout, **extra: Any):
 
 
 def launch_command(spec: Spec, layout: Layout) -> str:
-    """The exact torchrun command that reproduces a trial's run on one node per `nodes`."""
+    """The exact command that reproduces a trial's run: the user's own (`trainable:`, node 0's
+    line with the layout filled in) or torchrun of the built-in MoE run, one node per `nodes`."""
+    if spec.trainable is not None:
+        from autotune.command_trial import command_placement, command_trial
+        from trainables.command import render_argv
+
+        place = command_placement(layout, spec)
+        values = {**command_trial(spec, 0, layout).values, "nproc": place.nproc, "nnodes": place.nnodes,
+                  "node_rank": 0, "master_addr": "MASTER_ADDR", "master_port": 29500,
+                  "trial_dir": "run", "metrics_file": "metrics.jsonl"}
+        return " ".join(shlex.quote(a) for a in render_argv(spec.trainable.command, values))
     cfg = run_config_for(spec, layout)
     nodes = spec.cluster.nodes if spec.cluster.ranks_per_node else 1
     per_node = layout.world_size // nodes if layout.world_size % nodes == 0 and nodes > 1 else layout.world_size

@@ -363,6 +363,47 @@ class StudySpec(_Strict):
         return self.storage or str(self.directory() / "optuna.journal")
 
 
+class TrainableSpec(_Strict):
+    """The user's own training program instead of the built-in MoE run (trainables/command.py
+    documents the placeholders and the metrics contract). `model` still describes the model, for
+    the memory model's estimates."""
+
+    command: list[str] = Field(min_length=1)
+    metrics_regex: dict[str, str] | None = None  # default: JSON lines in the file {metrics_file} names
+    env: dict[str, str] = {}  # added to the program's environment (values are not logged)
+    cwd: str | None = None  # default: the folder autotune runs in
+
+    @field_validator("command")
+    @classmethod
+    def _template(cls, v: list[str]) -> list[str]:
+        from trainables.command import TemplateError, check_template
+
+        try:
+            check_template(v)
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("metrics_regex")
+    @classmethod
+    def _patterns(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            from trainables.command import compile_metrics_regex
+
+            compile_metrics_regex(v)  # raises ValueError naming the pattern and the fix
+        return v
+
+    @model_validator(mode="after")
+    def _a_metrics_channel(self) -> "TrainableSpec":
+        if self.metrics_regex is None and not any("{metrics_file}" in item for item in self.command):
+            raise ValueError("command: pass '{metrics_file}' to the program (it writes JSON lines there), or set "
+                             "trainable.metrics_regex to read its printed lines")
+        return self
+
+    def directory(self) -> Path:
+        return Path(self.cwd).resolve() if self.cwd else Path.cwd()
+
+
 class Spec(_Strict):
     model: ModelSpec = ModelSpec()
     cluster: ClusterSpec
@@ -371,6 +412,7 @@ class Spec(_Strict):
     budget: BudgetSpec = BudgetSpec()
     tracking: TrackingSpec = TrackingSpec()
     study: StudySpec
+    trainable: TrainableSpec | None = None  # absent: the built-in MoE run
 
     @model_validator(mode="after")
     def _fits_cluster(self) -> "Spec":
@@ -421,7 +463,14 @@ class Spec(_Strict):
         return sorted(set(self.search.world_sizes or [self.cluster.total_ranks]))
 
 
-_SECTIONS: dict[str, type[_Strict]] = {name: field.annotation for name, field in Spec.model_fields.items()}
+def _section_model(annotation: Any) -> Any:
+    """`TrainableSpec | None` -> TrainableSpec: optional sections are models too."""
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if models else annotation
+
+
+_SECTIONS: dict[str, type[_Strict]] = {name: _section_model(field.annotation)
+                                       for name, field in Spec.model_fields.items()}
 _EXAMPLES = {
     "cluster": "cluster: {ranks: 4, memory_gb: 16}",
     "search": "search: {global_batch_size: 16, seq_len: 64}",
@@ -576,7 +625,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if model is None or not isinstance(part, str):
             return None
         field = model.model_fields.get(part)
-        ann = field.annotation if field else None
+        ann = _section_model(field.annotation) if field else None
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return model
 

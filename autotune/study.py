@@ -104,6 +104,16 @@ def _check_writable(directory: Path) -> None:
 
 
 def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate) -> dict[str, Any]:
+    if spec.trainable is not None:
+        from autotune.command_trial import command_placement, command_trial
+
+        return {
+            "number": number, "layout": layout.params(), "layout_key": layout.key,
+            "command": command_trial(spec, number, layout), "placement": command_placement(layout, spec),
+            "timeout_s": spec.budget.trial_timeout_s,
+            "placement_wait_s": spec.budget.trial_timeout_s * max(1, spec.budget.max_concurrent),
+            "prediction": cand.prediction.as_metrics() if cand.prediction else {},
+        }
     return {
         "number": number,
         "layout": layout.params(),
