@@ -7,18 +7,22 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
 
 from autotune.layout import Layout, product, rule_of, structural_problems
 from autotune.memory import MemoryPrediction, predict
 from autotune.spec import Spec
+from trainables.moe.config import ModelConfig, ParallelDims, RunShape
 
 FITS = "fits"
 INVALID = "invalid"
 OVER_MEMORY = "over memory cap"
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """A layout and its verdict (a named tuple, like Layout: screening builds 100,000 of them)."""
+
     layout: Layout
     verdict: str  # FITS, INVALID or OVER_MEMORY
     reason: str = ""  # the first broken rule, or the memory excess
@@ -49,8 +53,8 @@ def layouts_of(spec: Spec) -> list[Layout]:
                    s.precision, s.recompute, s.schedule)
 
 
-def judge(spec: Spec, layout: Layout) -> Candidate:
-    model = spec.model.config()
+def judge(spec: Spec, layout: Layout, model: ModelConfig | None = None) -> Candidate:
+    model = model or spec.model.config()
     problems = structural_problems(model, layout, spec.search.global_batch_size, spec.search.seq_len,
                                    spec.world_sizes)
     if problems:
@@ -65,9 +69,38 @@ def judge(spec: Spec, layout: Layout) -> Candidate:
 
 
 def screen(spec: Spec) -> Screening:
-    candidates = tuple(judge(spec, layout) for layout in layouts_of(spec))
+    """Judge every layout of the space (the same verdicts as `judge`, one by one).
+
+    Fast enough for spaces of 100,000 candidates (benchmarks/screening.py): the model is built
+    once, and the structural rules, which do not look at precision or recompute (both already
+    validated by the spec), are checked once per (ep, tp, pp, dp, micro-batch, schedule).
+    """
+    model = spec.model.config()
+    gbs, seq, worlds = spec.search.global_batch_size, spec.search.seq_len, spec.world_sizes
+    device, cap = spec.cluster.device, int(spec.objective.memory_cap * spec.cluster.memory_bytes)
+    prune = spec.objective.prune_over_cap
+    over = f"({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)"
+    problems_of: dict[tuple, list[str]] = {}
+    out: list[Candidate] = []
+    for layout in layouts_of(spec):
+        key = (layout.ep, layout.tp, layout.pp, layout.dp, layout.micro_batch_size, layout.schedule)
+        problems = problems_of.get(key)
+        if problems is None:
+            problems = problems_of[key] = structural_problems(model, layout, gbs, seq, worlds)
+        if problems:
+            out.append(Candidate(layout, INVALID, problems[0]))
+            continue
+        pred = predict(model, ParallelDims(layout.pp, layout.dp, layout.ep, layout.tp),
+                       RunShape(layout.micro_batch_size, gbs, seq, layout.precision, layout.recompute,
+                                layout.schedule), device)
+        if pred.total > cap and prune:
+            out.append(Candidate(layout, OVER_MEMORY, f"predicted peak {pred.total / 1e9:.3f} GB > cap "
+                                                      f"{cap / 1e9:.3f} GB {over}", pred))
+        else:
+            out.append(Candidate(layout, FITS, "", pred))
+    candidates = tuple(out)
+    rule = lru_cache(maxsize=None)(rule_of)
     counts = Counter(c.verdict for c in candidates)
-    reasons = Counter(rule_of(c.reason) if c.verdict == INVALID else OVER_MEMORY
+    reasons = Counter(rule(c.reason) if c.verdict == INVALID else OVER_MEMORY
                       for c in candidates if not c.fits)
-    return Screening(candidates, int(spec.objective.memory_cap * spec.cluster.memory_bytes),
-                     dict(counts), dict(reasons))
+    return Screening(candidates, cap, dict(counts), dict(reasons))

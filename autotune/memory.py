@@ -63,6 +63,7 @@ class StageParams:
     tensors: int
 
 
+@lru_cache(maxsize=1 << 16)  # pure, and asked for again by every candidate that shares it
 def _moe_count(model: ModelConfig, lo: int, hi: int) -> int:
     """MoE layers among global layer indices [lo, hi) (see `ModelConfig.is_moe_layer`)."""
     start, every = max(lo, model.first_dense_layers), model.moe_every
@@ -72,6 +73,7 @@ def _moe_count(model: ModelConfig, lo: int, hi: int) -> int:
     return 0 if first >= hi else (hi - 1 - first) // every + 1
 
 
+@lru_cache(maxsize=1 << 16)  # pure, and asked for again by every candidate that shares it
 def _last_layer(model: ModelConfig, lo: int, hi: int, moe: bool) -> int | None:
     """Global index of the last MoE (or dense) layer among [lo, hi), None if there is none."""
     if moe:
@@ -88,6 +90,7 @@ def _last_layer(model: ModelConfig, lo: int, hi: int, moe: bool) -> int | None:
     return None
 
 
+@lru_cache(maxsize=1 << 16)  # pure, and asked for again by every candidate that shares it
 def _stage_range(model: ModelConfig, dims: ParallelDims, stage: int,
                  split: tuple[int, ...] | None) -> tuple[int, int]:
     counts = stage_layer_counts(model, dims, split)
@@ -126,6 +129,7 @@ class StateMemory:
     optimizer: int
 
 
+@lru_cache(maxsize=1 << 16)  # pure, and asked for again by every candidate that shares it
 def state_memory(model: ModelConfig, dims: ParallelDims, stage: int, device: str = "cpu",
                  split: tuple[int, ...] | None = None) -> StateMemory:
     """Bytes of fp32 master weights, their gradients and AdamW's two moments on one rank.
@@ -607,6 +611,12 @@ def _stage_prediction(model: ModelConfig, dims: ParallelDims, shape: RunShape, s
     act, other = _place(st, stage, dims.pp, n, shape.schedule == "gpipe", dims.dp * dims.ep > 1, dims.dp > 1)
     return MemoryPrediction(params=st.params, grads=st.grads, optimizer=st.optimizer,
                             activations=act + _step_data(shape, n), other=other, stage=stage)
+
+
+def clear_caches() -> None:
+    """Forget every memoised term (benchmarks time screening from a cold start)."""
+    for fn in (_moe_count, _last_layer, _stage_range, state_memory, _unit, _layout):
+        fn.cache_clear()
 
 
 def predict(model: ModelConfig, dims: ParallelDims, shape: RunShape, device: str = "cpu") -> MemoryPrediction:

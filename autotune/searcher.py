@@ -79,8 +79,10 @@ def frontier(spec: Spec, screening: Screening) -> list[Layout]:
 
     The memory model knows which layouts fit; among them, one that recomputes less or takes a
     larger micro-batch than a fitting twin cannot be slower. These are where the search starts
-    (enqueued into Optuna, so the sampler learns from them like from its own proposals): the
-    device's fast precision first, then the widest worlds, then the least model parallelism.
+    (enqueued into Optuna, so the sampler learns from them like from its own proposals), in
+    the order of the usual rules of thumb: the device's fast precision; as little model
+    parallelism (ep * tp * pp: collectives every layer) as memory allows, data parallelism being
+    the cheapest; the largest micro-batch; the most ranks; the least recomputation.
     """
     fitting = [c.layout for c in screening.candidates if c.fits]
     front = [b for b in fitting if not any(_dominates(a, b) for a in fitting)]
@@ -88,8 +90,8 @@ def frontier(spec: Spec, screening: Screening) -> list[Layout]:
 
     def rank(layout: Layout) -> tuple:
         precision = order.index(layout.precision) if layout.precision in order else len(order)
-        return (precision, -layout.world_size, layout.ep * layout.tp * layout.pp, -layout.micro_batch_size,
-                layout.key)
+        return (precision, layout.ep * layout.tp * layout.pp, -layout.micro_batch_size, -layout.world_size,
+                _RECOMPUTE_ORDER[layout.recompute], layout.key)
 
     return sorted(front, key=rank)
 

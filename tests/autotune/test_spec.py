@@ -153,7 +153,7 @@ def test_a_typo_in_a_section_name_is_reported_before_the_section_it_hides():
 def test_keys_that_are_not_names():
     assert error_of({**BASE, True: 1}) == (
         "s.yaml: key true is true/false, not a section name (YAML reads yes/no/on/off as true/false); use one "
-        "of model, cluster, search, objective, budget, tracking, study")
+        "of model, cluster, search, objective, budget, tracking, study, trainable")
     assert error_of(data(model={1: 2})).startswith(
         "s.yaml: model: key 1 is a number, not a field name; use one of preset")
 
@@ -380,4 +380,5 @@ def test_errors_from_a_file_carry_its_path(tmp_path):
 def test_public_models_keep_their_fields():
     assert set(ClusterSpec.model_fields) == {"ranks", "nodes", "ranks_per_node", "device", "memory_gb",
                                              "cpus_per_rank"}
-    assert set(Spec.model_fields) == {"model", "cluster", "search", "objective", "budget", "tracking", "study"}
+    assert set(Spec.model_fields) == {"model", "cluster", "search", "objective", "budget", "tracking", "study",
+                                      "trainable"}

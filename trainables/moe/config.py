@@ -6,6 +6,8 @@ without paying for `import torch`.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -49,8 +51,8 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
 
-    @property
-    def n_moe_layers(self) -> int:
+    @functools.cached_property
+    def n_moe_layers(self) -> int:  # cached: screening asks it for every candidate
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     def problems(self) -> list[str]:

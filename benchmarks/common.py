@@ -1,0 +1,68 @@
+"""Helpers shared by the benchmarks: where results go, the machine they ran on, small statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SPACES = ROOT / "benchmarks" / "spaces"
+
+
+def machine() -> dict[str, Any]:
+    """What a figure was measured on; the load average says how busy the shared machine was."""
+    import torch
+
+    out: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
+                           "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import ray
+
+        out["ray"] = ray.__version__
+    except ImportError:
+        pass
+    try:
+        out["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return out
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], header: Iterable[str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(header) if header is not None else list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def ensure_path() -> None:
+    """Make the project importable when a benchmark runs as a file rather than with -m."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
