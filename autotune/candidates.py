@@ -5,15 +5,16 @@ Needs no Ray, no GPU and no torch: `autotune validate` runs this alone.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
 from autotune.layout import Layout, product, rule_of, structural_problems
-from autotune.memory import MemoryPrediction, predict
+from autotune.memory import MemoryPrediction, predict, predict_plain
 from autotune.spec import Spec
-from trainables.moe.config import ModelConfig, ParallelDims, RunShape
+from trainables.moe.config import ModelConfig
 
 FITS = "fits"
 INVALID = "invalid"
@@ -75,6 +76,18 @@ def screen(spec: Spec) -> Screening:
     once, and the structural rules, which do not look at precision or recompute (both already
     validated by the spec), are checked once per (ep, tp, pp, dp, micro-batch, schedule).
     """
+    # Screening allocates hundreds of thousands of small tuples and no reference cycles: the cycle
+    # collector would only rescan them, over and over (a third of the time of a large space).
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _screen(spec)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _screen(spec: Spec) -> Screening:
     model = spec.model.config()
     gbs, seq, worlds = spec.search.global_batch_size, spec.search.seq_len, spec.world_sizes
     device, cap = spec.cluster.device, int(spec.objective.memory_cap * spec.cluster.memory_bytes)
@@ -83,16 +96,15 @@ def screen(spec: Spec) -> Screening:
     problems_of: dict[tuple, list[str]] = {}
     out: list[Candidate] = []
     for layout in layouts_of(spec):
-        key = (layout.ep, layout.tp, layout.pp, layout.dp, layout.micro_batch_size, layout.schedule)
+        ep, tp, pp, dp, mb, precision, recompute, schedule = layout
+        key = (ep, tp, pp, dp, mb, schedule)
         problems = problems_of.get(key)
         if problems is None:
             problems = problems_of[key] = structural_problems(model, layout, gbs, seq, worlds)
         if problems:
             out.append(Candidate(layout, INVALID, problems[0]))
             continue
-        pred = predict(model, ParallelDims(layout.pp, layout.dp, layout.ep, layout.tp),
-                       RunShape(layout.micro_batch_size, gbs, seq, layout.precision, layout.recompute,
-                                layout.schedule), device)
+        pred = predict_plain(model, ep, tp, pp, dp, mb, gbs, seq, precision, recompute, schedule, device)
         if pred.total > cap and prune:
             out.append(Candidate(layout, OVER_MEMORY, f"predicted peak {pred.total / 1e9:.3f} GB > cap "
                                                       f"{cap / 1e9:.3f} GB {over}", pred))

@@ -46,7 +46,7 @@ def _gb(n: int | None) -> str:
 def validate(
     space: Path = typer.Argument(..., help="the space file (YAML)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-    limit: int = typer.Option(200, min=0, help="rows shown in the table (the JSON has them all)"),
+    limit: int = typer.Option(50, min=0, help="rows shown in the table, fitting ones first (the JSON has them all)"),
 ) -> None:
     """Screen every candidate layout: structural rules and predicted memory. No Ray, no GPU."""
     from autotune.candidates import screen

@@ -65,28 +65,33 @@ def product(ep: Iterable[int], tp: Iterable[int], pp: Iterable[int], dp: Iterabl
 
     The pipeline schedule only varies where there is a pipeline.
     """
-    worlds = sorted(set(worlds))
-    # Plain tuples, deduplicated and sorted in C, then made Layouts (in Layout's field order, so
-    # the order is Layout's own): a space of 100,000 candidates takes a fraction of a second.
-    out: set[tuple] = set()
+    # Each list sorted and without repeats, nested in Layout's field order: the combinations
+    # come out in Layout's own order with no sorting, as plain tuples made Layouts in C (a space
+    # of 100,000 candidates takes a fraction of a second).
+    def ordered(values: Iterable) -> list:
+        return sorted(set(values))
+
+    worlds = ordered(worlds)
+    mbs, precisions, recomputes = ordered(micro_batch_size), ordered(precision), ordered(recompute)
     schedules = list(dict.fromkeys(schedule))
-    micro_batch_size, precision, recompute = list(micro_batch_size), list(precision), list(recompute)
-    for e, t, p in itertools.product(ep, tp, pp):
+    first_schedule = schedules[:1]  # without a pipeline the schedule does not vary: the first one given
+    schedules = ordered(schedules)
+    out: list[tuple] = []
+    for e, t, p in itertools.product(ordered(ep), ordered(tp), ordered(pp)):
         base = e * t * p
-        dps = [w // base for w in worlds if w % base == 0] if dp is None else list(dp)
-        for s in (schedules if p > 1 else schedules[:1]):
-            out.update(itertools.product((e,), (t,), (p,), dps, micro_batch_size, precision, recompute, (s,)))
-    return list(map(Layout._make, sorted(out)))
+        dps = [w // base for w in worlds if w % base == 0] if dp is None else ordered(dp)
+        out += itertools.product((e,), (t,), (p,), dps, mbs, precisions, recomputes,
+                                 schedules if p > 1 else first_schedule)
+    return list(map(Layout._make, out))
 
 
 def structural_problems(model: ModelConfig, layout: Layout, global_batch_size: int, seq_len: int,
                         worlds: Iterable[int]) -> list[str]:
     """The trainable's own rules plus the cluster's: a layout must use an allowed world size."""
     problems = layout_problems(model, layout.dims, layout.shape(global_batch_size, seq_len))
-    allowed = sorted(set(worlds))
-    if layout.world_size not in allowed:
+    if layout.world_size not in worlds:
         problems.append(f"world size {layout.world_size} is not one of the allowed world sizes "
-                        f"{allowed} (cluster ranks or search.world_sizes)")
+                        f"{sorted(set(worlds))} (cluster ranks or search.world_sizes)")
     return problems
 
 

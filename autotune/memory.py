@@ -477,12 +477,23 @@ def _stage(model: ModelConfig, dims: ParallelDims, u: _Unit, stage: int, split: 
         else:
             fwd += cur
         peaks.append((fwd, bwd, held, True))
-    peak_fwd, peak_bwd, _, _ = max(peaks, key=lambda p: p[0] + p[1])
-    later_fwd, later_bwd, held, _ = max(peaks, key=lambda p: p[0] + p[1] + p[2])
-    later_bwd += held
-    # GPipe's last backward: no forward runs then.
-    drain_fwd, drain_bwd, held, _ = max((p for p in peaks if p[3]), key=lambda p: p[0] + p[1] + p[2])
-    drain_bwd += held
+    # The worst moment of the micro-batch alone; with what a later micro-batch's backward still
+    # holds; and of GPipe's last backward (no forward runs then). One pass: this runs for every
+    # stage of every candidate a space screens. Ties keep the first, as max() would.
+    peak = later = drain = None
+    peak_sum = later_sum = drain_sum = -1
+    for p in peaks:
+        s2 = p[0] + p[1]
+        s3 = s2 + p[2]
+        if s2 > peak_sum:
+            peak, peak_sum = p, s2
+        if s3 > later_sum:
+            later, later_sum = p, s3
+        if p[3] and s3 > drain_sum:
+            drain, drain_sum = p, s3
+    peak_fwd, peak_bwd = peak[0], peak[1]
+    later_fwd, later_bwd = later[0], later[1] + later[2]
+    drain_fwd, drain_bwd = drain[0], drain[1] + drain[2]
 
     # -- after the backward: gradient all-reduce and AdamW ------------------------------------
     d, e = model.d_model, model.n_experts
@@ -533,8 +544,16 @@ def _layout(model: ModelConfig, tp: int, ep: int, pp: int, split: tuple[int, ...
             seq_len: int, precision: str, recompute: str, device: str) -> _Layout:
     """Per-stage terms of a layout, shared by every candidate that differs only in dp, global
     batch or schedule."""
+    return _layout_of_unit(model, tp, ep, pp, split, _unit(model, tp, ep, micro_batch_size, seq_len, precision,
+                                                           recompute), device)
+
+
+@lru_cache(maxsize=1 << 15)
+def _layout_of_unit(model: ModelConfig, tp: int, ep: int, pp: int, split: tuple[int, ...] | None, unit: _Unit,
+                    device: str) -> _Layout:
+    """Keyed by the unit's bytes, not by what produced them: bf16 and fp16 give the same units,
+    and share their stages and placements."""
     dims = ParallelDims(pp=pp, ep=ep, tp=tp)
-    unit = _unit(model, tp, ep, micro_batch_size, seq_len, precision, recompute)
     return _Layout(tuple(_stage(model, dims, unit, s, split, device) for s in range(pp)))
 
 
@@ -615,30 +634,38 @@ def _stage_prediction(model: ModelConfig, dims: ParallelDims, shape: RunShape, s
 
 def clear_caches() -> None:
     """Forget every memoised term (benchmarks time screening from a cold start)."""
-    for fn in (_moe_count, _last_layer, _stage_range, state_memory, _unit, _layout):
+    for fn in (_moe_count, _last_layer, _stage_range, state_memory, _unit, _layout, _layout_of_unit):
         fn.cache_clear()
 
 
 def predict(model: ModelConfig, dims: ParallelDims, shape: RunShape, device: str = "cpu") -> MemoryPrediction:
     """Per-category bytes of the worst rank of a layout, before anything runs."""
     split = shape.stage_layers if shape.stage_layers is None else tuple(shape.stage_layers)
-    layout = _layout(model, dims.tp, dims.ep, dims.pp, split, shape.micro_batch_size, shape.seq_len,
-                     shape.precision, shape.recompute, device)
-    dp, ep, gbs = dims.dp, dims.ep, shape.global_batch_size
-    n = max(gbs // (shape.micro_batch_size * dp * ep), 1)
-    key = (n, gbs, shape.schedule == "gpipe", dp * ep > 1, dp > 1)
+    return predict_plain(model, dims.ep, dims.tp, dims.pp, dims.dp, shape.micro_batch_size, shape.global_batch_size,
+                         shape.seq_len, shape.precision, shape.recompute, shape.schedule, device, split)
+
+
+def predict_plain(model: ModelConfig, ep: int, tp: int, pp: int, dp: int, micro_batch_size: int,
+                  global_batch_size: int, seq_len: int, precision: str, recompute: str, schedule: str,
+                  device: str = "cpu", split: tuple[int, ...] | None = None) -> MemoryPrediction:
+    """`predict` from plain values: screening calls it for every candidate without building the
+    dims and shape objects first."""
+    layout = _layout(model, tp, ep, pp, split, micro_batch_size, seq_len, precision, recompute, device)
+    n = max(global_batch_size // (micro_batch_size * dp * ep), 1)
+    key = (n, global_batch_size, schedule == "gpipe", dp * ep > 1, dp > 1)
     pred = layout.placed.get(key)
     if pred is None:
         best, worst = -1, (0, 0, 0)
-        pp = len(layout.stages)
-        for stage, st in enumerate(layout.stages):
+        stages = layout.stages
+        for stage, st in enumerate(stages):
             act, other = _place(st, stage, pp, n, key[2], key[3], key[4])
             total = st[0] + st[1] + st[2] + act + other
             if total > best:
                 best, worst = total, (stage, act, other)
         stage, act, other = worst
-        st = layout.stages[stage]
+        st = stages[stage]
+        data = (global_batch_size * (seq_len + 1) + 2 * n * micro_batch_size * seq_len) * INT64  # _step_data
         pred = MemoryPrediction(params=st.params, grads=st.grads, optimizer=st.optimizer,
-                                activations=act + _step_data(shape, n), other=other, stage=stage)
+                                activations=act + data, other=other, stage=stage)
         layout.placed[key] = pred
     return pred
