@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,35 @@ class CommandTrial:
     command: tuple[str, ...]
     values: dict[str, Any]  # layout placeholders; the node ones are added per node
     metrics_regex: dict[str, str] | None
-    env: dict[str, str] = field(default_factory=dict)
+    env_holder: str | None = None  # the named actor holding trainable.env (`EnvHolder`), not the values
     cwd: str = "."
     trial_dir: str = "."
     warmup_steps: int = 0
     tokens_per_step: float | None = None
+
+
+@ray.remote(num_cpus=0)
+class _EnvHolder:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def get(self) -> dict[str, str]:
+        return self.env
+
+
+class EnvHolder:
+    """The program's environment values (tokens, passwords) live in one actor of the study's
+    driver, for its lifetime. Trial configs carry only the actor's name, so the values never reach
+    Ray Tune's saved experiment state, MLflow or the report."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import uuid
+
+        self.name = f"autotune-env-{uuid.uuid4().hex}"
+        self.actor = _EnvHolder.options(name=self.name).remote(env)
+
+    def close(self) -> None:
+        ray.kill(self.actor)
 
 
 def command_placement(layout: Layout, spec: Spec) -> CommandPlacement:
@@ -65,7 +89,7 @@ def command_placement(layout: Layout, spec: Spec) -> CommandPlacement:
     return CommandPlacement(nproc, world // nproc, rank, "STRICT_SPREAD" if nproc == per_node else "SPREAD")
 
 
-def command_trial(spec: Spec, number: int, layout: Layout) -> CommandTrial:
+def command_trial(spec: Spec, number: int, layout: Layout, env_holder: str | None = None) -> CommandTrial:
     t = spec.trainable
     assert t is not None
     values = {"ep": layout.ep, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
@@ -73,7 +97,7 @@ def command_trial(spec: Spec, number: int, layout: Layout) -> CommandTrial:
               "seq_len": spec.search.seq_len, "world_size": layout.world_size, "seed": spec.study.seed,
               "precision": layout.precision, "recompute": layout.recompute, "schedule": layout.schedule}
     trial_dir = (spec.study.directory() / "trials" / f"{number:04d}").resolve()
-    return CommandTrial(tuple(t.command), values, t.metrics_regex, dict(t.env), str(t.directory()), str(trial_dir),
+    return CommandTrial(tuple(t.command), values, t.metrics_regex, env_holder, str(t.directory()), str(trial_dir),
                         spec.budget.warmup_steps, float(spec.search.global_batch_size * spec.search.seq_len))
 
 
@@ -93,7 +117,8 @@ def _node_main(trial: CommandTrial, node_rank: int, nnodes: int, nproc: int, mas
               "master_addr": master_addr, "master_port": master_port, "trial_dir": str(node_dir),
               "metrics_file": str(node_dir / "metrics.jsonl")}
     argv = render_argv(trial.command, values)
-    out = run_command(argv, env=trial.env, cwd=trial.cwd,
+    env = ray.get(ray.get_actor(trial.env_holder).get.remote()) if trial.env_holder else {}
+    out = run_command(argv, env=env, cwd=trial.cwd,
                       metrics_file=None if trial.metrics_regex is not None else values["metrics_file"],
                       metrics_regex=trial.metrics_regex, timeout_s=timeout_s, log_path=node_dir / "command.log",
                       warmup_steps=trial.warmup_steps, tokens_per_step=trial.tokens_per_step)

@@ -31,7 +31,7 @@ class Progress:
         self.live_enabled = self.stream.isatty() if live is None else live
         self.start = time.monotonic()
         self.running: dict[int, tuple[Layout, int]] = {}  # number -> (layout, measured steps)
-        self.done = self.failed = self.pruned = 0
+        self.done = self.failed = self.pruned = self.invalid = 0
         self.best: TrialRecord | None = None
         self._live: Live | None = None
 
@@ -66,7 +66,10 @@ class Progress:
     def finished(self, record: TrialRecord) -> None:
         self.running.pop(record.number, None)
         if record.status in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID):
-            self.pruned += 1
+            if record.status == Status.INVALID:
+                self.invalid += 1  # a proposal that is no valid layout: refused, never launched
+            else:
+                self.pruned += 1
             self._line(f"trial {record.number:>3} {record.status.value}  {record.layout.key}: {record.reason}")
             return
         if record.ok or record.status == Status.EARLY_STOPPED:
@@ -91,7 +94,8 @@ class Progress:
     def summary_line(self) -> str:
         best = (f"best {self.best.layout.key} at {self.best.tokens_per_s:,.0f} tok/s" if self.best
                 else "no successful trial yet")
-        return (f"[{_fmt_s(self.elapsed())}] done {self.done}, failed {self.failed}, pruned {self.pruned}, "
+        refused = f", invalid {self.invalid}" if self.invalid else ""
+        return (f"[{_fmt_s(self.elapsed())}] done {self.done}, failed {self.failed}, pruned {self.pruned}{refused}, "
                 f"running {len(self.running)}; {best}")
 
     def _render(self) -> Group:

@@ -370,7 +370,7 @@ class TrainableSpec(_Strict):
 
     command: list[str] = Field(min_length=1)
     metrics_regex: dict[str, str] | None = None  # default: JSON lines in the file {metrics_file} names
-    env: dict[str, str] = {}  # added to the program's environment (values are not logged)
+    env: dict[str, str] = {}  # added to the program's environment (values never written anywhere)
     cwd: str | None = None  # default: the folder autotune runs in
 
     @field_validator("command")

@@ -23,7 +23,7 @@ from autotune.progress import Progress
 from autotune.results import StudyResult, run_config_for
 from autotune.schema import Status
 from autotune.spec import Spec
-from autotune.tracking import Tracker, TrackingError, machine_description, redact
+from autotune.tracking import Tracker, TrackingError, machine_description, public_spec, redact
 
 STATE_FILE = "state.json"
 _WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -103,13 +103,15 @@ def _check_writable(directory: Path) -> None:
 # Trial configs and records
 
 
-def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate) -> dict[str, Any]:
+def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate,
+                      env_holder: str | None = None) -> dict[str, Any]:
     if spec.trainable is not None:
         from autotune.command_trial import command_placement, command_trial
 
         return {
             "number": number, "layout": layout.params(), "layout_key": layout.key,
-            "command": command_trial(spec, number, layout), "placement": command_placement(layout, spec),
+            "command": command_trial(spec, number, layout, env_holder),
+            "placement": command_placement(layout, spec),
             "timeout_s": spec.budget.trial_timeout_s,
             "placement_wait_s": spec.budget.trial_timeout_s * max(1, spec.budget.max_concurrent),
             "prediction": cand.prediction.as_metrics() if cand.prediction else {},
@@ -204,7 +206,7 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
         study.set_user_attr(PARENT_ATTR, parent)
         study.set_user_attr(TRACKING_ATTR, redact(tracker.uri))
         study.set_user_attr(EXPERIMENT_ATTR, spec.tracking.experiment)
-        study.set_user_attr(SPEC_ATTR, json.loads(redact(spec.model_dump_json())))
+        study.set_user_attr(SPEC_ATTR, json.loads(redact(public_spec(spec).model_dump_json())))
         write_state(spec, parent, tracker.uri)
     except OSError as exc:
         raise StudyError(f"cannot write the study's state ({exc.strerror or exc}: {exc.filename or ''}); "
@@ -254,7 +256,9 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     progress = Progress(spec.study.name, launches, spec.budget.wall_clock_s, live=options.live)
     recorder = Recorder(spec, tracker, parent, progress, session)
-    searcher = LayoutSearcher(spec, screening, study, lambda n, lay, c: make_trial_config(spec, n, lay, c),
+    holder: list[Any] = []  # the program's environment values, when a user command has any
+    searcher = LayoutSearcher(spec, screening, study,
+                              lambda n, lay, c: make_trial_config(spec, n, lay, c, holder[0].name if holder else None),
                               recorder.decided, recorder.complete, launches, session=session, remeasure=remeasure)
     scheduler = None
     if spec.budget.early_stop:
@@ -267,6 +271,10 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
                                   grace_period=max(1, spec.budget.measure_steps // 2), reduction_factor=2)
     started_ray = _ray_init(spec, options.address)
     try:
+        if spec.trainable is not None and spec.trainable.env:
+            from autotune.command_trial import EnvHolder
+
+            holder.append(EnvHolder(dict(spec.trainable.env)))
         tuner = tune.Tuner(
             tune.with_resources(tune_trial, COORDINATOR_RESOURCES),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=launches, scheduler=scheduler,
@@ -286,6 +294,11 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
         raise StudyError(f"the study could not write its state ({exc.strerror or exc}: {exc.filename or ''}); "
                          f"trials recorded so far are kept; free space or fix the folder, then run with --resume")
     finally:
+        for h in holder:
+            try:
+                h.close()
+            except Exception:  # Ray already gone: the actor went with it
+                pass
         if started_ray:
             ray.shutdown()
     return recorder.tracking_error

@@ -53,6 +53,26 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
+def public_spec(spec: Spec) -> Spec:
+    """The spec as it may be shown: the values of `trainable.env` (tokens, passwords) masked."""
+    if spec.trainable is None or not spec.trainable.env:
+        return spec
+    masked = spec.trainable.model_copy(update={"env": {k: "***" for k in spec.trainable.env}})
+    return spec.model_copy(update={"trainable": masked})
+
+
+def public_space_text(spec: Spec, text: str) -> str:
+    """The space file as it may be logged: passwords in URIs masked and, where the program gets
+    environment values, the file re-written with those values masked (its comments are lost)."""
+    if spec.trainable is None or not spec.trainable.env:
+        return redact(text)
+    import yaml
+
+    data = yaml.safe_load(text)
+    data["trainable"]["env"] = {k: "***" for k in data["trainable"]["env"]}
+    return redact("# environment values of trainable.env are masked\n" + yaml.safe_dump(data, sort_keys=False))
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -90,8 +110,8 @@ class Tracker:
                                        f"{spec.cluster.total_ranks} x {spec.cluster.device}"}
         run = self.client.create_run(self.experiment_id, run_name=f"study-{spec.study.name}", tags=tags)
         rid = run.info.run_id
-        self.client.log_text(rid, redact(spec_text), "space.yaml")
-        self.client.log_dict(rid, json.loads(redact(spec.model_dump_json())), "spec.json")
+        self.client.log_text(rid, public_space_text(spec, spec_text), "space.yaml")
+        self.client.log_dict(rid, json.loads(redact(public_spec(spec).model_dump_json())), "spec.json")
         for key, value in (("global_batch_size", spec.search.global_batch_size),
                            ("seq_len", spec.search.seq_len), ("memory_gb", spec.cluster.memory_gb),
                            ("memory_cap", spec.objective.memory_cap), ("trials", spec.budget.trials)):

@@ -4,6 +4,7 @@ run by real Ray trials through `trainables.command`, recorded and reported like 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,6 +23,9 @@ COMMAND = [sys.executable, "-m", "trainables.examples.toy_train", "--ep", "{ep}"
            "--steps", "3", "--warmup-steps", "1"]
 
 
+SECRET = "tok-3f9a1c7e55d0"
+
+
 def _space(tmp, trainable):
     return {
         "model": {"preset": "tiny"},
@@ -38,7 +42,8 @@ def _space(tmp, trainable):
 @pytest.mark.parametrize("channel", ["file", "regex"])
 def test_a_study_tunes_the_toy_trainer_through_its_command(tmp_path, channel):
     if channel == "file":
-        trainable = {"command": COMMAND + ["--metrics-file", "{metrics_file}"]}
+        trainable = {"command": COMMAND + ["--metrics-file", "{metrics_file}"], "env": {"TOY_API_TOKEN": SECRET}}
+        trainable["command"] += ["--require-env", "TOY_API_TOKEN"]  # fails the trial unless the value arrives
     else:
         trainable = {"command": COMMAND, "metrics_regex": {
             "step": r"^step (\d+) ", "step_time_s": r"^step \d+ .*\| step time ([0-9.]+) s",
@@ -69,3 +74,13 @@ def test_a_study_tunes_the_toy_trainer_through_its_command(tmp_path, channel):
     exp = client.get_experiment_by_name("command")
     runs = client.search_runs([exp.experiment_id], "tags.`autotune.trial` != ''")
     assert {int(r.data.tags["autotune.trial"]) for r in runs} == {t.number for t in result.trials}
+    # The program's environment values are never written where others read: MLflow, the study's
+    # storage, the report.
+    parent = client.search_runs([exp.experiment_id], "tags.`autotune.study` = 'toy'")[0]
+    logged = client.download_artifacts(parent.info.run_id, "", str(tmp_path / "artifacts"))
+    texts = [p.read_text(errors="replace") for p in Path(logged).rglob("*") if p.is_file()]
+    texts += [p.read_text(errors="replace") for p in spec.study.directory().rglob("*")
+              if p.is_file() and p.suffix in (".md", ".json", ".html", ".journal", ".log")]
+    assert texts and not [t for t in texts if SECRET in t]
+    if channel == "file":
+        assert any("TOY_API_TOKEN" in t for t in texts)  # the key is shown, its value masked

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import resource
 import statistics
@@ -63,10 +64,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     p.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
     p.add_argument("--metrics-file", default=None, help="also write JSON lines here (step lines, then a summary)")
+    p.add_argument("--require-env", default=None, metavar="NAME",
+                   help="fail unless this environment variable is set (as a program that needs a token would)")
     return p.parse_args(argv)
 
 
 def check(ns: argparse.Namespace) -> str | None:
+    if ns.require_env and not os.environ.get(ns.require_env):
+        return f"environment variable {ns.require_env} is not set"
     for name in ("ep", "tp", "pp", "dp", "micro_batch_size", "global_batch_size", "seq_len", "steps"):
         if getattr(ns, name) < 1:
             return f"--{name.replace('_', '-')} must be 1 or more"
