@@ -344,7 +344,7 @@ def test_a_lost_worker_node_ends_its_trial_as_node_lost_and_it_is_retried_once(t
         data = space(tmp_path, "lost", search={"ep": [1], "tp": [1], "world_sizes": [1],
                                                 "micro_batch_size": [1, 2, 4], "precision": ["fp32"],
                                                 "recompute": ["none", "full"]},
-                     budget={"trials": 4, "max_concurrent": 2, "measure_steps": 15})
+                     budget={"trials": 4, "max_concurrent": 2, "measure_steps": 60})  # long enough to be caught mid-run
         lost = threading.Event()
 
         def kill_second_node():  # once a trial's rank runs on node 2, kill that node's raylet
