@@ -40,8 +40,12 @@ def _fork_context():
         import multiprocessing
 
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["torch", "torch.distributed", "trainables.moe.train",
-                                         "autotune.rank_process"])
+        # torch._dynamo too: torch imports it lazily on a rank's first parameter init (through its
+        # compile-disable wrappers), which would cost every trial over a second.
+        _context.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed",
+                                         "torch.distributed.pipelining",
+                                         "torch.distributed.fsdp.sharded_grad_scaler",
+                                         "trainables.moe.train", "autotune.rank_process"])
     return _context
 
 
