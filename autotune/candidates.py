@@ -62,7 +62,15 @@ def judge(spec: Spec, layout: Layout, model: ModelConfig | None = None) -> Candi
         return Candidate(layout, INVALID, problems[0])
     pred = predict(model, layout.dims, layout.shape(spec.search.global_batch_size, spec.search.seq_len),
                    spec.cluster.device)
-    cap = int(spec.objective.memory_cap * spec.cluster.memory_bytes)
+    return _by_memory(spec, layout, pred, _cap(spec))
+
+
+def _cap(spec: Spec) -> int:
+    return int(spec.objective.memory_cap * spec.cluster.memory_bytes)
+
+
+def _by_memory(spec: Spec, layout: Layout, pred: MemoryPrediction, cap: int) -> Candidate:
+    """The verdict on a structurally valid layout: over the memory cap (pruned) or fits."""
     if pred.total > cap and spec.objective.prune_over_cap:
         return Candidate(layout, OVER_MEMORY, f"predicted peak {pred.total / 1e9:.3f} GB > cap {cap / 1e9:.3f} GB "
                          f"({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)", pred)
@@ -90,9 +98,7 @@ def screen(spec: Spec) -> Screening:
 def _screen(spec: Spec) -> Screening:
     model = spec.model.config()
     gbs, seq, worlds = spec.search.global_batch_size, spec.search.seq_len, spec.world_sizes
-    device, cap = spec.cluster.device, int(spec.objective.memory_cap * spec.cluster.memory_bytes)
-    prune = spec.objective.prune_over_cap
-    over = f"({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)"
+    device, cap = spec.cluster.device, _cap(spec)
     problems_of: dict[tuple, list[str]] = {}
     out: list[Candidate] = []
     for layout in layouts_of(spec):
@@ -105,11 +111,7 @@ def _screen(spec: Spec) -> Screening:
             out.append(Candidate(layout, INVALID, problems[0]))
             continue
         pred = predict_plain(model, ep, tp, pp, dp, mb, gbs, seq, precision, recompute, schedule, device)
-        if pred.total > cap and prune:
-            out.append(Candidate(layout, OVER_MEMORY, f"predicted peak {pred.total / 1e9:.3f} GB > cap "
-                                                      f"{cap / 1e9:.3f} GB {over}", pred))
-        else:
-            out.append(Candidate(layout, FITS, "", pred))
+        out.append(_by_memory(spec, layout, pred, cap))
     candidates = tuple(out)
     rule = lru_cache(maxsize=None)(rule_of)
     counts = Counter(c.verdict for c in candidates)

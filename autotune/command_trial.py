@@ -134,18 +134,18 @@ _node_task = ray.remote(max_retries=0)(_node_main)
 def run_command_trial(trial: CommandTrial, placement: CommandPlacement, timeout_s: float,
                       placement_wait_s: float | None = None):
     """Reserve the trial's nodes, run the command on each, and always give them back."""
-    from autotune.executor import TrialOutcome
+    from autotune.executor import TrialOutcome, wait_for_placement
 
     start = time.monotonic()
     outcome = TrialOutcome(Status.OK)
     pg = placement_group(placement.bundles(), strategy=placement.strategy)
     refs: list[Any] = []
     try:
-        wait = placement_wait_s if placement_wait_s is not None else timeout_s
-        if not pg.wait(timeout_seconds=wait):
+        unplaced = wait_for_placement(pg, timeout_s, placement_wait_s)
+        if unplaced is not None:
             outcome.status = Status.CRASHED
             outcome.reason = (f"the cluster could not place {placement.nnodes} node(s) of {placement.nproc} ranks "
-                              f"({placement.strategy}) within {wait:.0f} s")
+                              f"({placement.strategy}) within {unplaced:.0f} s")
             return outcome
 
         def where(i: int):

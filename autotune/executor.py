@@ -163,6 +163,15 @@ def _classify(rank: int, exc: BaseException, node_id: str | None) -> tuple[Statu
     return Status.CRASHED, f"rank {rank}: its Ray worker died ({type(exc).__name__}: {first})"
 
 
+def wait_for_placement(pg: Any, timeout_s: float, placement_wait_s: float | None) -> float | None:
+    """Wait for a trial's placement group; None once placed, else the seconds waited in vain.
+
+    Waiting for another trial to free the resources is queueing, not the trial's cost: it may
+    last `placement_wait_s` (default: the trial's own budget)."""
+    wait = placement_wait_s if placement_wait_s is not None else timeout_s
+    return None if pg.wait(timeout_seconds=wait) else wait
+
+
 def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy: str = "PACK",
               timeout_s: float = 600.0, on_step: Callable[[dict[str, Any]], None] | None = None,
               placement_wait_s: float | None = None,
@@ -185,11 +194,11 @@ def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy:
     finished: set[int] = set()
     started: dict[int, dict[str, Any]] = {}
     try:
-        wait = placement_wait_s if placement_wait_s is not None else timeout_s
-        if not pg.wait(timeout_seconds=wait):
+        unplaced = wait_for_placement(pg, timeout_s, placement_wait_s)
+        if unplaced is not None:
             outcome.status = Status.CRASHED
             outcome.reason = (f"the cluster could not place {world} ranks of {bundle} in groups of {placement.group} "
-                              f"({strategy}) within {wait:.0f} s")
+                              f"({strategy}) within {unplaced:.0f} s")
             return outcome
         deadline = time.monotonic() + timeout_s
         threads = max(1, int(bundle.get("CPU", 1)))

@@ -614,10 +614,10 @@ def _place(st: _Stage, stage: int, pp: int, n: int, gpipe: bool, sync_dense: boo
     return act, other
 
 
-def _step_data(shape: RunShape, n: int) -> int:
+def _step_data(global_batch_size: int, seq_len: int, micro_batch_size: int, n: int) -> int:
     """The step's tokens: the whole global batch is generated on every rank, then this
     replica's inputs and targets are copied out of it (int64)."""
-    return (shape.global_batch_size * (shape.seq_len + 1) + 2 * n * shape.micro_batch_size * shape.seq_len) * INT64
+    return (global_batch_size * (seq_len + 1) + 2 * n * micro_batch_size * seq_len) * INT64
 
 
 def _stage_prediction(model: ModelConfig, dims: ParallelDims, shape: RunShape, stage: int,
@@ -629,7 +629,9 @@ def _stage_prediction(model: ModelConfig, dims: ParallelDims, shape: RunShape, s
     n = max(shape.accum_steps(dims), 1)
     act, other = _place(st, stage, dims.pp, n, shape.schedule == "gpipe", dims.dp * dims.ep > 1, dims.dp > 1)
     return MemoryPrediction(params=st.params, grads=st.grads, optimizer=st.optimizer,
-                            activations=act + _step_data(shape, n), other=other, stage=stage)
+                            activations=act + _step_data(shape.global_batch_size, shape.seq_len,
+                                                         shape.micro_batch_size, n),
+                            other=other, stage=stage)
 
 
 def clear_caches() -> None:
@@ -664,8 +666,8 @@ def predict_plain(model: ModelConfig, ep: int, tp: int, pp: int, dp: int, micro_
                 best, worst = total, (stage, act, other)
         stage, act, other = worst
         st = stages[stage]
-        data = (global_batch_size * (seq_len + 1) + 2 * n * micro_batch_size * seq_len) * INT64  # _step_data
         pred = MemoryPrediction(params=st.params, grads=st.grads, optimizer=st.optimizer,
-                                activations=act + data, other=other, stage=stage)
+                                activations=act + _step_data(global_batch_size, seq_len, micro_batch_size, n),
+                                other=other, stage=stage)
         layout.placed[key] = pred
     return pred

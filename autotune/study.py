@@ -105,30 +105,26 @@ def _check_writable(directory: Path) -> None:
 
 def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate,
                       env_holder: str | None = None) -> dict[str, Any]:
-    if spec.trainable is not None:
-        from autotune.command_trial import command_placement, command_trial
-
-        return {
-            "number": number, "layout": layout.params(), "layout_key": layout.key,
-            "command": command_trial(spec, number, layout, env_holder),
-            "placement": command_placement(layout, spec),
-            "timeout_s": spec.budget.trial_timeout_s,
-            "placement_wait_s": spec.budget.trial_timeout_s * max(1, spec.budget.max_concurrent),
-            "prediction": cand.prediction.as_metrics() if cand.prediction else {},
-        }
-    return {
+    config: dict[str, Any] = {
         "number": number,
         "layout": layout.params(),
         "layout_key": layout.key,
-        # The rank's memory is limited for real to cluster.memory_gb: a layout that needs more fails
-        # as out of memory, as it would on the target hardware.
-        "run": run_config_for(spec, layout, timeout_s=spec.budget.trial_timeout_s,
-                              memory_limit_bytes=spec.cluster.memory_bytes),
-        "placement": plan(layout, spec.cluster),
         "timeout_s": spec.budget.trial_timeout_s,
         "placement_wait_s": spec.budget.trial_timeout_s * max(1, spec.budget.max_concurrent),
         "prediction": cand.prediction.as_metrics() if cand.prediction else {},
     }
+    if spec.trainable is not None:  # the user's own program (autotune.command_trial)
+        from autotune.command_trial import command_placement, command_trial
+
+        config["command"] = command_trial(spec, number, layout, env_holder)
+        config["placement"] = command_placement(layout, spec)
+        return config
+    # The rank's memory is limited for real to cluster.memory_gb: a layout that needs more fails
+    # as out of memory, as it would on the target hardware.
+    config["run"] = run_config_for(spec, layout, timeout_s=spec.budget.trial_timeout_s,
+                                   memory_limit_bytes=spec.cluster.memory_bytes)
+    config["placement"] = plan(layout, spec.cluster)
+    return config
 
 
 # ------------------------------------------------------------------------------------------------
