@@ -30,7 +30,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -38,6 +38,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import PydanticCustomError
 
 from trainables.moe.config import PRESETS, ModelConfig, preset
+
+if TYPE_CHECKING:
+    from autotune.devices import DeviceProfile
 
 MAX_SPEC_BYTES = 100_000  # a space file is a few dozen lines; parsing stays well under a second
 MAX_YAML_NODES = 100_000
@@ -232,6 +235,26 @@ class ClusterSpec(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     memory_gb: float = Field(gt=0, le=MAX_MEMORY_GB)
     cpus_per_rank: float = Field(default=1.0, gt=0)
+    # Device profile for the step-time model: a name from autotune/profiles/devices.yaml, or a
+    # mapping that overrides one (`base: NAME`) or defines a new device. Default: by device.
+    profile: str | dict[str, Any] | None = None
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, v: Any) -> Any:
+        from autotune.devices import ProfileError, resolve
+
+        if v is not None:
+            try:
+                resolve(v, "cpu")
+            except ProfileError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    def device_profile(self) -> "DeviceProfile":
+        from autotune.devices import resolve
+
+        return resolve(self.profile, self.device)
 
     @model_validator(mode="after")
     def _ranks(self) -> "ClusterSpec":
