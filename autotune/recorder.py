@@ -12,6 +12,7 @@ from autotune.layout import Layout
 from autotune.progress import Progress
 from autotune.results import TrialRecord
 from autotune.schema import SUMMARY_METRICS, Status
+from autotune.stats import step_time_interval
 from autotune.spec import Spec
 from autotune.tracking import Tracker, redact
 
@@ -24,6 +25,10 @@ def record_from_result(number: int, layout: Layout, prediction: dict[str, int], 
         outcome = json.loads(result["outcome"])
         summary = outcome.get("summary") or {}
         metrics = {k: summary[k] for k in (*SUMMARY_METRICS, "flops_per_token", "accum_steps") if k in summary}
+        step_times = summary.get("step_times_s") or [s["step_time_s"] for s in outcome.get("steps", [])
+                                                     if s.get("phase") == "measure" and s.get("step_time_s")]
+        if outcome["status"] == Status.OK.value:
+            metrics.update(step_time_interval(step_times).as_metrics())
         rank_mem = {r["rank"]: r for r in summary.get("ranks", [])}
         ranks = tuple({**rank_mem.get(r["rank"], {}), "rank": r["rank"], "node": r.get("node"), "ip": r.get("ip"),
                        **r.get("memory", {})} for r in outcome.get("ranks", []))
@@ -31,13 +36,14 @@ def record_from_result(number: int, layout: Layout, prediction: dict[str, int], 
                            reason=outcome.get("reason", ""), metrics=metrics, prediction=prediction, ranks=ranks,
                            losses=tuple(summary.get("losses", [s["loss"] for s in outcome.get("steps", [])
                                                                  if s.get("loss") is not None])),
-                           step_times=tuple(summary.get("step_times_s", [])),
+                           step_times=tuple(step_times),
                            duration_s=outcome.get("duration_s"), attempts=int(outcome.get("attempts", 1)))
     if error:
         return TrialRecord(number=number, layout=layout, status=Status.CRASHED, prediction=prediction,
                            reason="the trial's coordinator failed; see the Ray logs of this study")
     tps = sorted(s["tokens_per_s"] for s in steps)
     metrics = {"tokens_per_s": tps[len(tps) // 2]} if tps else {}
+    metrics.update(step_time_interval(s["step_time_s"] for s in steps).as_metrics())
     return TrialRecord(number=number, layout=layout, status=Status.EARLY_STOPPED, prediction=prediction,
                        reason=f"stopped by the scheduler after {len(steps)} measured steps (slower than its peers)",
                        metrics=metrics, losses=tuple(s["loss"] for s in steps),

@@ -45,6 +45,10 @@ SUMMARY_METRICS: tuple[str, ...] = THROUGHPUT_METRICS + (
     "loss_last",
 )
 
+# Not from the trainable: autotune computes these from a trial's measured steps (autotune.stats),
+# the 90% bootstrap interval on the median step time, recorded beside `step_time_s`.
+INTERVAL_METRICS: tuple[str, ...] = ("step_time_lo_s", "step_time_hi_s")
+
 STEP_METRICS: tuple[str, ...] = ("loss", "step_time_s", "tokens_per_s")
 
 # Run parameters recorded for every trial (MLflow params, report columns, CLI flags).

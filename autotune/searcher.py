@@ -22,7 +22,7 @@ from ray.tune.search import Searcher
 from autotune.candidates import OVER_MEMORY, Candidate, Screening, judge
 from autotune.layout import Layout
 from autotune.results import TrialRecord
-from autotune.schema import Status
+from autotune.schema import INTERVAL_METRICS, Status
 from autotune.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,9 @@ class LayoutSearcher(Searcher):
         values, constraint = self._values(record)
         trial.set_constraint("memory_and_failures", constraint)
         trial.set_user_attr(KEY_ATTR, record.layout.key)
+        for k in INTERVAL_METRICS:  # beside the record: visible to Optuna's own tools
+            if k in record.metrics:
+                trial.set_user_attr(k, float(record.metrics[k]))
         if store:
             trial.set_user_attr(RECORD_ATTR, json.dumps(record.to_dict()))
         self.study.tell(trial, values, state=TrialState.COMPLETE)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autotune.results import TrialRecord
-from autotune.schema import LAYOUT_PARAMS, MEMORY_CATEGORIES, SUMMARY_METRICS
+from autotune.schema import INTERVAL_METRICS, LAYOUT_PARAMS, MEMORY_CATEGORIES, SUMMARY_METRICS
 from autotune.spec import Spec
 
 STUDY_TAG = "autotune.study"
@@ -152,7 +152,8 @@ class Tracker:
         from mlflow.entities import Metric, RunTag
 
         ts = _now_ms()
-        metrics = [Metric(k, float(record.metrics[k]), ts, 0) for k in SUMMARY_METRICS if k in record.metrics]
+        metrics = [Metric(k, float(record.metrics[k]), ts, 0) for k in (*SUMMARY_METRICS, *INTERVAL_METRICS)
+                   if k in record.metrics]
         metrics += [Metric(k, float(v), ts, 0) for k, v in record.prediction.items()]
         if record.duration_s is not None:
             metrics.append(Metric("trial_duration_s", float(record.duration_s), ts, 0))

@@ -92,6 +92,10 @@ def test_mlflow_holds_the_parent_and_one_child_per_trial(study_run):
             for m in ("tokens_per_s", "step_time_s", "step_time_p90_s", "peak_mem_bytes", *MEMORY_CATEGORIES,
                       "expert_load_imbalance", "tokens_dropped_frac", "loss_first", "loss_last"):
                 assert m in run.data.metrics, m
+            # the bootstrap interval on the median step time, beside it
+            lo, hi = run.data.metrics["step_time_lo_s"], run.data.metrics["step_time_hi_s"]
+            assert lo <= t.metrics["step_time_s"] <= hi
+            assert (lo, hi) == (t.metrics["step_time_lo_s"], t.metrics["step_time_hi_s"])
             series = client.get_metric_history(run.info.run_id, "tokens_per_s")
             assert len(series) >= spec.budget.measure_steps  # one point per measured step, then the summary
             assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"metrics.jsonl"}
@@ -102,6 +106,9 @@ def test_optuna_storage_keeps_every_record_and_nothing_running(study_run):
     study = optuna.load_study(study_name="e2e", storage=open_storage(spec.study.storage_url()))
     states = {t.state for t in study.get_trials(deepcopy=False)}
     assert optuna.trial.TrialState.RUNNING not in states
+    ok = {t.number: t for t in result.trials if t.ok}
+    attrs = [t.user_attrs for t in study.get_trials(deepcopy=False) if "step_time_lo_s" in t.user_attrs]
+    assert len(attrs) >= len(ok) and all(a["step_time_lo_s"] <= a["step_time_hi_s"] for a in attrs)
     again = load_result("e2e", Path(spec.study.output_dir))
     assert [t.to_dict() for t in again.trials] == [t.to_dict() for t in result.trials]
 
