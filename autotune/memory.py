@@ -19,8 +19,11 @@ the moment of the peak (`_stage`, `_place`):
   start of that layer's backward, the middle of its expert backward (where the stacked expert
   weights' gradients are materialised per expert and summed), and the backward of the last
   dense FFN;
-* after the backward come the gradient all-reduce (flat copies of the gradients) and the
-  optimizer step (AdamW temporaries), each a candidate of its own.
+* after the backward come the gradient all-reduce and the optimizer step (AdamW
+  temporaries), each a candidate of its own. The trainable's default, bucketed reduction
+  (`trainables/moe/grad_sync.py`) all-reduces the gradient buffers in place during backward:
+  its buckets are the gradients themselves, allocated up front, so it adds nothing; the
+  `flat` one copies the gradients into new flat buffers after backward.
 
 The categories follow the trainable's measurement (`trainables/moe/measure.py`): whatever was
 allocated outside backward and outside the optimizer step and is alive at the peak counts as
@@ -602,7 +605,7 @@ def _place(st: _Stage, stage: int, pp: int, n: int, gpipe: bool, sync_dense: boo
         if is_last and end_act + n * logits > act + other - fixed_other:
             # The schedule concatenates every micro-batch's logits into the step's output.
             act, other = end_act + n * logits, fixed_other
-    # Gradient all-reduce: one flat copy of the dense gradients (over dp * ep) and one of the
+    # Flat gradient all-reduce: one flat copy of the dense gradients (over dp * ep) and one of the
     # expert gradients (over dp); the first is still referenced while the second is built. The
     # tracker files these copies under activations (allocated outside backward and optimizer).
     flat = (flat_dense if sync_dense else 0) + (flat_expert if sync_expert else 0)
@@ -627,7 +630,9 @@ def _stage_prediction(model: ModelConfig, dims: ParallelDims, shape: RunShape, s
     st = _layout(model, dims.tp, dims.ep, dims.pp, split, shape.micro_batch_size, shape.seq_len,
                  shape.precision, shape.recompute, device).stages[stage]
     n = max(shape.accum_steps(dims), 1)
-    act, other = _place(st, stage, dims.pp, n, shape.schedule == "gpipe", dims.dp * dims.ep > 1, dims.dp > 1)
+    flat = shape.grad_sync == "flat"
+    act, other = _place(st, stage, dims.pp, n, shape.schedule == "gpipe", flat and dims.dp * dims.ep > 1,
+                        flat and dims.dp > 1)
     return MemoryPrediction(params=st.params, grads=st.grads, optimizer=st.optimizer,
                             activations=act + _step_data(shape.global_batch_size, shape.seq_len,
                                                          shape.micro_batch_size, n),
@@ -644,17 +649,20 @@ def predict(model: ModelConfig, dims: ParallelDims, shape: RunShape, device: str
     """Per-category bytes of the worst rank of a layout, before anything runs."""
     split = shape.stage_layers if shape.stage_layers is None else tuple(shape.stage_layers)
     return predict_plain(model, dims.ep, dims.tp, dims.pp, dims.dp, shape.micro_batch_size, shape.global_batch_size,
-                         shape.seq_len, shape.precision, shape.recompute, shape.schedule, device, split)
+                         shape.seq_len, shape.precision, shape.recompute, shape.schedule, device, split,
+                         shape.grad_sync)
 
 
 def predict_plain(model: ModelConfig, ep: int, tp: int, pp: int, dp: int, micro_batch_size: int,
                   global_batch_size: int, seq_len: int, precision: str, recompute: str, schedule: str,
-                  device: str = "cpu", split: tuple[int, ...] | None = None) -> MemoryPrediction:
+                  device: str = "cpu", split: tuple[int, ...] | None = None,
+                  grad_sync: str = "bucketed") -> MemoryPrediction:
     """`predict` from plain values: screening calls it for every candidate without building the
     dims and shape objects first."""
     layout = _layout(model, tp, ep, pp, split, micro_batch_size, seq_len, precision, recompute, device)
     n = max(global_batch_size // (micro_batch_size * dp * ep), 1)
-    key = (n, global_batch_size, schedule == "gpipe", dp * ep > 1, dp > 1)
+    flat = grad_sync == "flat"  # the bucketed reduction copies nothing (see the module docstring)
+    key = (n, global_batch_size, schedule == "gpipe", flat and dp * ep > 1, flat and dp > 1)
     pred = layout.placed.get(key)
     if pred is None:
         best, worst = -1, (0, 0, 0)

@@ -11,6 +11,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,21 +27,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(cfg: RunConfig, rank: int, world: int, port: int, keep_params: bool, out: str) -> None:
+def _rank_main(cfg: RunConfig, rank: int, world: int, port: int, keep_params: bool, out: str,
+               setup: Callable[[], None] | None) -> None:
     torch.set_num_threads(1)
     from trainables.moe.train import run_rank
+
+    if setup is not None:
+        setup()
 
     result = run_rank(cfg, rank, world, "127.0.0.1", port, keep_params=keep_params)
     torch.save(result, out)
 
 
-def launch(cfg: RunConfig, keep_params: bool = False, timeout: float = 180.0) -> list[RankResult]:
-    """All ranks' results, in rank order; raises if any rank fails or hangs."""
+def launch(cfg: RunConfig, keep_params: bool = False, timeout: float = 180.0,
+           setup: Callable[[], None] | None = None) -> list[RankResult]:
+    """All ranks' results, in rank order; raises if any rank fails or hangs. `setup` (a
+    module-level function) runs in every rank before it starts: a test's deliberate fault."""
     world = cfg.dims.world_size
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         outs = [os.path.join(tmp, f"rank{r}.pt") for r in range(world)]
-        procs = [_CTX.Process(target=_rank_main, args=(cfg, r, world, port, keep_params, outs[r]))
+        procs = [_CTX.Process(target=_rank_main, args=(cfg, r, world, port, keep_params, outs[r], setup))
                  for r in range(world)]
         for p in procs:
             p.start()

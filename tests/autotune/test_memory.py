@@ -144,24 +144,27 @@ def test_prediction_is_cheap_arithmetic():
 # -- against measurements ------------------------------------------------------------------------
 
 MEASURED = [
-    # (ep, tp, pp, dp, micro-batch, global batch, precision, recompute, schedule, model overrides)
-    (2, 1, 1, 1, 2, 8, "bf16", "full", "1f1b", {}),
-    (1, 2, 1, 1, 2, 4, "fp16", "selective", "1f1b", {"moe_every": 2}),
-    (1, 1, 2, 1, 1, 3, "bf16", "none", "gpipe", {"top_k": 1}),
-    (1, 1, 1, 2, 1, 4, "fp32", "full", "1f1b", {}),  # peak in the gradient all-reduce
+    # (ep, tp, pp, dp, micro-batch, global batch, precision, recompute, schedule, model overrides,
+    #  gradient reduction)
+    (2, 1, 1, 1, 2, 8, "bf16", "full", "1f1b", {}, "bucketed"),
+    (1, 2, 1, 1, 2, 4, "fp16", "selective", "1f1b", {"moe_every": 2}, "bucketed"),
+    (1, 1, 2, 1, 1, 3, "bf16", "none", "gpipe", {"top_k": 1}, "bucketed"),
+    (1, 1, 1, 2, 1, 4, "fp32", "full", "1f1b", {}, "flat"),  # peak in the flat gradient all-reduce
+    (1, 1, 1, 2, 1, 4, "fp32", "full", "1f1b", {}, "bucketed"),  # ... which the buckets do not copy
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep,tp,pp,dp,mb,gbs,precision,recompute,schedule,overrides", MEASURED,
-                         ids=[f"EP{c[0]}TP{c[1]}PP{c[2]}DP{c[3]}-{c[6]}-{c[7]}-{c[8]}" for c in MEASURED])
-def test_prediction_matches_a_measured_run(ep, tp, pp, dp, mb, gbs, precision, recompute, schedule, overrides):
+@pytest.mark.parametrize("ep,tp,pp,dp,mb,gbs,precision,recompute,schedule,overrides,grad_sync", MEASURED,
+                         ids=[f"EP{c[0]}TP{c[1]}PP{c[2]}DP{c[3]}-{c[6]}-{c[7]}-{c[8]}-{c[10]}" for c in MEASURED])
+def test_prediction_matches_a_measured_run(ep, tp, pp, dp, mb, gbs, precision, recompute, schedule, overrides,
+                                           grad_sync):
     from tests.launch import launch
     from trainables.moe.train import RunConfig
 
     cfg = RunConfig(model="tiny", model_overrides=overrides, ep=ep, tp=tp, pp=pp, dp=dp, micro_batch_size=mb,
                     global_batch_size=gbs, seq_len=32, precision=precision, recompute=recompute,
-                    schedule=schedule, steps=1, warmup_steps=1, device="cpu")
+                    schedule=schedule, steps=1, warmup_steps=1, device="cpu", grad_sync=grad_sync)
     summary = launch(cfg)[0].summary
     pred = predict(cfg.model_config(), cfg.dims, cfg.shape, "cpu")
     peak = summary["peak_mem_bytes"]

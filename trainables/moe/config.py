@@ -18,6 +18,8 @@ Schedule = Literal["1f1b", "gpipe"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
 SCHEDULES: tuple[str, ...] = ("1f1b", "gpipe")
+GRAD_SYNC_MODES: tuple[str, ...] = ("bucketed", "flat")  # gradient averaging: during backward | after it
+DEFAULT_BUCKET_MB = 25.0  # bucket size of the bucketed gradient reduction (PyTorch DDP's bucket_cap_mb)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class RunShape:
     recompute: str = "none"
     schedule: str = "1f1b"
     stage_layers: tuple[int, ...] | None = field(default=None)  # explicit pipeline split
+    grad_sync: str = "bucketed"  # see GRAD_SYNC_MODES
 
     def accum_steps(self, dims: ParallelDims) -> int:
         """Micro-batches each data-parallel replica runs per optimizer step."""
@@ -206,6 +209,8 @@ def layout_problems(model: ModelConfig, dims: ParallelDims, shape: RunShape,
         out.append(f"recompute {shape.recompute!r} must be one of {', '.join(RECOMPUTE_MODES)}")
     if shape.schedule not in SCHEDULES:
         out.append(f"schedule {shape.schedule!r} must be one of {', '.join(SCHEDULES)}")
+    if shape.grad_sync not in GRAD_SYNC_MODES:
+        out.append(f"grad_sync {shape.grad_sync!r} must be one of {', '.join(GRAD_SYNC_MODES)}")
     return out
 
 

@@ -44,8 +44,10 @@ class StateBytes:
 
 
 def resident_bytes(module: nn.Module, device: torch.device) -> int:
-    """Parameters and module buffers: what exists before the first step."""
-    return _storage_bytes(iter([*module.parameters(), *module.buffers()]), device)
+    """Parameters, module buffers and gradient buffers allocated up front: what exists before
+    the first step."""
+    params = list(module.parameters())
+    return _storage_bytes(iter([*params, *module.buffers(), *(p.grad for p in params)]), device)
 
 
 def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> StateBytes:

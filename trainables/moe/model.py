@@ -18,8 +18,9 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from trainables.moe.config import ModelConfig
+from trainables.moe.config import RECOMPUTE_MODES, ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -51,6 +52,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
         self.core = AttentionCore()
+        self.recompute_core = False  # `selective` recompute: re-run the core in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -58,7 +60,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        o = self.core(q, k, v).transpose(1, 2).reshape(b, s, -1)
+        o = (checkpoint(self.core, q, k, v, use_reentrant=False) if self.recompute_core
+             else self.core(q, k, v)).transpose(1, 2).reshape(b, s, -1)
         return self.wo(o)
 
 
@@ -186,6 +189,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg) if moe else DenseFFN(cfg.d_model, cfg.dense_ffn)
+        self.recompute = False  # `full` recompute: the model re-runs the whole block in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
@@ -208,7 +212,7 @@ class MoETransformer(nn.Module):
             positions = torch.arange(x.shape[1], device=x.device)
             x = self.embed(x) + self.pos(positions)
         for layer in self.layers.values():
-            x = layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if layer.recompute else layer(x)
         if self.norm is not None:
             x = self.norm(x)
         if self.head is not None:
@@ -244,6 +248,18 @@ def init_parameter(cfg: ModelConfig, name: str, full_shape: tuple[int, ...], see
         std = std / math.sqrt(2 * cfg.n_layers)
     shape = full_shape[1:] if expert is not None else full_shape
     return torch.randn(shape, generator=_stream(seed, name, expert)) * std
+
+
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """Keep fewer activations and re-run part of the forward in backward: nothing (`none`), the
+    attention core (`selective`) or every block (`full`), through `torch.utils.checkpoint`."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute {mode!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.recompute = mode == "full"
+        elif isinstance(m, Attention):
+            m.recompute_core = mode == "selective"
 
 
 def reset_moe_stats(model: nn.Module) -> None:

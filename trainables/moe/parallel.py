@@ -305,8 +305,18 @@ def apply_tensor_parallel(model: MoETransformer, ctx: ParallelContext, specs: di
 # Expert parallel
 
 
+@dataclass(frozen=True)
+class ReturnPlan:
+    """How one call's expert outputs travel back: the permutation that grouped the received
+    rows by expert, and the all-to-all splits of the trip out."""
+
+    perm: torch.Tensor
+    in_splits: list[int]
+    out_splits: list[int]
+
+
 class ExpertDispatch:
-    """Forward hooks on a GroupedExperts module that move its tokens to their experts' owners.
+    """Moves a GroupedExperts call's tokens to their experts' owners and the outputs back.
 
     Input (x sorted by global expert id, counts per global expert) becomes (x sorted by local
     expert, counts per local expert) after one all-to-all of counts and one of tokens; the
@@ -317,14 +327,9 @@ class ExpertDispatch:
     def __init__(self, ep: int, ep_group: dist.ProcessGroup | None, tp_group: dist.ProcessGroup | None):
         self.ep, self.ep_group, self.tp_group = ep, ep_group, tp_group
 
-    def attach(self, experts: GroupedExperts) -> None:
-        experts.register_forward_pre_hook(self.dispatch)
-        experts.register_forward_hook(self.combine)
-
-    def dispatch(self, module: nn.Module, args: tuple) -> tuple:
-        x, counts = args
+    def send(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ReturnPlan | None]:
         if self.ep_group is None:
-            return copy_to_group(x, self.tp_group), counts
+            return copy_to_group(x, self.tp_group), counts, None
         n_local = counts.numel() // self.ep
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.ep_group)
@@ -336,21 +341,31 @@ class ExpertDispatch:
         segment = torch.repeat_interleave(torch.arange(recv.numel(), device=x.device), recv.flatten())
         key = (segment % n_local) * self.ep + segment // n_local
         perm = torch.argsort(key, stable=True)
-        local_counts = recv.sum(0)
-        # The return trip's plan rides on the counts tensor the experts receive, so it stays
-        # paired with its call even when activation recompute re-enters (or stops) mid-layer.
-        local_counts.return_plan = (perm, in_splits, out_splits)
-        return copy_to_group(got[perm], self.tp_group), local_counts
+        return copy_to_group(got[perm], self.tp_group), recv.sum(0), ReturnPlan(perm, in_splits, out_splits)
 
-    def combine(self, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor:
+    def bring_back(self, y: torch.Tensor, plan: ReturnPlan | None) -> torch.Tensor:
         y = reduce_from_group(y, self.tp_group)
-        plan = getattr(args[1], "return_plan", None)
         if plan is None:
             return y
-        perm, in_splits, out_splits = plan
-        back = torch.empty_like(perm)
-        back[perm] = torch.arange(perm.numel(), device=perm.device)
-        return _AllToAll.apply(y[back], in_splits, out_splits, self.ep_group)
+        back = torch.empty_like(plan.perm)
+        back[plan.perm] = torch.arange(plan.perm.numel(), device=plan.perm.device)
+        return _AllToAll.apply(y[back], plan.in_splits, plan.out_splits, self.ep_group)
+
+
+class DistributedExperts(GroupedExperts):
+    """This rank's experts (same parameter names as the plain module, local shapes), called
+    with every token routed on this rank. The return plan is a local of the call, so it stays
+    paired with its dispatch even when activation recompute re-enters (or stops) mid-layer."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dispatch: ExpertDispatch) -> None:
+        nn.Module.__init__(self)
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, device="meta")))
+        self.dispatch = dispatch
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        local_x, local_counts, plan = self.dispatch.send(x, counts)
+        return self.dispatch.bring_back(super().forward(local_x, local_counts), plan)
 
 
 def apply_expert_parallel(model: MoETransformer, ctx: ParallelContext, specs: dict[str, ShardSpec]) -> None:
@@ -361,15 +376,15 @@ def apply_expert_parallel(model: MoETransformer, ctx: ParallelContext, specs: di
             continue
         ex = block.ffn.experts
         n_local = ex.w1.shape[0] // ep
+        shapes = {}
         for w in ("w1", "w3", "w2"):
             fqn = f"layers.{lname}.ffn.experts.{w}"
             base = specs.get(fqn) or ShardSpec(tuple(getattr(ex, w).shape))
-            full = list(base.full_shape)
-            spec = ShardSpec(tuple(full), base.tp_dim, base.tp_rank, base.tp_size,
+            spec = ShardSpec(base.full_shape, base.tp_dim, base.tp_rank, base.tp_size,
                              experts=(e * n_local, n_local), is_expert=True)
             specs[fqn] = spec
-            _reshape_param(ex, w, spec.local_shape())
-        dispatch.attach(ex)
+            shapes[w] = spec.local_shape()
+        block.ffn.experts = DistributedExperts(shapes, dispatch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,25 +458,3 @@ def parallelize(model: MoETransformer, ctx: ParallelContext, seed: int,
         def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return vocab_parallel_cross_entropy(logits, target, vocab_start, tp_group)
     return ParallelModel(model, ctx, specs, layers, loss_fn)
-
-
-def sync_gradients(pm: ParallelModel) -> None:
-    """Average gradients over the ranks that hold the same shard (one flat all-reduce each)."""
-    dims = pm.ctx.dims
-    replicas = dims.data_replicas
-    for is_expert, group, size in ((False, pm.ctx.dense_dp_group, replicas), (True, pm.ctx.dp_group, dims.dp)):
-        grads = [p.grad for n, p in pm.module.named_parameters()
-                 if p.grad is not None and pm.specs[n].is_expert == is_expert]
-        if not grads:
-            continue
-        if size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
-            flat.div_(replicas)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-        elif replicas > 1:
-            for g in grads:
-                g.div_(replicas)

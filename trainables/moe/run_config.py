@@ -7,7 +7,10 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from trainables.moe.config import PRESETS, ModelConfig, ParallelDims, RunShape, layout_problems, preset
+from trainables.moe.config import DEFAULT_BUCKET_MB, PRESETS, ModelConfig, ParallelDims, RunShape, layout_problems, preset
+
+
+OPTIMIZERS = ("adamw", "sgd")
 
 
 class LayoutError(ValueError):
@@ -39,6 +42,9 @@ class RunConfig:
     peak_tflops: float | None = None  # per device; overrides the built-in table (needed for MFU on CPU)
     timeout_s: float | None = None  # process-group timeout
     memory_limit_bytes: int | None = None  # per rank: going over it is an out-of-memory error
+    grad_sync: str = "bucketed"  # bucketed: reduced during backward | flat: one copy after it
+    bucket_mb: float = DEFAULT_BUCKET_MB  # bucket size of the bucketed gradient reduction
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: what the gradient parity tests also run)
 
     @property
     def dims(self) -> ParallelDims:
@@ -47,7 +53,7 @@ class RunConfig:
     @property
     def shape(self) -> RunShape:
         return RunShape(self.micro_batch_size, self.global_batch_size, self.seq_len, self.precision,
-                        self.recompute, self.schedule, self.stage_layers)
+                        self.recompute, self.schedule, self.stage_layers, self.grad_sync)
 
     def model_config(self) -> ModelConfig:
         return replace(preset(self.model), **self.model_overrides)
@@ -63,6 +69,10 @@ class RunConfig:
             out.append(f"steps must be >= 1 (got {self.steps})")
         if self.warmup_steps < 0:
             out.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not self.bucket_mb > 0:
+            out.append(f"bucket_mb must be > 0 (got {self.bucket_mb})")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"optimizer {self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
         return out + layout_problems(self.model_config(), self.dims, self.shape, ranks_available)
 
     def check(self, ranks_available: int | None = None) -> None:
@@ -86,4 +96,11 @@ class RunConfig:
             out += ["--memory-limit-gb", repr(self.memory_limit_bytes / 1e9)]
         if not self.memory_probe:
             out += ["--no-memory-probe"]
+        # Written only when not the default, so launch commands stay as short as before.
+        if self.grad_sync != "bucketed":
+            out += ["--grad-sync", self.grad_sync]
+        if self.bucket_mb != DEFAULT_BUCKET_MB:
+            out += ["--bucket-mb", str(self.bucket_mb)]
+        if self.optimizer != "adamw":
+            out += ["--optimizer", self.optimizer]
         return out

@@ -27,27 +27,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from autotune.schema import Status
 from trainables.moe.config import PRESETS, flops_per_token
 from trainables.moe.run_config import LayoutError, RunConfig
 from trainables.moe.data import synthetic_batch
 from trainables.moe.measure import LiveMemory, device_peak_flops, measure_peak, resident_bytes, state_bytes
-from trainables.moe.model import (
-    AttentionCore,
-    Block,
-    build_model,
-    reset_moe_stats,
-    set_aux_loss_scale,
-)
-from trainables.moe.parallel import (
-    ParallelModel,
-    backend_for,
-    build_context,
-    parallelize,
-    sync_gradients,
-)
+from trainables.moe.grad_sync import build_grad_sync
+from trainables.moe.model import build_model, reset_moe_stats, set_aux_loss_scale, set_recompute
+from trainables.moe.parallel import ParallelModel, backend_for, build_context, parallelize
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,6 +50,7 @@ class RankResult:
     memory: dict[str, int]
     summary: dict[str, Any] | None = None
     params: dict[str, tuple[torch.Tensor, Any]] | None = None
+    grads: list[dict[str, torch.Tensor]] | None = None  # with params: the averaged gradients of steps 1 and 2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,17 +60,6 @@ def resolve_device(name: str) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
     return torch.device(name)
-
-
-def _apply_recompute(pm: ParallelModel, mode: str) -> None:
-    """Re-run part of the forward in backward instead of keeping its activations."""
-    if mode == "none":
-        return
-    target = AttentionCore if mode == "selective" else Block
-    for module in pm.module.modules():
-        if isinstance(module, target):
-            inner = module.forward
-            module.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
 
 
 class Trainer:
@@ -95,8 +73,15 @@ class Trainer:
         ctx = build_context(self.dims, device)
         torch.manual_seed(cfg.seed)
         self.pm = parallelize(build_model(self.model_cfg), ctx, cfg.seed, cfg.stage_layers)
-        _apply_recompute(self.pm, cfg.recompute)
-        self.optimizer = torch.optim.AdamW(self.pm.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        set_recompute(self.pm.module, cfg.recompute)
+        named = list(self.pm.module.named_parameters())
+        self.grad_sync = build_grad_sync(cfg.grad_sync, [p for _, p in named],
+                                         [self.pm.specs[n].is_expert for n, _ in named], self.dims,
+                                         ctx.dense_dp_group, ctx.dp_group, cfg.bucket_mb)
+        params = self.pm.module.parameters()
+        self.optimizer = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
+                          else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        self.captured_grads: list[dict[str, torch.Tensor]] | None = None  # set to [] to keep them
         self.amp_dtype = AUTOCAST_DTYPES.get(cfg.precision)
         self.scaler = None
         if cfg.precision == "fp16":
@@ -148,6 +133,7 @@ class Trainer:
         loss_scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         set_aux_loss_scale(self.pm.module, self.model_cfg.aux_loss_coef * loss_scale / self.accum)
         self._ce = []
+        self.grad_sync.begin(self.accum)
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                else nullcontext())
         with amp:
@@ -158,7 +144,9 @@ class Trainer:
                 args = (x,) if self.pm.is_first_stage else ()
                 target = y if self.pm.is_last_stage else None
                 self.schedule.step(*args, target=target, losses=[] if target is not None else None)
-        sync_gradients(self.pm)
+        self.grad_sync.finish()
+        if self.captured_grads is not None and step < 2:
+            self.captured_grads.append({n: p.grad.detach().clone() for n, p in self.pm.module.named_parameters()})
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -215,6 +203,8 @@ def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, An
         torch.cuda.set_device(device)
     rank = dist.get_rank()
     trainer = Trainer(cfg, device)
+    if keep_params:
+        trainer.captured_grads = []
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     losses, times = [], []
     total = cfg.warmup_steps + cfg.steps
@@ -252,6 +242,7 @@ def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, An
     if keep_params:
         result.params = {n: (p.detach().cpu().clone(), trainer.pm.specs[n])
                          for n, p in trainer.pm.module.named_parameters()}
+        result.grads = trainer.captured_grads
 
     # Slowest rank per step (the step ends with a world all-reduce, so they are close anyway).
     t = torch.tensor(times, dtype=torch.float64)
@@ -345,6 +336,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute", default=d.recompute, help="none | selective | full")
     p.add_argument("--schedule", default=d.schedule, help="pipeline schedule: 1f1b | gpipe")
     p.add_argument("--stage-layers", default=None, help="explicit pipeline split, e.g. 3,1")
+    p.add_argument("--grad-sync", default=d.grad_sync,
+                   help="bucketed: gradients averaged in buckets during backward | flat: one copy after it")
+    p.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="bucket size in MiB (bucketed grad sync)")
+    p.add_argument("--optimizer", default=d.optimizer, help="adamw | sgd")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
@@ -374,6 +369,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         model=ns.model, model_overrides=overrides, ep=ns.ep, tp=ns.tp, pp=ns.pp, dp=ns.dp,
         micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size, seq_len=ns.seq_len,
         precision=ns.precision, recompute=ns.recompute, schedule=ns.schedule, stage_layers=stage_layers,
+        grad_sync=ns.grad_sync, bucket_mb=ns.bucket_mb, optimizer=ns.optimizer,
         steps=ns.steps, warmup_steps=ns.warmup_steps, seed=ns.seed, lr=ns.lr, weight_decay=ns.weight_decay,
         device=ns.device, memory_probe=not ns.no_memory_probe, peak_tflops=ns.peak_tflops,
         timeout_s=ns.timeout_s,
