@@ -10,7 +10,7 @@ from ray.tune import Callback
 
 from autotune.layout import Layout
 from autotune.progress import Progress
-from autotune.results import TrialRecord
+from autotune.results import TIE_REMEASURE, TrialRecord
 from autotune.schema import SUMMARY_METRICS, Status
 from autotune.stats import step_time_interval
 from autotune.spec import Spec
@@ -58,9 +58,11 @@ class Recorder(Callback):
     storage (the study's own memory) and `autotune sync` copies the missing ones to MLflow later.
     """
 
-    def __init__(self, spec: Spec, tracker: Tracker, parent: str, progress: Progress, session: int = 0) -> None:
+    def __init__(self, spec: Spec, tracker: Tracker, parent: str, progress: Progress, session: int = 0,
+                 settling: bool = False) -> None:
         self.spec, self.tracker, self.parent, self.progress = spec, tracker, parent, progress
         self.session = session
+        self.settling = settling  # the trials re-measure leaders tied with the best
         self.trials: dict[str, dict[str, Any]] = {}
         self.tracking_error: str | None = None
 
@@ -122,7 +124,8 @@ class Recorder(Callback):
         record = replace(record, mlflow_run_id=entry["run_id"], session=self.session,
                          remeasure_of=entry["remeasure_of"])
         if record.remeasure_of is not None and not record.reason:
-            record = replace(record, reason=f"measured again (trial {record.remeasure_of} had this layout)")
+            why = f"{TIE_REMEASURE}, tied within their intervals" if self.settling else "measured again"
+            record = replace(record, reason=f"{why} (trial {record.remeasure_of} had this layout)")
         if entry["run_id"]:
             self._track("finish_trial", entry["run_id"], record, self.spec)
         self.progress.finished(record)

@@ -157,14 +157,15 @@ def _reason_key(t: TrialRecord) -> str:
 
 
 def _ranking(result: StudyResult) -> list[TrialRecord]:
-    """Fitting trials by throughput, then trials over the cap, then those that did not finish."""
+    """Fitting layouts by throughput (one row per layout, its runs pooled), then layouts over the
+    cap, then the trials that did not finish."""
     cap = _cap_bytes(result)
 
     def order(t: TrialRecord) -> tuple[int, float, int]:
         group = 0 if _fits(t, cap) else 1 if t.ok else 2
         return group, -t.tokens_per_s if t.ok else 0.0, t.number
 
-    return sorted(result.trials, key=order)
+    return sorted(result.ok_trials() + [t for t in result.trials if not t.ok], key=order)
 
 
 def _memory(t: TrialRecord) -> dict[str, Any]:
@@ -287,8 +288,22 @@ def _checks(result: StudyResult, best: TrialRecord, unit: dict[str, Any]) -> lis
     return checks
 
 
+def _tie_line(standing: dict[str, Any] | None) -> list[str]:
+    """What the verdict says about the pick's certainty: a tie, or separated from the rest."""
+    if not standing:
+        return []
+    tied = standing["tied"]
+    if not tied:
+        return [f"the pick is separated from every other layout measured ({standing['confidence']:.0%} "
+                f"intervals on the median step time do not overlap)"]
+    names = ", ".join(t["layout"] for t in tied[:5]) + (f" and {len(tied) - 5} more" if len(tied) > 5 else "")
+    return [f"the pick is a statistical tie with {plural(len(tied), 'layout')} ({names}): their "
+            f"{standing['confidence']:.0%} intervals on the median step time overlap the best's, so any of them "
+            f"may be as fast; measure them longer to choose"]
+
+
 def _verdict(result: StudyResult, best: TrialRecord | None, checks: list[dict[str, Any]],
-             by_reason: dict[str, int]) -> dict[str, Any]:
+             by_reason: dict[str, int], standing: dict[str, Any] | None = None) -> dict[str, Any]:
     if best is None:
         n, ran = len(result.trials), len(result.ok_trials())
         head = (f"no feasible layout: none of the {n} trials ran successfully" if ran == 0 else
@@ -301,10 +316,12 @@ def _verdict(result: StudyResult, best: TrialRecord | None, checks: list[dict[st
     if failed:
         reasons = [f"{c['name']}: " + ("not measured" if c["passed"] is None else "failed") + f" ({c['detail']})"
                    for c in failed]
-        return {"status": "NOT READY", "ready": False, "reasons": reasons, "warnings": warnings}
+        return {"status": "NOT READY", "ready": False, "reasons": reasons + _tie_line(standing),
+                "warnings": warnings, "tie": bool(standing and standing["tied"])}
     gating = [c["name"] for c in checks if c["gates"]]
     return {"status": "READY", "ready": True,
-            "reasons": [f"all {len(gating)} gating checks passed: " + "; ".join(gating)], "warnings": warnings}
+            "reasons": [f"all {len(gating)} gating checks passed: " + "; ".join(gating)] + _tie_line(standing),
+            "warnings": warnings, "tie": bool(standing and standing["tied"])}
 
 
 def _best_section(result: StudyResult, best: TrialRecord) -> dict[str, Any]:
@@ -338,15 +355,18 @@ def _best_section(result: StudyResult, best: TrialRecord) -> dict[str, Any]:
     }
 
 
-def _trial_row(rank: int, t: TrialRecord, cap: float, best: TrialRecord | None) -> dict[str, Any]:
+def _trial_row(rank: int, t: TrialRecord, cap: float, best: TrialRecord | None,
+               tied: frozenset[str] = frozenset()) -> dict[str, Any]:
     status = _ok_status(t) if t.ok and not _fits(t, cap) else t.status.value
     return {"rank": rank, "number": t.number, "layout": t.layout.name, "key": t.layout.key,
             "mb": t.layout.micro_batch_size, "precision": t.layout.precision, "recompute": t.layout.recompute,
             "schedule": t.layout.schedule, "world": t.layout.world_size,
             "tokens_per_s": t.metrics.get("tokens_per_s") if t.ok else None,
             "step_time_s": t.metrics.get("step_time_s") if t.ok else None,
+            "step_time_lo_s": t.metrics.get("step_time_lo_s") if t.ok else None,
+            "step_time_hi_s": t.metrics.get("step_time_hi_s") if t.ok else None,
             "peak_mem_bytes": t.metrics.get("peak_mem_bytes"), "status": status,
-            "best": best is not None and t.number == best.number}
+            "best": best is not None and t.number == best.number, "tied": t.ok and t.layout.key in tied}
 
 
 def build_report(result: StudyResult) -> dict[str, Any]:
@@ -363,6 +383,8 @@ def build_report(result: StudyResult) -> dict[str, Any]:
     front = {t.number for t in result.pareto()}
     by_reason = dict(Counter(_reason_key(t) for t in ranked if not _fits(t, cap)).most_common())
     checks = _checks(result, best, unit) if best is not None else []
+    standing = result.standing()
+    tied = frozenset(t["layout"] for t in standing["tied"]) if standing else frozenset()
     report = {
         "title": f"Deployment report: {result.name}",
         "study": {"name": result.name, "model": spec.model.preset, "n_experts": model.n_experts,
@@ -373,14 +395,15 @@ def build_report(result: StudyResult) -> dict[str, Any]:
                   "world_sizes": spec.world_sizes, "trials": len(result.trials), "wall_s": result.wall_s,
                   "machine": dict(result.machine), "mlflow_parent_run_id": result.mlflow_parent_run_id},
         "unit": unit,
-        "verdict": _verdict(result, best, checks, by_reason),
+        "verdict": _verdict(result, best, checks, by_reason, standing),
         "best": _best_section(result, best) if best is not None else None,
+        "standing": standing,
         "checks": checks,
         "trials": {
             "total": len(result.trials),
             "counts_by_status": result.counts_by_status(),
             "counts_by_reason": by_reason,
-            "top": [_trial_row(i, t, cap, best) for i, t in enumerate(ranked[:TOP_N], start=1)],
+            "top": [_trial_row(i, t, cap, best, tied) for i, t in enumerate(ranked[:TOP_N], start=1)],
             "not_ok": [{"number": t.number, "layout": t.layout.key, "status": t.status.value, "reason": t.reason}
                        for t in result.trials if not t.ok],
             "points": [{"number": t.number, "label": _label(t), "tokens_per_s": t.tokens_per_s,
@@ -490,6 +513,35 @@ def _short(text: str, n: int = 160) -> str:
     return line if len(line) <= n else line[:n - 1] + "…"
 
 
+def _interval_ms(lo: float | None, hi: float | None) -> str:
+    return "-" if lo is None or hi is None else f"{fmt_ms(lo)}-{fmt_ms(hi)}"
+
+
+def _standing_blocks(standing: dict[str, Any] | None) -> list[Block]:
+    """The best's interval, the layouts tied with it, and the rule that says so."""
+    if not standing:
+        return []
+    b = standing["best"]
+    conf = f"{standing['confidence']:.0%}"
+    head = (f"Median step time {fmt_ms(b['step_time_s'])} ms, {conf} interval {_interval_ms(b['step_time_lo_s'], b['step_time_hi_s'])}"
+            f" ms over {plural(b['steps'], 'measured step')} in {plural(b['runs'], 'run')}. ")
+    if standing["tied"]:
+        head += f"Statistically tied with it: {plural(len(standing['tied']), 'layout')}."
+    else:
+        head += "No other layout is tied with it."
+    blocks: list[Block] = [("p", head)]
+    rows = [[f"{r['layout']}" + (" (best)" if i == 0 else ""), f"#{r['trial']}", fmt_tokens(r["tokens_per_s"]),
+             fmt_ms(r["step_time_s"]), _interval_ms(r["step_time_lo_s"], r["step_time_hi_s"]), r["runs"], r["steps"]]
+            for i, r in enumerate([b, *standing["tied"]])]
+    if standing["tied"]:
+        blocks.append(("table", ["layout", "trial", "tokens/s", "step ms (median)", f"{conf} interval ms", "runs",
+                                 "steps"], rows))
+    again = standing.get("remeasures") or 0
+    blocks.append(("p", f"Rule: {standing['rule']}." + (f" This study measured leaders again {plural(again, 'time')}."
+                                                       if again else "")))
+    return blocks
+
+
 def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
     unit, study, verdict, best = report["unit"], report["study"], report["verdict"], report["best"]
 
@@ -525,7 +577,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
             ("table", ["EP", "TP", "PP", "DP", "world", "micro-batch", "precision", "recompute", "schedule"],
              [[lay["ep"], lay["tp"], lay["pp"], lay["dp"], lay["world_size"], lay["micro_batch_size"],
                lay["precision"], lay["recompute"], lay["schedule"]]]),
-        ]))
+        ] + _standing_blocks(report.get("standing"))))
 
         m = best["memory"]
         rows = []
@@ -580,9 +632,11 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
     trials = report["trials"]
     out.append((f"Top {len(trials['top'])} of {trials['total']} trials", [("table", [
         "rank", "trial", "layout", "mb", "precision", "recompute", "schedule", "world", "tokens/s", "step ms",
-        f"peak {unit['name']}", "status"], [
-        [r["rank"], f"#{r['number']}" + (" (best)" if r["best"] else ""), r["layout"], r["mb"], r["precision"],
-         r["recompute"], r["schedule"], r["world"], fmt_tokens(r["tokens_per_s"]), fmt_ms(r["step_time_s"]),
+        "interval ms", f"peak {unit['name']}", "status"], [
+        [r["rank"], f"#{r['number']}" + (" (best)" if r["best"] else " (tied)" if r.get("tied") else ""),
+         r["layout"], r["mb"], r["precision"], r["recompute"], r["schedule"], r["world"],
+         fmt_tokens(r["tokens_per_s"]), fmt_ms(r["step_time_s"]),
+         _interval_ms(r.get("step_time_lo_s"), r.get("step_time_hi_s")),
          num(r["peak_mem_bytes"]), r["status"]] for r in trials["top"]])]))
 
     blocks = [("table", ["status", "trials"], [[k, v] for k, v in sorted(trials["counts_by_status"].items())])]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from autotune.layout import Layout
 from autotune.schema import Status
 from autotune.spec import Spec
+from autotune.stats import Interval, rule_text, runs_interval, tied_with_best
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,44 @@ class TrialRecord:
                    remeasure_of=d.get("remeasure_of"))
 
 
+TIE_REMEASURE = "measured again to separate the leaders"
+
+
+def _step_times(t: TrialRecord) -> list[float]:
+    if t.step_times:
+        return [float(x) for x in t.step_times]
+    return [float(t.metrics["step_time_s"])] if "step_time_s" in t.metrics else []
+
+
+def pool(runs: list[TrialRecord]) -> TrialRecord:
+    """One layout's runs as one record: the latest, with its step-time median, interval, p90 and
+    throughput taken over every run's measured steps (throughput scales as 1 / step time)."""
+    latest = runs[-1]
+    if len(runs) < 2:
+        if "step_time_lo_s" in latest.metrics or len(latest.step_times) < 2:
+            return latest
+        # recorded before intervals were: computed from its steps as the recorder does
+        return replace(latest, metrics={**latest.metrics, **runs_interval([_step_times(latest)]).as_metrics()})
+    times = [x for r in runs for x in _step_times(r)]
+    own = latest.metrics.get("step_time_s")
+    iv = runs_interval([_step_times(r) for r in runs])
+    if not own or not times or not iv.median > 0:
+        return latest
+    import numpy as np
+
+    scale = own / iv.median
+    metrics = dict(latest.metrics)
+    for k in ("tokens_per_s", "samples_per_s", "mfu"):
+        if k in metrics:
+            metrics[k] = metrics[k] * scale
+    metrics["step_time_s"] = iv.median
+    metrics["step_time_p90_s"] = float(np.quantile(times, 0.9))
+    metrics.pop("step_time_lo_s", None)
+    metrics.pop("step_time_hi_s", None)
+    metrics.update(iv.as_metrics())
+    return replace(latest, metrics=metrics, step_times=tuple(times))
+
+
 @dataclass(frozen=True)
 class StudyResult:
     name: str
@@ -66,19 +105,58 @@ class StudyResult:
     mlflow_parent_run_id: str | None = None
     tracking_error: str | None = None  # set when MLflow stopped taking records mid-study
 
-    def ok_trials(self) -> list[TrialRecord]:
-        """Successful trials, the latest measurement of each layout only (re-measures replace)."""
-        latest: dict[str, TrialRecord] = {}
+    def measurements(self) -> dict[str, list[TrialRecord]]:
+        """Each layout's successful runs that count: those of the latest run of the study that
+        measured it. Re-measures within one run of the study add up (the end-of-study rounds
+        that separate tied leaders); a later run's re-measure replaces (drift)."""
+        runs: dict[str, list[TrialRecord]] = {}
         for t in sorted(self.trials, key=lambda t: t.number):
             if t.ok:
-                latest[t.layout.key] = t
-        return sorted(latest.values(), key=lambda t: t.number)
+                kept = runs.setdefault(t.layout.key, [])
+                if kept and kept[-1].session != t.session:
+                    kept.clear()
+                kept.append(t)
+        return runs
+
+    def ok_trials(self) -> list[TrialRecord]:
+        """Successful trials, one per layout: the latest, with the step-time figures of every
+        run that counts (`measurements`) pooled into it."""
+        return sorted((pool(runs) for runs in self.measurements().values()), key=lambda t: t.number)
+
+    def fitting(self) -> list[TrialRecord]:
+        """`ok_trials` whose measured peak stayed within the memory cap."""
+        cap = self.spec.objective.memory_cap * self.spec.cluster.memory_bytes
+        return [t for t in self.ok_trials() if t.metrics.get("peak_mem_bytes", 0) <= cap]
 
     def best(self) -> TrialRecord | None:
         """Fastest trial that ran and stayed within the memory cap."""
-        cap = self.spec.objective.memory_cap * self.spec.cluster.memory_bytes
-        fitting = [t for t in self.ok_trials() if t.metrics.get("peak_mem_bytes", 0) <= cap]
-        return max(fitting, key=lambda t: t.tokens_per_s, default=None)
+        return max(self.fitting(), key=lambda t: t.tokens_per_s, default=None)
+
+    def intervals(self) -> dict[str, Interval]:
+        """Bootstrap interval on the median step time of every fitting layout, over its runs."""
+        runs = self.measurements()
+        return {t.layout.key: runs_interval([_step_times(r) for r in runs[t.layout.key]])
+                for t in self.fitting()}
+
+    def standing(self) -> dict[str, Any] | None:
+        """The best layout, the layouts statistically tied with it (autotune.stats) and the rule."""
+        intervals = self.intervals()
+        key, tied = tied_with_best(intervals)
+        if key is None:
+            return None
+        runs = self.measurements()
+        by_key = {t.layout.key: t for t in self.fitting()}
+
+        def entry(k: str) -> dict[str, Any]:
+            iv = intervals[k]
+            return {"layout": k, "trial": by_key[k].number, "tokens_per_s": by_key[k].tokens_per_s,
+                    "step_time_s": iv.median, "step_time_lo_s": iv.lo, "step_time_hi_s": iv.hi,
+                    "steps": iv.n, "runs": len(runs[k])}
+
+        return {"best": entry(key), "tied": [entry(k) for k in tied], "rule": rule_text(),
+                "confidence": intervals[key].confidence,
+                "remeasures": sum(1 for t in self.trials if t.remeasure_of is not None
+                                  and t.reason.startswith(TIE_REMEASURE))}
 
     def sessions(self) -> int:
         return 1 + max((t.session for t in self.trials), default=0)
@@ -91,10 +169,12 @@ class StudyResult:
         before = StudyResult(self.name, self.spec, tuple(t for t in self.trials if t.session < last))
         prev_best, best = before.best(), self.best()
         by_number = {t.number: t for t in self.trials}
+        counted = {t.number: t for t in before.ok_trials()}  # a layout's earlier runs, pooled
         drift = []
         for t in self.trials:
-            if t.session == last and t.remeasure_of is not None and t.remeasure_of in by_number:
-                old = by_number[t.remeasure_of]
+            if (t.session == last and t.remeasure_of is not None and t.remeasure_of in by_number
+                    and not t.reason.startswith(TIE_REMEASURE)):
+                old = counted.get(t.remeasure_of, by_number[t.remeasure_of])
                 drift.append({"layout": t.layout.key, "trial": t.number, "previous_trial": old.number,
                               "previous_tokens_per_s": old.tokens_per_s if old.ok else None,
                               "tokens_per_s": t.tokens_per_s if t.ok else None, "status": t.status.value,

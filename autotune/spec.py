@@ -352,6 +352,14 @@ class BudgetSpec(_Strict):
     # When a study continues (a scheduled run), first measure again the best K layouts known,
     # so that drift (a new driver, a busy cluster) shows up in the report.
     remeasure_top: int = Field(default=0, ge=0)
+    # At the end of every run of a study, the leaders whose step-time intervals overlap the
+    # best's are measured again, interleaved, until the best is separated or this share of
+    # `trials` in extra launches is spent (0 turns it off; the rule is in autotune.stats).
+    remeasure_share: float = Field(default=0.3, ge=0, le=1)
+
+    def remeasure_launches(self) -> int:
+        """Launches the end-of-study re-measuring may spend."""
+        return math.ceil(self.remeasure_share * self.trials - 1e-9)
 
 
 class TrackingSpec(_Strict):

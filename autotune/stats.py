@@ -22,7 +22,7 @@ K = TypeVar("K", bound=Hashable)
 CONFIDENCE = 0.9
 N_BOOT = 2000
 # How many leaders one re-measuring round takes at most: the best and its closest rivals.
-MAX_LEADERS = 4
+MAX_LEADERS = 3
 RULE = ("a layout is tied with the best when their {conf:.0%} bootstrap intervals on the median step time "
         "overlap; tied leaders are measured again, interleaved, until the best is separated or the "
         "re-measuring budget is spent")
@@ -69,20 +69,44 @@ class Interval:
 
 def step_time_interval(step_times: Iterable[float], confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
                        seed: int = 0) -> Interval:
-    """Percentile bootstrap of the median over the measured steps (`n_boot` resamples).
+    """Percentile bootstrap of the median over one run's measured steps (`n_boot` resamples).
 
     The median, not the mean: a step that a neighbour's burst slowed by 2x moves the mean
-    but hardly the median. With 3 steps the interval is close to [min, max]; it narrows as
-    re-measures add steps. Seeded, so the same steps always give the same interval."""
-    x = np.asarray([t for t in step_times if t is not None and math.isfinite(t)], dtype=float)
-    n = int(x.size)
+    but hardly the median. With 3 steps the interval is close to [min, max]. Seeded, so the
+    same steps always give the same interval."""
+    return runs_interval([list(step_times)], confidence, n_boot, seed)
+
+
+def runs_interval(runs: Sequence[Iterable[float]], confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
+                  seed: int = 0) -> Interval:
+    """The same over several runs of one layout (re-measures), by a two-stage bootstrap:
+    resample the runs, then the steps inside each chosen run, and take the median of them all.
+
+    Steps of one run share that run's conditions (the machine's load at the time), so they
+    are not independent of each other; resampling whole runs carries the run-to-run spread
+    (one layout's step time moved 1.75x between back-to-back runs here) into the interval,
+    where pooling every step as if independent would hide it."""
+    clean = [np.asarray([t for t in r if t is not None and math.isfinite(t)], dtype=float) for r in runs]
+    clean = [r for r in clean if r.size]
+    n = int(sum(r.size for r in clean))
     if n == 0:
         return Interval(math.nan, 0.0, math.inf, 0, confidence)
-    med = float(np.median(x))
+    med = float(np.median(np.concatenate(clean)))
     if n < 2:
         return Interval(med, 0.0, math.inf, n, confidence)
     rng = np.random.default_rng(seed)
-    boots = np.median(x[rng.integers(0, n, size=(n_boot, n))], axis=1)
+    k = len(clean)
+    chosen = rng.integers(0, k, size=(n_boot, k)) if k > 1 else np.zeros((n_boot, 1), dtype=int)
+    if len({r.size for r in clean}) == 1:  # the usual case: every run measured the same steps
+        data = np.stack(clean)
+        m = data.shape[1]
+        steps = rng.integers(0, m, size=(n_boot, k, m))
+        boots = np.median(data[chosen[:, :, None], steps].reshape(n_boot, k * m), axis=1)
+    else:
+        boots = np.empty(n_boot)
+        for b in range(n_boot):
+            sample = [clean[j][rng.integers(0, clean[j].size, size=clean[j].size)] for j in chosen[b]]
+            boots[b] = np.median(np.concatenate(sample))
     tail = (1.0 - confidence) / 2
     lo, hi = np.quantile(boots, [tail, 1.0 - tail])
     return Interval(med, float(min(lo, med)), float(max(hi, med)), n, confidence)
@@ -119,8 +143,3 @@ def leaders_to_remeasure(intervals: Mapping[K, Interval], max_leaders: int = MAX
 def rule_text(confidence: float = CONFIDENCE) -> str:
     """The tie rule in words, for reports."""
     return RULE.format(conf=confidence)
-
-
-def pooled(samples: Sequence[Iterable[float]]) -> list[float]:
-    """Several measurements of one layout as one sample (re-measures add steps)."""
-    return [t for s in samples for t in s]

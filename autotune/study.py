@@ -217,8 +217,18 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
         known = StudyResult(spec.study.name, spec, tuple(records)).ok_trials()
         remeasure = sorted(known, key=lambda t: -t.tokens_per_s)[:min(top, launches)]
     started = time.monotonic()
-    tracking_error = (_tune(spec, screening, study, tracker, parent, launches, options, session, remeasure)
-                      if launches else None)
+    tracking_error = None
+    if launches:
+        started_ray = _ray_init(spec, options.address)  # one Ray for the search and the re-measuring
+        try:
+            tracking_error = _tune(spec, screening, study, tracker, parent, launches, options, session, remeasure)
+            settle_error = _settle(spec, screening, study, tracker, parent, options, session, started)
+            tracking_error = tracking_error or settle_error
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
     result = StudyResult(name=spec.study.name, spec=spec, trials=tuple(stored_records(study)),
                          machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent,
                          tracking_error=tracking_error)
@@ -235,9 +245,36 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
     return result
 
 
+def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options: RunOptions, session: int,
+            started: float) -> str | None:
+    """End of a study: measure the leaders tied with the best again, round after round (each
+    round runs the best and its closest rivals once more, interleaved, so that the machine's
+    drift hits them alike), until the best is separated or `budget.remeasure_launches()` is
+    spent. Returns why MLflow stopped taking records, if it did."""
+    from autotune.searcher import stored_records
+    from autotune.stats import leaders_to_remeasure
+
+    budget = spec.budget.remeasure_launches()
+    error = None
+    while budget > 0:
+        if spec.budget.wall_clock_s is not None and time.monotonic() - started >= spec.budget.wall_clock_s:
+            break
+        result = StudyResult(spec.study.name, spec, tuple(stored_records(study)))
+        latest = {t.layout.key: t for t in result.fitting()}
+        leaders = [latest[k] for k in leaders_to_remeasure(result.intervals())][:budget]
+        if len(leaders) < 2:
+            break
+        error = _tune(spec, screening, study, tracker, parent, len(leaders), options, session, leaders,
+                      settling=True) or error
+        budget -= len(leaders)
+    return error
+
+
 def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int, options: RunOptions,
-          session: int = 0, remeasure: list | None = None) -> str | None:
-    """Run the trials; returns why MLflow stopped taking records mid-study, if it did."""
+          session: int = 0, remeasure: list | None = None, settling: bool = False) -> str | None:
+    """Run the trials; returns why MLflow stopped taking records mid-study, if it did.
+
+    `settling`: only the `remeasure` leaders run, as re-measures that separate tied leaders."""
     import ray
     from ray import tune
 
@@ -250,14 +287,15 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     # Only the JSON logger (Tune's result grid reads it); CSV and TensorBoard files are not needed.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    progress = Progress(spec.study.name, launches, spec.budget.wall_clock_s, live=options.live)
-    recorder = Recorder(spec, tracker, parent, progress, session)
+    progress = Progress(spec.study.name + (" (re-measuring tied leaders)" if settling else ""), launches,
+                        spec.budget.wall_clock_s, live=options.live)
+    recorder = Recorder(spec, tracker, parent, progress, session, settling=settling)
     holder: list[Any] = []  # the program's environment values, when a user command has any
     searcher = LayoutSearcher(spec, screening, study,
                               lambda n, lay, c: make_trial_config(spec, n, lay, c, holder[0].name if holder else None),
                               recorder.decided, recorder.complete, launches, session=session, remeasure=remeasure)
     scheduler = None
-    if spec.budget.early_stop:
+    if spec.budget.early_stop and not settling:  # re-measures run to the end: their steps all count
         from ray.tune.schedulers import ASHAScheduler
 
         # max_t is one past the last step: ASHA stops a trial that reaches max_t, and a trial that
@@ -276,7 +314,7 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=launches, scheduler=scheduler,
                                         max_concurrent_trials=spec.budget.max_concurrent, reuse_actors=True,
                                         time_budget_s=spec.budget.wall_clock_s),
-            run_config=tune.RunConfig(name=time.strftime("tune-%Y%m%d-%H%M%S"),
+            run_config=tune.RunConfig(name=time.strftime("tune-%Y%m%d-%H%M%S") + ("-tied" if settling else ""),
                                       storage_path=str((spec.study.directory() / "ray").resolve()),
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       callbacks=[recorder, JsonLoggerCallback()], verbose=0),

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from autotune.stats import (Interval, leaders_to_remeasure, pooled, separated, step_time_interval,
+from autotune.stats import (Interval, leaders_to_remeasure, runs_interval, separated, step_time_interval,
                             tied_with_best)
 
 
@@ -67,13 +67,24 @@ def test_separated_best_needs_no_remeasuring():
     assert leaders_to_remeasure(intervals) == []
 
 
-def test_pooled_steps_separate_what_single_short_runs_cannot():
-    # Two layouts 10% apart with 8% step noise: 3 steps each overlap, 8 runs of 3 pooled separate.
+def test_more_runs_separate_what_single_short_runs_cannot():
+    # Two layouts 10% apart with 8% step noise: 3 steps each overlap, 8 runs of 3 separate.
     rng = np.random.default_rng(3)
     runs_a = [list(1.0 * np.exp(rng.normal(0, 0.08, 3))) for _ in range(8)]
     runs_b = [list(1.1 * np.exp(rng.normal(0, 0.08, 3))) for _ in range(8)]
     assert not separated(step_time_interval(runs_a[0]), step_time_interval(runs_b[0]))
-    assert separated(step_time_interval(pooled(runs_a)), step_time_interval(pooled(runs_b)))
+    assert separated(runs_interval(runs_a), runs_interval(runs_b))
+
+
+def test_run_to_run_spread_widens_the_interval():
+    # Steps inside each run agree closely, but one of three runs of the layout is 30% slower
+    # (the machine's load changed): the interval reaches it, where pooled steps would not.
+    rng = np.random.default_rng(5)
+    runs = [list(c * (1 + 0.005 * rng.standard_normal(10))) for c in (1.0, 1.0, 1.3)]
+    iv = runs_interval(runs)
+    flat = step_time_interval([t for r in runs for t in r])
+    assert iv.hi > 1.25 and flat.hi < 1.1
+    assert runs_interval([[1.0, 1.1], [1.2, 1.3, 1.4]]).n == 5  # runs of unequal length
 
 
 def test_throughput_bounds_swap():

@@ -11,6 +11,7 @@ import yaml
 from mlflow import MlflowClient
 
 from autotune.candidates import layouts_of, screen
+from autotune.results import TIE_REMEASURE
 from autotune.schema import MEMORY_CATEGORIES, Status
 from autotune.searcher import open_storage
 from autotune.spec import spec_from_data
@@ -50,9 +51,15 @@ def study_run(tmp_path_factory):
     return tmp, data, spec, result
 
 
+def _searched(trials):
+    """Trials the search launched (not the end-of-study re-measures of tied leaders)."""
+    return [t for t in trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)
+            and not t.reason.startswith(TIE_REMEASURE)]
+
+
 def test_every_trial_is_recorded_with_a_status(study_run):
     tmp, data, spec, result = study_run
-    launched = [t for t in result.trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)]
+    launched = _searched(result.trials)
     assert len(launched) == spec.budget.trials
     assert len({t.layout.key for t in launched}) == len(launched)  # no layout measured twice
     assert all(t.status == Status.OK for t in launched), [(t.layout.key, t.reason) for t in launched]
@@ -66,6 +73,26 @@ def test_every_trial_is_recorded_with_a_status(study_run):
     for t in pruned:  # recorded with the prediction that excluded it, never run
         assert t.prediction["pred_peak_mem_bytes"] > 0.9 * spec.cluster.memory_bytes
         assert not t.metrics and "predicted peak" in t.reason
+
+
+def test_tied_leaders_are_measured_again_until_separated_or_the_budget_is_spent(study_run):
+    tmp, data, spec, result = study_run
+    again = [t for t in result.trials if t.reason.startswith(TIE_REMEASURE)]
+    budget = spec.budget.remeasure_launches()
+    assert budget == 2 and len(again) <= budget
+    standing = result.standing()
+    if standing["tied"]:  # still tied: only because too little budget was left for a round
+        assert budget - len(again) < 2
+    first = {t.number: t for t in result.trials}
+    for t in again:  # a re-measure of a measured layout, recorded like any trial
+        assert t.ok and first[t.remeasure_of].layout == t.layout and t.session == 0
+        assert "step_time_lo_s" in t.metrics
+    if again:
+        assert standing["remeasures"] == len(again)
+        counted = {t.layout.key: t for t in result.ok_trials()}
+        assert all(len(counted[t.layout.key].step_times) > spec.budget.measure_steps for t in again)
+    md = (spec.study.directory() / "report" / "report.md").read_text()
+    assert "Rule: a layout is tied with the best" in md and "interval ms" in md
 
 
 def test_mlflow_holds_the_parent_and_one_child_per_trial(study_run):
@@ -131,7 +158,7 @@ def test_resume_extends_the_study_without_rerunning(study_run):
     with pytest.raises(StudyError, match="already exists.*--resume"):
         run_study(spec2, yaml.safe_dump(data2), RunOptions(live=False, report=False))
     more = run_study(spec2, yaml.safe_dump(data2), RunOptions(resume=True, live=False, report=False))
-    launched = [t for t in more.trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)]
+    launched = _searched(more.trials)
     assert len(launched) == spec.budget.trials + 2
     assert len({t.layout.key for t in launched}) == len(launched)
     first = {t.number: t.to_dict() for t in result.trials}
@@ -150,7 +177,7 @@ def test_continue_measures_the_best_again_and_the_report_says_what_changed(study
     more = run_study(spec3, yaml.safe_dump(data3), RunOptions(extend=True, remeasure_top=1, live=False))
     new = [t for t in more.trials if t.session == more.sessions() - 1 and t.number not in
            {b.number for b in before.trials}]
-    launched_now = [t for t in new if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)]
+    launched_now = _searched(new)
     assert len(launched_now) == 2  # --continue adds budget.trials launches
     again = [t for t in launched_now if t.remeasure_of is not None]
     assert len(again) == 1 and again[0].remeasure_of == best_before.number
