@@ -69,3 +69,11 @@ def test_screening_quick():
 def test_memory_model_quick():
     (data,) = _check(_run("benchmarks.memory_model", "--quick", timeout=300), "memory_model_quick")
     assert data["summary"]["runs"] == 5 and data["summary"]["state_mismatching_runs"] == 0
+
+
+def test_grad_overlap_quick():
+    (data,) = _check(_run("benchmarks.grad_overlap", "--quick", timeout=300), "grad_overlap_quick")
+    assert data["quick"] and set(data["layouts"]) == {"DP2", "EP2"}
+    for per in data["layouts"].values():
+        assert per["flat"]["mem_grads_bytes"] == per["bucketed"]["mem_grads_bytes"] > 0
+        assert per["step_time_ratio"] > 0 and per["peak_mem_ratio"] > 0

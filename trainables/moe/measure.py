@@ -16,8 +16,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+# No public API sees every allocation of a CPU step: CPU tensors have no allocator statistics,
+# `torch.profiler(profile_memory=True)` reports allocations but not which storage dies when,
+# and `TorchFunctionMode` (public) misses the ops autograd runs in backward. A dispatch mode is
+# the one hook below autograd; torch 2.13 exposes it only under this module path.
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 
@@ -61,6 +64,18 @@ def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer, device: tor
     )
 
 
+def _tensors(obj: object) -> Iterator[torch.Tensor]:
+    """Every tensor in an op's arguments or results (nested tuples, lists and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
 class LiveMemory(TorchDispatchMode):
     """Bytes of every storage created while active, followed until it dies.
 
@@ -87,6 +102,8 @@ class LiveMemory(TorchDispatchMode):
     def _phase(self) -> str:
         if self._in_optimizer:
             return "optimizer"
+        # No public query says "autograd is running a backward"; this binding is what
+        # torch.autograd.graph itself uses for the same question (torch 2.13).
         return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
 
     def _freed(self, key: int, phase: str, size: int, _ref: weakref.ref) -> None:
@@ -116,10 +133,9 @@ class LiveMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # Outputs that alias an input (views, in-place ops) allocated nothing new.
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if t.untyped_storage().data_ptr() not in inputs:
                 self._track(t)
         return out
 

@@ -117,6 +117,7 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 def _recomputing() -> bool:
     """True while autograd runs a backward pass (activation recompute re-enters forward there)."""
+    # No public query exists for this in torch 2.13; torch.autograd.graph uses the same binding.
     return torch._C._current_graph_task_id() != -1
 
 
