@@ -71,8 +71,11 @@ def _cap(spec: Spec) -> int:
 
 def _by_memory(spec: Spec, layout: Layout, pred: MemoryPrediction, cap: int) -> Candidate:
     """The verdict on a structurally valid layout: over the memory cap (pruned) or fits."""
-    if pred.total > cap and spec.objective.prune_over_cap:
-        return Candidate(layout, OVER_MEMORY, f"predicted peak {pred.total / 1e9:.3f} GB > cap {cap / 1e9:.3f} GB "
+    # On CUDA the device-level prediction (allocator slack, CUDA context, NCCL buffers) is what
+    # runs out; on CPU the extras are zero and `device` is the allocated peak.
+    if pred.device > cap and spec.objective.prune_over_cap:
+        what = "predicted device memory" if pred.device_extra else "predicted peak"
+        return Candidate(layout, OVER_MEMORY, f"{what} {pred.device / 1e9:.3f} GB > cap {cap / 1e9:.3f} GB "
                          f"({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)", pred)
     return Candidate(layout, FITS, "", pred)
 

@@ -46,10 +46,11 @@ that screening a hundred thousand candidate layouts stays cheap.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
+from autotune.device_memory import overhead_for
 from trainables.moe.config import ModelConfig, ParallelDims, RunShape, stage_layer_counts
 
 FP32 = 4
@@ -156,15 +157,32 @@ class MemoryPrediction:
     activations: int
     other: int
     stage: int = 0
+    # CUDA only (autotune/device_memory.py): the allocator's slack beyond `total`, and what the
+    # device holds beyond the reservation (CUDA context, NCCL buffers, library workspaces).
+    reserved_extra: int = 0
+    device_extra: int = 0
 
     @property
     def total(self) -> int:
+        """The allocated peak (what `peak_mem_bytes` measures)."""
         return self.params + self.grads + self.optimizer + self.activations + self.other
 
+    @property
+    def reserved(self) -> int:
+        return self.total + self.reserved_extra
+
+    @property
+    def device(self) -> int:
+        """What the device has in use at the peak: the figure a memory cap is checked against."""
+        return self.reserved + self.device_extra
+
     def as_metrics(self) -> dict[str, int]:
-        return {"pred_mem_params_bytes": self.params, "pred_mem_grads_bytes": self.grads,
-                "pred_mem_optimizer_bytes": self.optimizer, "pred_mem_activations_bytes": self.activations,
-                "pred_mem_other_bytes": self.other, "pred_peak_mem_bytes": self.total}
+        out = {"pred_mem_params_bytes": self.params, "pred_mem_grads_bytes": self.grads,
+               "pred_mem_optimizer_bytes": self.optimizer, "pred_mem_activations_bytes": self.activations,
+               "pred_mem_other_bytes": self.other, "pred_peak_mem_bytes": self.total}
+        if self.device_extra:
+            out.update(pred_peak_mem_reserved_bytes=self.reserved, pred_peak_mem_device_bytes=self.device)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +556,7 @@ class _Layout:
 
     def __init__(self, stages: tuple[_Stage, ...]) -> None:
         self.stages = stages
-        # (micro-batches, global batch, gpipe, dense all-reduce, expert all-reduce) -> prediction
+        # (micro-batches, global batch, gpipe, dense all-reduce, expert all-reduce, peers) -> prediction
         self.placed: dict[tuple[int, int, bool, bool, bool], MemoryPrediction] = {}
 
 
@@ -662,7 +680,7 @@ def predict_plain(model: ModelConfig, ep: int, tp: int, pp: int, dp: int, micro_
     layout = _layout(model, tp, ep, pp, split, micro_batch_size, seq_len, precision, recompute, device)
     n = max(global_batch_size // (micro_batch_size * dp * ep), 1)
     flat = grad_sync == "flat"  # the bucketed reduction copies nothing (see the module docstring)
-    key = (n, global_batch_size, schedule == "gpipe", flat and dp * ep > 1, flat and dp > 1)
+    key = (n, global_batch_size, schedule == "gpipe", flat and dp * ep > 1, flat and dp > 1, tp * pp * dp * ep > 1)
     pred = layout.placed.get(key)
     if pred is None:
         best, worst = -1, (0, 0, 0)
@@ -677,5 +695,16 @@ def predict_plain(model: ModelConfig, ep: int, tp: int, pp: int, dp: int, micro_
         pred = MemoryPrediction(params=st.params, grads=st.grads, optimizer=st.optimizer,
                                 activations=act + _step_data(global_batch_size, seq_len, micro_batch_size, n),
                                 other=other, stage=stage)
+        if device == "cuda":
+            pred = _with_device_overhead(pred, key[5])
         layout.placed[key] = pred
     return pred
+
+
+def _with_device_overhead(pred: MemoryPrediction, has_peers: bool) -> MemoryPrediction:
+    """Add the generic CUDA profile's slack, context and NCCL terms to an allocated-peak prediction."""
+    o = overhead_for()
+    total = pred.total
+    reserved = o.reserved(total)
+    return replace(pred, reserved_extra=reserved - total,
+                   device_extra=o.device(total, 2 if has_peers else 1) - reserved)

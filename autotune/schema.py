@@ -36,8 +36,14 @@ THROUGHPUT_METRICS: tuple[str, ...] = (
     "mfu",  # model FLOPs utilisation with active (top-k) parameters; absent where peak FLOP/s is unknown
 )
 
+# CUDA only, max over ranks: the caching allocator's peak reservation (allocated + cached
+# segments) and the whole device's used memory at the peak as NVML reports it (adds the CUDA
+# context, NCCL buffers and library workspaces). `peak_mem_bytes` is the allocated peak.
+DEVICE_MEMORY_METRICS: tuple[str, ...] = ("peak_mem_reserved_bytes", "peak_mem_device_bytes")
+
 SUMMARY_METRICS: tuple[str, ...] = THROUGHPUT_METRICS + (
     "peak_mem_bytes",  # max over ranks
+    *DEVICE_MEMORY_METRICS,
     *MEMORY_CATEGORIES,
     "expert_load_imbalance",  # max tokens on one expert / mean, worst MoE layer
     "tokens_dropped_frac",

@@ -3,7 +3,10 @@
 Parameter, gradient and optimizer bytes are counted exactly from the tensors. The peak and
 its split into activations and the rest come from one tracked step: on CPU from a dispatch
 mode that follows every storage's life (CPU tensors have no allocator statistics), on CUDA
-from the caching allocator's peak, split the same way.
+from the caching allocator's peak, split the same way. On CUDA the peak is also taken as the
+device sees it: what the allocator reserved (allocated plus its cached, fragmented segments) and
+what the driver reports in use on the whole device (NVML: the CUDA context, NCCL buffers and
+library workspaces besides), since that is what runs out on a real card.
 """
 
 from __future__ import annotations
@@ -160,6 +163,23 @@ class PeakMemory:
     peak: int
     activations: int
     other: int
+    reserved: int | None = None  # CUDA: the caching allocator's peak reservation
+    device: int | None = None  # CUDA: memory in use on the whole device at the peak (driver's view)
+    device_source: str = ""  # "nvml" or "cudaMemGetInfo"
+
+
+def device_used_bytes(device: torch.device) -> tuple[int, str]:
+    """Memory in use on the whole device, as `nvidia-smi` shows it, and where the figure came from.
+
+    NVML (`nvidia-ml-py`, the optional `gpu` extra) through torch, which maps the index through
+    CUDA_VISIBLE_DEVICES; without it the runtime's free/total (cudaMemGetInfo), which counts the
+    same allocations.
+    """
+    try:
+        return int(torch.cuda.device_memory_used(device)), "nvml"
+    except Exception:  # no pynvml, an older torch, or NVML refused: the runtime knows it too
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total - free), "cudaMemGetInfo"
 
 
 def measure_peak(live: LiveMemory, resident: int, state: StateBytes, device: torch.device,
@@ -176,14 +196,21 @@ def measure_peak(live: LiveMemory, resident: int, state: StateBytes, device: tor
         step()
     tracked_peak = resident + live.peak
     act = live.peak_split["forward"]
+    reserved = used = None
+    source = ""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = int(torch.cuda.max_memory_allocated(device))
+        reserved = int(torch.cuda.max_memory_reserved(device))
+        # The allocator keeps its segments cached after the step, so the device is still as full
+        # as at the peak (the stat is the peak reservation; the driver's count is read now).
+        used, source = device_used_bytes(device)
     else:
         peak = tracked_peak
     known = state.params + state.grads + state.optimizer
     act = max(0, min(act, peak - known))
-    return PeakMemory(peak=peak, activations=act, other=peak - known - act)
+    return PeakMemory(peak=peak, activations=act, other=peak - known - act, reserved=reserved, device=used,
+                      device_source=source)
 
 
 # Dense peak FLOP/s of tensor-core (or fp32) math by device name fragment, from vendor datasheets.

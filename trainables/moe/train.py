@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from autotune.schema import Status
+from autotune.schema import DEVICE_MEMORY_METRICS, Status
 from trainables.moe.config import PRESETS, flops_per_token
 from trainables.moe.run_config import LayoutError, RunConfig
 from trainables.moe.data import synthetic_batch
@@ -238,6 +238,8 @@ def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, An
         peak = measure_peak(live, resident, st, device, functools.partial(trainer.step, total))
         memory.update(peak_mem_bytes=peak.peak, mem_activations_bytes=peak.activations,
                       mem_other_bytes=peak.other)
+        if peak.reserved is not None:
+            memory.update(peak_mem_reserved_bytes=peak.reserved, peak_mem_device_bytes=peak.device)
     result = RankResult(rank=rank, losses=losses, step_times=times, memory=memory)
     if keep_params:
         result.params = {n: (p.detach().cpu().clone(), trainer.pm.specs[n])
@@ -300,6 +302,9 @@ def summarize(cfg: RunConfig, device: torch.device, losses: list[float], times: 
         for k in ("peak_mem_bytes", "mem_params_bytes", "mem_grads_bytes", "mem_optimizer_bytes",
                   "mem_activations_bytes", "mem_other_bytes"):
             summary[k] = worst[k]
+        for k in DEVICE_MEMORY_METRICS:  # CUDA only: the allocator's and the device's view, max over ranks
+            if k in ranks[0]:
+                summary[k] = max(r[k] for r in ranks)
     return summary
 
 

@@ -1,0 +1,468 @@
+"""One prepared device check: the trainable and a small study on one GPU, in at most 8 minutes.
+
+    python benchmarks/gpu_check.py --out DIR                 # one H100/H200 (the default device: cuda)
+    python benchmarks/gpu_check.py --device cpu --out DIR    # the tiny preset on CPU (what CI runs)
+    python benchmarks/gpu_check.py --parts small,moe64e --out DIR
+
+Parts, each in a process of its own with its own time limit, each written to DIR as it ends
+(`gpu_check.json`, one row per run in `gpu_check.csv`), so a crash or an out-of-memory in one
+part keeps the others:
+
+* `device` (always first): the card, its memory, the CUDA context's own bytes, and a bf16
+  8192^3 matrix product's rate: the baseline the trainable's MFU is set against, beside the
+  datasheet's peak;
+* `small`: the trainable's `small` preset, bf16, world 1 (`python -m trainables.moe.train`, the
+  report's launch command): tokens/s, MFU, and memory predicted vs allocated vs reserved vs the
+  device's used memory (NVML);
+* `moe64e`: the `moe-64e` preset with as many layers as the memory model says fit the card
+  (fewer once if that still runs out of memory), the same figures;
+* `study`: a 6-trial `autotune run` of `benchmarks/spaces/gpu_check.yaml` over micro-batch,
+  precision and recompute, with its report copied to DIR. It needs ray, optuna, mlflow and
+  pydantic; where they are missing it is skipped, and the JSON says so.
+
+The first two parts import only torch, numpy-free standard library, the trainable and
+`autotune/memory.py`, so they run where no tuner is installed. `calibrated` in the JSON is the
+CUDA overhead profile fitted from the measured runs (for `autotune/profiles/cuda_memory.json`).
+
+With `--device cpu` every part runs the tiny preset on CPU (smaller shapes, a few MB of memory
+budget for the layer count), so that the whole path, NVML and CUDA aside, is exercised by
+`tests/benchmarks/test_benchmarks_quick.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from autotune.device_memory import Sample, as_profile, calibrate, overhead_for  # noqa: E402
+from autotune.memory import predict  # noqa: E402
+from trainables.moe.config import ParallelDims, RunShape, flops_per_token, preset  # noqa: E402
+
+PARTS = ("small", "moe64e", "study")
+TOTAL_BUDGET_S = 480.0  # 8 minutes on the card, all parts together
+LIMITS_S = {"device": 60.0, "small": 100.0, "moe64e": 150.0, "study": 200.0}
+TUNER_MODULES = ("ray", "optuna", "mlflow", "pydantic")
+CSV_FIELDS = ("part", "status", "model", "n_layers", "precision", "micro_batch_size", "global_batch_size",
+              "seq_len", "tokens_per_s", "step_time_s", "mfu", "mfu_vs_matmul", "pred_alloc_bytes",
+              "alloc_bytes", "pred_reserved_bytes", "reserved_bytes", "pred_device_bytes", "device_bytes",
+              "device_source", "alloc_over_pred", "device_over_pred", "duration_s", "reason")
+
+# What each part runs, by device. CPU shapes keep CI quick; CUDA shapes are chosen to keep the
+# card busy for a few seconds per step at most.
+RUNS = {
+    "cuda": {
+        "small": dict(model="small", precision="bf16", micro_batch_size=8, global_batch_size=32, seq_len=1024,
+                      warmup_steps=2, steps=5),
+        "moe64e": dict(model="moe-64e", precision="bf16", micro_batch_size=2, global_batch_size=8, seq_len=2048,
+                       warmup_steps=1, steps=3),
+    },
+    "cpu": {
+        "small": dict(model="tiny", precision="bf16", micro_batch_size=2, global_batch_size=4, seq_len=64,
+                      warmup_steps=1, steps=2),
+        "moe64e": dict(model="tiny", precision="bf16", micro_batch_size=2, global_batch_size=4, seq_len=64,
+                       warmup_steps=1, steps=2),
+    },
+}
+MEMORY_FILL = 0.9  # of the card that the moe-64e layers may fill, by the device-level prediction
+CPU_MEMORY_BUDGET = 12e6 # bytes: on CPU, the "card" the tiny model's layers are fitted into
+
+
+def say(text: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: each part runs in a process of its own (a CUDA error poisons only that process)
+
+
+def _child_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
+
+
+def run_child(cmd: list[str], limit_s: float, label: str, cwd: Path | None = None) -> tuple[int | None, str, float]:
+    """Run `cmd`, echoing its output with a prefix; (exit code or None on timeout, tail, seconds)."""
+    start = time.monotonic()
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=_child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            print(f"  {label}| {line.rstrip()}", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code: int | None = proc.wait(timeout=max(1.0, limit_s))
+    except subprocess.TimeoutExpired:
+        code = None
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    reader.join(5)
+    return code, "\n".join(tail), time.monotonic() - start
+
+
+def device_probe(device: str) -> dict[str, Any]:
+    """Runs in a child: what the card is, what a bare CUDA context costs, a matmul's rate."""
+    import torch
+
+    out: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0], "device": device}
+    if device == "cpu":
+        a = torch.randn(1024, 1024)
+        a @ a
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        dt = (time.perf_counter() - t0) / 5
+        out.update(name="cpu", matmul_flops=2 * 1024**3 / dt, matmul="fp32 1024^3", total_memory=None)
+        return out
+    before = _nvml_used_before_context()
+    dev = torch.device("cuda", 0)
+    torch.cuda.init()
+    props = torch.cuda.get_device_properties(dev)
+    out.update(name=torch.cuda.get_device_name(dev), total_memory=int(props.total_memory),
+               capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+               cuda=torch.version.cuda, used_before_context=before)
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(dev)
+    out.update(matmul_flops=2 * n**3 * 10 / (start.elapsed_time(end) / 1e3), matmul="bf16 8192^3, mean of 10")
+    from trainables.moe.measure import device_peak_flops, device_used_bytes
+
+    out["datasheet_bf16_flops"] = device_peak_flops(dev, "bf16")
+    del a, b
+    used, source = device_used_bytes(dev)
+    out.update(used_with_context=used, used_source=source, reserved=int(torch.cuda.memory_reserved(dev)))
+    if before is not None:
+        out["context_bytes"] = used - before - out["reserved"]
+    return out
+
+
+def _nvml_used_before_context() -> int | None:
+    """The device's used memory before this process creates a CUDA context (NVML needs none)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(visible))
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts
+
+
+def _train_cmd(run: dict[str, Any], device: str, n_layers: int | None, metrics: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "trainables.moe.train", "--model", run["model"], "--device", device,
+           "--metrics-out", str(metrics), "--timeout-s", "120"]
+    for k in ("precision", "micro_batch_size", "global_batch_size", "seq_len", "warmup_steps", "steps"):
+        cmd += ["--" + k.replace("_", "-"), str(run[k])]
+    if n_layers is not None:
+        cmd += ["--model-config", json.dumps({"n_layers": n_layers})]
+    return cmd
+
+
+def _prediction(run: dict[str, Any], device: str, n_layers: int | None):
+    model = preset(run["model"])
+    if n_layers is not None:
+        from dataclasses import replace
+
+        model = replace(model, n_layers=n_layers)
+    shape = RunShape(run["micro_batch_size"], run["global_batch_size"], run["seq_len"], run["precision"])
+    return model, predict(model, ParallelDims(), shape, device)
+
+
+def train_part(name: str, run: dict[str, Any], device: str, out: Path, limit_s: float, probe: dict[str, Any],
+               n_layers: int | None = None) -> dict[str, Any]:
+    """One world-1 run of the trainable's own command, and its figures beside the predictions."""
+    metrics = out / f".{name}.metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    model, pred = _prediction(run, device, n_layers)
+    row: dict[str, Any] = {"part": name, "model": run["model"], "n_layers": model.n_layers,
+                           **{k: run[k] for k in ("precision", "micro_batch_size", "global_batch_size", "seq_len")},
+                           "pred_alloc_bytes": pred.total}
+    if device == "cuda":
+        row.update(pred_reserved_bytes=pred.reserved, pred_device_bytes=pred.device)
+    say(f"{name}: {run['model']} x{model.n_layers} layers, {run['precision']}, micro-batch {run['micro_batch_size']}, "
+        f"seq {run['seq_len']}; predicted peak {pred.total / 1e9:.2f} GB allocated"
+        + (f", {pred.device / 1e9:.2f} GB on the device" if device == "cuda" else "") + f" (limit {limit_s:.0f} s)")
+    code, tail, took = run_child(_train_cmd(run, device, n_layers, metrics), limit_s, name)
+    row["duration_s"] = round(took, 1)
+    summary = None
+    if metrics.exists():
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        summary = next((r for r in reversed(lines) if r.get("type") == "summary"), None)
+    if code is None:
+        row.update(status="timeout", reason=f"over its {limit_s:.0f} s limit")
+    elif summary is not None and summary.get("status") != "ok":
+        row.update(status=summary.get("status", "crashed"), reason=summary.get("reason", ""))
+    elif code != 0 or summary is None:
+        oom = "out of memory" in tail.lower() or "outofmemoryerror" in tail.lower()
+        last = [line for line in tail.splitlines() if line.strip()][-3:]
+        row.update(status="oom" if oom else "crashed", reason=f"exit {code}: " + " | ".join(last)[-600:])
+    else:
+        row["status"] = "ok"
+        row.update(tokens_per_s=summary["tokens_per_s"], step_time_s=summary["step_time_s"],
+                   mfu=summary.get("mfu"), alloc_bytes=summary.get("peak_mem_bytes"),
+                   reserved_bytes=summary.get("peak_mem_reserved_bytes"),
+                   device_bytes=summary.get("peak_mem_device_bytes"),
+                   loss_first=summary["loss_first"], loss_last=summary["loss_last"],
+                   memory_breakdown={k: summary.get(k) for k in ("mem_params_bytes", "mem_grads_bytes",
+                                                                 "mem_optimizer_bytes", "mem_activations_bytes",
+                                                                 "mem_other_bytes")},
+                   predicted_breakdown=pred.as_metrics())
+        ranks = summary.get("ranks") or [{}]
+        row["device_source"] = "nvml" if device == "cuda" and _nvml_available() else (
+            "cudaMemGetInfo" if device == "cuda" else "")
+        if probe.get("matmul_flops"):
+            row["mfu_vs_matmul"] = row["tokens_per_s"] * flops_per_token(model, run["seq_len"]) / probe["matmul_flops"]
+        if row.get("alloc_bytes"):
+            row["alloc_over_pred"] = row["alloc_bytes"] / pred.total
+        if row.get("device_bytes"):
+            row["device_over_pred"] = row["device_bytes"] / pred.device
+        row["hosts"] = sorted({r.get("host", "") for r in ranks})
+    say(f"{name}: {row['status']}" + (f" ({row.get('reason')})" if row.get("reason") else "")
+        + (f"; {row['tokens_per_s']:,.0f} tokens/s, MFU {_pct(row.get('mfu'))} of datasheet, "
+           f"{_pct(row.get('mfu_vs_matmul'))} of the measured matmul; peak {_gb(row.get('alloc_bytes'))} allocated "
+           f"(predicted {_gb(pred.total)}), {_gb(row.get('reserved_bytes'))} reserved, "
+           f"{_gb(row.get('device_bytes'))} on the device" if row["status"] == "ok" else ""))
+    return row
+
+
+def _nvml_available() -> bool:
+    return importlib.util.find_spec("pynvml") is not None
+
+
+def fit_layers(run: dict[str, Any], device: str, budget: float) -> int:
+    """The most layers of the run's preset whose device-level prediction fits `budget` bytes."""
+    best = 1
+    for n in range(1, preset(run["model"]).n_layers + 1):
+        _, pred = _prediction(run, device, n)
+        if pred.device <= budget:
+            best = n
+        else:
+            break
+    return best
+
+
+def moe_part(device: str, out: Path, limit_s: float, probe: dict[str, Any], layers: int | None) -> dict[str, Any]:
+    run = RUNS[device]["moe64e"]
+    budget = MEMORY_FILL * probe["total_memory"] if device == "cuda" else CPU_MEMORY_BUDGET
+    n = layers or fit_layers(run, device, budget)
+    deadline = time.monotonic() + limit_s
+    row = train_part("moe64e", run, device, out, limit_s, probe, n)
+    row["fit_budget_bytes"] = int(budget)
+    if row["status"] == "oom" and n > 1 and deadline - time.monotonic() > 30:
+        fewer = max(1, (n * 3) // 4)
+        say(f"moe64e: {n} layers ran out of memory; once more with {fewer}")
+        retry = train_part("moe64e", run, device, out, deadline - time.monotonic(), probe, fewer)
+        retry.update(fit_budget_bytes=int(budget), first_attempt={"n_layers": n, "reason": row.get("reason")})
+        return retry
+    return row
+
+
+def study_part(device: str, out: Path, limit_s: float, probe: dict[str, Any]) -> dict[str, Any]:
+    """A 6-trial `autotune run` on this one device, its report copied next to the JSON."""
+    missing = [m for m in TUNER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        reason = (f"skipped: {', '.join(missing)} not installed here (the tuner's dependencies); "
+                  f"install the project (pip install .) or carry their wheels to run the study part")
+        say(f"study: {reason}")
+        return {"part": "study", "status": "skipped", "reason": reason}
+    import yaml
+
+    space = yaml.safe_load((ROOT / "benchmarks" / "spaces" / "gpu_check.yaml").read_text())
+    if device == "cpu":
+        space["model"] = {"preset": "tiny"}
+        space["cluster"].update(device="cpu", memory_gb=0.05, cpus_per_rank=1)
+        space["search"].update(micro_batch_size=[2, 4], global_batch_size=8, seq_len=64)
+        space["budget"].update(trial_timeout_s=60)
+    else:
+        space["cluster"]["memory_gb"] = round(probe["total_memory"] / 1e9, 1)
+    work = out / "study"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    say(f"study: {space['budget']['trials']} trials of {space['model']['preset']} on one {device} rank "
+        f"(limit {limit_s:.0f} s)")
+    cmd = [sys.executable, "-m", "autotune.cli", "run", "space.yaml", "--plain"]
+    code, tail, took = run_child(cmd, limit_s, "study", cwd=work)
+    row: dict[str, Any] = {"part": "study", "model": space["model"]["preset"], "duration_s": round(took, 1)}
+    report = work / "autotune-runs" / space["study"]["name"] / "report"
+    for suffix in ("md", "json"):
+        if (report / f"report.{suffix}").exists():
+            shutil.copy(report / f"report.{suffix}", out / f"gpu_check_study_report.{suffix}")
+    data = json.loads((report / "report.json").read_text()) if (report / "report.json").exists() else None
+    if code is None:
+        row.update(status="timeout", reason=f"over its {limit_s:.0f} s limit")
+    elif code not in (0, 1) or data is None:
+        row.update(status="crashed", reason=f"exit {code}: " + " | ".join(tail.splitlines()[-3:])[-600:])
+    else:
+        row["status"] = "ok" if code == 0 else "no feasible layout"
+        row.update(_study_figures(data))
+    say(f"study: {row['status']}" + (f" ({row.get('reason')})" if row.get("reason") else "")
+        + (f"; best {row.get('best_layout')} at {row.get('tokens_per_s') or 0:,.0f} tokens/s" if code == 0 else ""))
+    return row
+
+
+def _study_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The best layout and how the trials ended, from the study's own report."""
+    best = report.get("best") or {}
+    metrics = best.get("metrics") or {}
+    out: dict[str, Any] = {"best_layout": best.get("layout"), "tokens_per_s": metrics.get("tokens_per_s"),
+                           "step_time_s": metrics.get("step_time_s"), "mfu": metrics.get("mfu"),
+                           "alloc_bytes": metrics.get("peak_mem_bytes"),
+                           "reserved_bytes": metrics.get("peak_mem_reserved_bytes"),
+                           "device_bytes": metrics.get("peak_mem_device_bytes")}
+    pred = best.get("prediction") or {}
+    out.update(pred_alloc_bytes=pred.get("pred_peak_mem_bytes"), pred_device_bytes=pred.get("pred_peak_mem_device_bytes"),
+               pred_reserved_bytes=pred.get("pred_peak_mem_reserved_bytes"))
+    trials = report.get("trials") or {}
+    out["trial_counts"] = trials.get("counts") or report.get("counts")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def _gb(v: Any) -> str:
+    return f"{v / 1e9:.2f} GB" if isinstance(v, (int, float)) else "-"
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.1%}" if isinstance(v, (int, float)) else "-"
+
+
+def write(out: Path, result: dict[str, Any]) -> None:
+    """Both files, rewritten after every part: whatever finished is on disk."""
+    rows = [r for r in result["parts"].values() if isinstance(r, dict) and "status" in r]
+    samples = [Sample(int(r["alloc_bytes"]), int(r["reserved_bytes"]), int(r["device_bytes"]))
+               for r in rows if r.get("status") == "ok" and r.get("device_bytes") and r.get("reserved_bytes")
+               and r.get("alloc_bytes")]
+    if samples:
+        result["calibrated"] = as_profile(calibrate(samples, source=(
+            f"benchmarks/gpu_check.py on {result['probe'].get('name')}, torch {result['probe'].get('torch')}, "
+            f"{time.strftime('%Y-%m-%d')}: {len(samples)} world-1 run(s); nccl_bytes not measured (one GPU)")))
+        result["calibrated"]["nccl_bytes"] = overhead_for().nccl_bytes
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    with (out / "gpu_check.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="One prepared device check (see the module docstring).")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="folder for gpu_check.json, gpu_check.csv and the study's report")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
+    p.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="all parts together")
+    p.add_argument("--moe-layers", type=int, default=None, help="moe-64e layers (default: as many as fit)")
+    p.add_argument("--child-probe", type=Path, default=None, help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.child_probe is not None:
+        ns.child_probe.write_text(json.dumps(device_probe(ns.device)))
+        return 0
+    parts = [x.strip() for x in ns.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        print(f"error: --parts {ns.parts!r}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
+              f"choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    out: Path = ns.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"device": ns.device, "parts_asked": parts, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                              "probe": {}, "parts": {}}
+
+    def left(part: str) -> float:
+        return max(1.0, min(LIMITS_S[part], ns.budget_s - (time.monotonic() - start)))
+
+    say(f"device probe on {ns.device}")
+    probe_file = out / ".probe.json"
+    probe_file.unlink(missing_ok=True)
+    code, tail, _ = run_child([sys.executable, str(Path(__file__).resolve()), "--device", ns.device,
+                               "--child-probe", str(probe_file)], left("device"), "device")
+    if code != 0 or not probe_file.exists():
+        result["probe"] = {"status": "failed", "reason": f"exit {code}: " + " | ".join(tail.splitlines()[-3:])}
+        write(out, result)
+        say(f"device probe failed: {result['probe']['reason']}")
+        return 1
+    result["probe"] = probe = json.loads(probe_file.read_text())
+    say(f"device: {probe.get('name')}, {_gb(probe.get('total_memory'))}, torch {probe['torch']}; matmul "
+        f"{probe['matmul_flops'] / 1e12:.1f} TFLOP/s ({probe['matmul']})"
+        + (f", context {_gb(probe.get('context_bytes'))}" if probe.get("context_bytes") is not None else ""))
+    write(out, result)
+    for part in parts:
+        budget = left(part)
+        try:
+            if part == "small":
+                row = train_part("small", RUNS[ns.device]["small"], ns.device, out, budget, probe)
+            elif part == "moe64e":
+                row = moe_part(ns.device, out, budget, probe, ns.moe_layers)
+            else:
+                row = study_part(ns.device, out, budget, probe)
+        except Exception as exc:  # one part's failure is recorded, the others still run
+            row = {"part": part, "status": "crashed", "reason": f"{type(exc).__name__}: {exc}"[:600]}
+            say(f"{part}: crashed in the check itself: {row['reason']}")
+        result["parts"][part] = row
+        write(out, result)
+    result["duration_s"] = round(time.monotonic() - start, 1)
+    write(out, result)
+    for f in out.glob(".*.metrics.jsonl"):
+        f.unlink()
+    probe_file.unlink(missing_ok=True)
+    say(f"done in {result['duration_s']:.0f} s: " + ", ".join(f"{k} {v['status']}" for k, v in result["parts"].items())
+        + f"; {out / 'gpu_check.json'}")
+    if "calibrated" in result:
+        say(f"calibrated CUDA overhead: {json.dumps(result['calibrated'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
