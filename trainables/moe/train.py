@@ -247,7 +247,7 @@ def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, An
         result.grads = trainer.captured_grads
 
     # Slowest rank per step (the step ends with a world all-reduce, so they are close anyway).
-    t = torch.tensor(times, dtype=torch.float64)
+    t = torch.tensor(times, dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     times = t.tolist()
     gathered: list[dict[str, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
