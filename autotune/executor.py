@@ -59,18 +59,37 @@ def _exit_text(pid: int, code: int | None) -> str:
     return f"process {pid} exited with code {code} before reporting"
 
 
+def task_environment(threads: int) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The environment a rank's process must run with: this task's, not the fork server's.
+
+    The fork server was started once, with the environment of this worker's first task; Ray
+    reuses workers, so a later task may hold other GPUs and another CPU share. The accelerator
+    ids Ray assigned to this task are set explicitly (CUDA_VISIBLE_DEVICES also where Ray was
+    told not to set it), with the thread count and a local rank of 0 (the task sees only its
+    own devices)."""
+    env = dict(os.environ)
+    ids = {k: [str(i) for i in v] for k, v in ray.get_runtime_context().get_accelerator_ids().items()}
+    if ids.get("GPU"):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids["GPU"])
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["LOCAL_RANK"] = "0"
+    return env, ids
+
+
 def _rank_main(cfg: RunConfig, rank: int, world: int, addr: str, port: int, threads: int):
     """One rank as a streaming Ray task: fork the rank's process, relay its items, reap it."""
     from autotune.rank_process import rank_process
 
     ip = ray.util.get_node_ip_address()
     node = ray.get_runtime_context().get_node_id()
+    env, accelerators = task_environment(threads)
     ctx = _fork_context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=rank_process, args=(cfg, rank, world, addr, port, threads, send, ip), daemon=True)
+    proc = ctx.Process(target=rank_process, args=(cfg, rank, world, addr, port, threads, send, ip, env), daemon=True)
     proc.start()
     send.close()
-    yield {"type": "started", "rank": rank, "pid": proc.pid, "node": node, "ip": ip, "worker_pid": os.getpid()}
+    yield {"type": "started", "rank": rank, "pid": proc.pid, "node": node, "ip": ip, "worker_pid": os.getpid(),
+           "accelerators": {k: v for k, v in accelerators.items() if v}}
     try:
         while True:
             if recv.poll(0.2):
@@ -246,6 +265,8 @@ def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy:
                 kind = item.get("type")
                 if kind == "started":
                     started[rank] = {k: v for k, v in item.items() if k != "type"}
+                elif kind == "placed":  # what the rank's process runs with (devices, threads)
+                    started.setdefault(rank, {"rank": rank}).update(env=item["env"], torch_threads=item["torch_threads"])
                 elif kind == "rendezvous":
                     for r in range(1, world):
                         gens[r] = launch(r, item["addr"], item["port"])

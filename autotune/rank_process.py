@@ -27,8 +27,26 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+# What a rank reports back of its environment: enough to see which devices and threads it used.
+REPORTED_ENV: tuple[str, ...] = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LOCAL_RANK")
+
+
+def apply_environment(env: dict[str, str]) -> None:
+    """Run with the task's environment, not the fork server's, before CUDA starts in this process.
+
+    CUDA reads CUDA_VISIBLE_DEVICES once, when it initialises; the fork server never initialises
+    it (it only imports torch), so a process forked from it still can choose its devices.
+    """
+    import torch
+
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised before this rank's devices were set (in the fork server?)")
+    os.environ.clear()
+    os.environ.update(env)
+
+
 def rank_process(cfg: Any, rank: int, world: int, addr: str, port: int, threads: int, conn: Any,
-                 ip: str) -> None:
+                 ip: str, env: dict[str, str] | None = None) -> None:
     _die_with_parent()
     import gc
     from datetime import timedelta
@@ -39,16 +57,22 @@ def rank_process(cfg: Any, rank: int, world: int, addr: str, port: int, threads:
     from autotune.schema import Status
     from trainables.moe.train import RankResult, backend_for, iter_run, resolve_device
 
-    torch.set_num_threads(max(1, threads))
-    timeout = timedelta(seconds=cfg.timeout_s or 600)
     store = None
     try:
+        if env is not None:
+            apply_environment(env)
+        torch.set_num_threads(max(1, threads))
+        conn.send({"type": "placed", "rank": rank, "env": {k: os.environ.get(k) for k in REPORTED_ENV},
+                   "torch_threads": torch.get_num_threads()})
+        timeout = timedelta(seconds=cfg.timeout_s or 600)
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # index 0 of the devices this task was given
         if rank == 0:
             store = dist.TCPStore(ip, 0, world, is_master=True, wait_for_workers=False, timeout=timeout)
             conn.send({"type": "rendezvous", "addr": ip, "port": store.port})
         else:
             store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
-        device = resolve_device(cfg.device)
         dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world, timeout=timeout)
         for item in iter_run(cfg):
             if isinstance(item, RankResult):

@@ -5,8 +5,8 @@
     python benchmarks/gpu_check.py --parts small,moe64e --out DIR
 
 Parts, each in a process of its own with its own time limit, each written to DIR as it ends
-(`gpu_check.json`, one row per run in `gpu_check.csv`), so a crash or an out-of-memory in one
-part keeps the others:
+(`gpu_check.json`, one row per run in `gpu_check.csv`; `gpu_check_cpu.*` with `--device cpu`), so
+a crash or an out-of-memory in one part keeps the others:
 
 * `device` (always first): the card, its memory, the CUDA context's own bytes, and a bf16
   8192^3 matrix product's rate: the baseline the trainable's MFU is set against, beside the
@@ -55,8 +55,11 @@ from autotune.memory import predict  # noqa: E402
 from trainables.moe.config import ParallelDims, RunShape, flops_per_token, preset  # noqa: E402
 
 PARTS = ("small", "moe64e", "study")
-TOTAL_BUDGET_S = 480.0  # 8 minutes on the card, all parts together
-LIMITS_S = {"device": 60.0, "small": 100.0, "moe64e": 150.0, "study": 200.0}
+# Seconds: all parts together, and each part's own limit. On a card the whole check fits 8
+# minutes (it took 2 on an H200 without the study); a shared 2-core CI machine may be far slower.
+BUDGET_S = {"cuda": 480.0, "cpu": 1200.0}
+LIMITS_S = {"cuda": {"device": 60.0, "small": 100.0, "moe64e": 150.0, "study": 200.0},
+            "cpu": {"device": 120.0, "small": 300.0, "moe64e": 300.0, "study": 480.0}}
 TUNER_MODULES = ("ray", "optuna", "mlflow", "pydantic")
 CSV_FIELDS = ("part", "status", "model", "n_layers", "precision", "micro_batch_size", "global_batch_size",
               "seq_len", "tokens_per_s", "step_time_s", "mfu", "mfu_vs_matmul", "pred_alloc_bytes",
@@ -331,7 +334,7 @@ def study_part(device: str, out: Path, limit_s: float, probe: dict[str, Any]) ->
     report = work / "autotune-runs" / space["study"]["name"] / "report"
     for suffix in ("md", "json"):
         if (report / f"report.{suffix}").exists():
-            shutil.copy(report / f"report.{suffix}", out / f"gpu_check_study_report.{suffix}")
+            shutil.copy(report / f"report.{suffix}", out / f"{stem_of(device)}_study_report.{suffix}")
     data = json.loads((report / "report.json").read_text()) if (report / "report.json").exists() else None
     if code is None:
         row.update(status="timeout", reason=f"over its {limit_s:.0f} s limit")
@@ -374,6 +377,11 @@ def _pct(v: Any) -> str:
     return f"{v:.1%}" if isinstance(v, (int, float)) else "-"
 
 
+def stem_of(device: str) -> str:
+    """Result file names: a CPU run never overwrites a card's figures in the same folder."""
+    return "gpu_check" if device == "cuda" else "gpu_check_cpu"
+
+
 def write(out: Path, result: dict[str, Any]) -> None:
     """Both files, rewritten after every part: whatever finished is on disk."""
     rows = [r for r in result["parts"].values() if isinstance(r, dict) and "status" in r]
@@ -386,8 +394,9 @@ def write(out: Path, result: dict[str, Any]) -> None:
             f"{time.strftime('%Y-%m-%d')}: {len(samples)} world-1 run(s); nccl_bytes not measured (one GPU)")))
         result["calibrated"]["nccl_bytes"] = overhead_for().nccl_bytes
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    with (out / "gpu_check.csv").open("w", newline="") as f:
+    stem = stem_of(result["device"])
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    with (out / f"{stem}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -398,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="One prepared device check (see the module docstring).")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                   help="folder for gpu_check.json, gpu_check.csv and the study's report")
+                   help="folder for gpu_check.json/.csv (gpu_check_cpu.* on CPU) and the study's report")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
-    p.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="all parts together")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"all parts together (default {BUDGET_S['cuda']:.0f} on cuda, {BUDGET_S['cpu']:.0f} on cpu)")
     p.add_argument("--moe-layers", type=int, default=None, help="moe-64e layers (default: as many as fit)")
     p.add_argument("--child-probe", type=Path, default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
@@ -420,8 +430,10 @@ def main(argv: list[str] | None = None) -> int:
                               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                               "probe": {}, "parts": {}}
 
+    budget_s = ns.budget_s if ns.budget_s is not None else BUDGET_S[ns.device]
+
     def left(part: str) -> float:
-        return max(1.0, min(LIMITS_S[part], ns.budget_s - (time.monotonic() - start)))
+        return max(1.0, min(LIMITS_S[ns.device][part], budget_s - (time.monotonic() - start)))
 
     say(f"device probe on {ns.device}")
     probe_file = out / ".probe.json"
@@ -458,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         f.unlink()
     probe_file.unlink(missing_ok=True)
     say(f"done in {result['duration_s']:.0f} s: " + ", ".join(f"{k} {v['status']}" for k, v in result["parts"].items())
-        + f"; {out / 'gpu_check.json'}")
+        + f"; {out / (stem_of(ns.device) + '.json')}")
     if "calibrated" in result:
         say(f"calibrated CUDA overhead: {json.dumps(result['calibrated'])}")
     return 0
