@@ -80,7 +80,7 @@ def calibrate(samples: Iterable[Sample], source: str = "") -> DeviceOverhead:
     peers = [s.device - s.reserved for s in samples if s.world_size > 1]
     context = max(alone) if alone else min(peers)
     nccl = max(0, max(peers) - context) if peers else overhead_for().nccl_bytes
-    return DeviceOverhead(fragmentation=round(max(0.0, frag), 4), reserved_fixed_bytes=0,
+    return DeviceOverhead(fragmentation=math.ceil(max(0.0, frag) * 1e4) / 1e4, reserved_fixed_bytes=0,
                           context_bytes=max(0, int(context)), nccl_bytes=int(nccl), source=source)
 
 

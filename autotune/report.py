@@ -132,7 +132,7 @@ def _cap_bytes(result: StudyResult) -> float:
 
 
 def _fits(t: TrialRecord, cap: float) -> bool:
-    return t.ok and "peak_mem_bytes" in t.metrics and t.metrics["peak_mem_bytes"] <= cap
+    return t.ok and t.held_bytes is not None and t.held_bytes <= cap
 
 
 def _label(t: TrialRecord) -> str:
@@ -173,7 +173,12 @@ def _memory(t: TrialRecord) -> dict[str, Any]:
     return {"measured": {CATEGORY_NAMES[c]: t.metrics.get(c) for c in MEMORY_CATEGORIES},
             "predicted": {CATEGORY_NAMES[c]: t.prediction.get(pred_name(c)) for c in MEMORY_CATEGORIES},
             "peak_bytes": t.metrics.get("peak_mem_bytes"),
-            "predicted_peak_bytes": t.prediction.get("pred_peak_mem_bytes")}
+            "predicted_peak_bytes": t.prediction.get("pred_peak_mem_bytes"),
+            # CUDA: the allocator's reservation and the device's used memory (NVML) at the peak
+            "reserved_bytes": t.metrics.get("peak_mem_reserved_bytes"),
+            "predicted_reserved_bytes": t.prediction.get("pred_peak_mem_reserved_bytes"),
+            "device_bytes": t.metrics.get("peak_mem_device_bytes"),
+            "predicted_device_bytes": t.prediction.get("pred_peak_mem_device_bytes")}
 
 
 def _env(result: StudyResult, command: str) -> list[dict[str, str]]:
@@ -210,10 +215,13 @@ def _checks(result: StudyResult, best: TrialRecord, unit: dict[str, Any]) -> lis
     checks = []
 
     peak = m.get("peak_mem_bytes")
+    # On CUDA what runs out is the device's used memory (context, NCCL, allocator cache included).
+    held = best.held_bytes
+    what = "device memory at the peak (NVML)" if "peak_mem_device_bytes" in m else "peak memory"
     checks.append(_check(
-        "peak_within_cap", "peak memory within cap", None if peak is None else peak <= cap, True, peak, cap,
-        f"{fmt_mem(peak, unit)} of {fmt_mem(cap, unit)} cap ({spec.objective.memory_cap:.0%} of "
-        f"{fmt_mem(rank_mem, unit)})" if peak is not None else "peak memory not measured"))
+        "peak_within_cap", f"{what} within cap", None if held is None else held <= cap, True, held, cap,
+        f"{fmt_mem(held, unit)} of {fmt_mem(cap, unit)} cap ({spec.objective.memory_cap:.0%} of "
+        f"{fmt_mem(rank_mem, unit)})" if held is not None else "peak memory not measured"))
 
     pred = best.prediction.get("pred_peak_mem_bytes")
     err = (pred - peak) / peak if pred is not None and peak else None
@@ -587,6 +595,11 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
                          fmt_pct(measured / m["peak_bytes"]) if measured is not None and m["peak_bytes"] else "-"])
         peak, pred = m["peak_bytes"], m["predicted_peak_bytes"]
         rows.append(["peak (sum)", num(peak), num(pred), fmt_error(pred, peak), fmt_pct(1.0) if peak else "-"])
+        for label, key in (("reserved by the allocator", "reserved"), ("used on the device (NVML)", "device")):
+            got, want = m.get(f"{key}_bytes"), m.get(f"predicted_{key}_bytes")
+            if got is not None or want is not None:
+                rows.append([label, num(got), num(want), fmt_error(want, got),
+                             fmt_pct(got / peak) if got is not None and peak else "-"])
         blocks = [
             ("p", "Worst rank, measured during a tracked training step; predictions from the analytic memory model."),
             ("table", ["category", f"measured {unit['name']}", f"predicted {unit['name']}",

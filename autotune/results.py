@@ -39,6 +39,12 @@ class TrialRecord:
     def tokens_per_s(self) -> float:
         return float(self.metrics.get("tokens_per_s", 0.0))
 
+    @property
+    def held_bytes(self) -> float | None:
+        """The memory checked against the cap: on CUDA the device's used memory at the peak
+        (what runs out), elsewhere the measured peak."""
+        return self.metrics.get("peak_mem_device_bytes", self.metrics.get("peak_mem_bytes"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"number": self.number, "layout": self.layout.params(), "layout_key": self.layout.key,
                 "status": self.status.value, "reason": self.reason, "metrics": dict(self.metrics),
@@ -124,9 +130,9 @@ class StudyResult:
         return sorted((pool(runs) for runs in self.measurements().values()), key=lambda t: t.number)
 
     def fitting(self) -> list[TrialRecord]:
-        """`ok_trials` whose measured peak stayed within the memory cap."""
+        """`ok_trials` whose measured memory (on CUDA the device's) stayed within the memory cap."""
         cap = self.spec.objective.memory_cap * self.spec.cluster.memory_bytes
-        return [t for t in self.ok_trials() if t.metrics.get("peak_mem_bytes", 0) <= cap]
+        return [t for t in self.ok_trials() if (t.held_bytes or 0) <= cap]
 
     def best(self) -> TrialRecord | None:
         """Fastest trial that ran and stayed within the memory cap."""

@@ -77,3 +77,46 @@ def test_grad_overlap_quick():
     for per in data["layouts"].values():
         assert per["flat"]["mem_grads_bytes"] == per["bucketed"]["mem_grads_bytes"] > 0
         assert per["step_time_ratio"] > 0 and per["peak_mem_ratio"] > 0
+
+
+def _gpu_check(out: Path, *args: str, env: dict[str, str] | None = None, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--out", str(out), *args],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "gpu_check_cpu.json").read_text())
+
+
+def test_gpu_check_on_cpu_runs_every_part(tmp_path):
+    """The device check's own command with --device cpu: the tiny preset through every part."""
+    data = _gpu_check(tmp_path, timeout=1300)
+    parts = data["parts"]
+    assert {p: parts[p]["status"] for p in ("small", "moe64e", "study")} == {"small": "ok", "moe64e": "ok",
+                                                                            "study": "ok"}, parts
+    for name in ("small", "moe64e"):
+        run = parts[name]
+        assert run["tokens_per_s"] > 0 and run["mfu_vs_matmul"] > 0
+        assert 0.8 < run["alloc_bytes"] / run["pred_alloc_bytes"] < 1.25  # the memory model on a real run
+    # As many layers as fit the CPU budget by the memory model, and no more.
+    assert 1 <= parts["moe64e"]["n_layers"] <= 4 and parts["moe64e"]["pred_alloc_bytes"] <= parts["moe64e"]["fit_budget_bytes"]
+    assert parts["study"]["best_layout"] and (tmp_path / "gpu_check_cpu_study_report.md").stat().st_size > 0
+    rows = (tmp_path / "gpu_check_cpu.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("part,status")
+
+
+def test_gpu_check_skips_the_study_without_the_tuner(tmp_path):
+    """Where ray/optuna/mlflow/pydantic do not import (the GPU machine), the study part says so."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ray', 'mlflow'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, _Absent())\n")
+    data = _gpu_check(tmp_path / "out", "--parts", "study", env={"PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"},
+                      timeout=300)
+    study = data["parts"]["study"]
+    assert study["status"] == "skipped" and "ray, mlflow not installed" in study["reason"]
+    assert data["probe"]["name"] == "cpu" and "small" not in data["parts"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from autotune.schema import MEMORY_CATEGORIES, SUMMARY_METRICS
+from autotune.schema import DEVICE_MEMORY_METRICS, MEMORY_CATEGORIES, SUMMARY_METRICS
 from tests.launch import free_port, launch
 from trainables.moe.train import RunConfig, main
 
@@ -63,7 +63,9 @@ def test_torchrun_four_ranks_ep2_tp2_prints_the_single_rank_losses(tmp_path):
         summary = lines[-1]
         assert summary["world_size"] == n and summary["status"] == "ok"
         for key in SUMMARY_METRICS:
-            assert key in summary or key == "mfu", key  # no known peak FLOP/s on a CPU
+            # no known peak FLOP/s on a CPU, and no allocator or device memory to read
+            assert key in summary or key in ("mfu", *DEVICE_MEMORY_METRICS), key
+        assert not set(DEVICE_MEMORY_METRICS) & set(summary)
         assert len(summary["ranks"]) == n
     one, four = [[r["loss"] for r in runs[n][:-1]] for n in (1, 4)]
     for a, b in zip(four, one):
