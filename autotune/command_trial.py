@@ -26,6 +26,7 @@ from autotune.layout import Layout
 from autotune.placement import rank_resources
 from autotune.schema import Status
 from autotune.spec import Spec
+from trainables.command_template import layout_spellings
 
 GRACE_S = 15.0  # beyond the command's own budget: its SIGTERM/SIGKILL grace and the task's return
 
@@ -48,11 +49,13 @@ class CommandTrial:
     command: tuple[str, ...]
     values: dict[str, Any]  # layout placeholders; the node ones are added per node
     metrics_regex: dict[str, str] | None
+    metrics_preset: str | None = None
     env_holder: str | None = None  # the named actor holding trainable.env (`EnvHolder`), not the values
     cwd: str = "."
     trial_dir: str = "."
     warmup_steps: int = 0
     tokens_per_step: float | None = None
+    shape: tuple[int, int, int] | None = None  # seq_len, world size, global batch: to derive printed figures
 
 
 @ray.remote(num_cpus=0)
@@ -96,9 +99,13 @@ def command_trial(spec: Spec, number: int, layout: Layout, env_holder: str | Non
               "micro_batch_size": layout.micro_batch_size, "global_batch_size": spec.search.global_batch_size,
               "seq_len": spec.search.seq_len, "world_size": layout.world_size, "seed": spec.study.seed,
               "precision": layout.precision, "recompute": layout.recompute, "schedule": layout.schedule}
+    values.update(layout_spellings(layout.precision, layout.recompute, spec.search.global_batch_size,
+                                   layout.micro_batch_size, layout.dp, layout.ep))
     trial_dir = (spec.study.directory() / "trials" / f"{number:04d}").resolve()
-    return CommandTrial(tuple(t.command), values, t.metrics_regex, env_holder, str(t.directory()), str(trial_dir),
-                        spec.budget.warmup_steps, float(spec.search.global_batch_size * spec.search.seq_len))
+    return CommandTrial(tuple(t.command), values, t.metrics_regex, t.metrics_preset, env_holder, str(t.directory()),
+                        str(trial_dir), spec.budget.warmup_steps,
+                        float(spec.search.global_batch_size * spec.search.seq_len),
+                        (spec.search.seq_len, layout.world_size, spec.search.global_batch_size))
 
 
 def _free_port() -> tuple[str, int]:
@@ -109,7 +116,7 @@ def _free_port() -> tuple[str, int]:
 
 def _node_main(trial: CommandTrial, node_rank: int, nnodes: int, nproc: int, master_addr: str, master_port: int,
                timeout_s: float) -> dict[str, Any]:
-    from trainables.command import render_argv, run_command
+    from trainables.command import RunShape, render_argv, run_command
 
     node_dir = Path(trial.trial_dir) / f"node{node_rank}"
     node_dir.mkdir(parents=True, exist_ok=True)
@@ -118,11 +125,16 @@ def _node_main(trial: CommandTrial, node_rank: int, nnodes: int, nproc: int, mas
               "metrics_file": str(node_dir / "metrics.jsonl")}
     argv = render_argv(trial.command, values)
     env = ray.get(ray.get_actor(trial.env_holder).get.remote()) if trial.env_holder else {}
-    out = run_command(argv, env=env, cwd=trial.cwd,
-                      metrics_file=None if trial.metrics_regex is not None else values["metrics_file"],
-                      metrics_regex=trial.metrics_regex, timeout_s=timeout_s, log_path=node_dir / "command.log",
-                      warmup_steps=trial.warmup_steps, tokens_per_step=trial.tokens_per_step)
-    return {"status": out.status.value, "reason": out.reason, "summary": out.summary, "steps": out.steps,
+    printed = trial.metrics_regex is not None or trial.metrics_preset is not None
+    out = run_command(argv, env=env, cwd=trial.cwd, metrics_file=None if printed else values["metrics_file"],
+                      metrics_regex=trial.metrics_regex, metrics_preset=trial.metrics_preset, timeout_s=timeout_s,
+                      log_path=node_dir / "command.log", warmup_steps=trial.warmup_steps,
+                      tokens_per_step=trial.tokens_per_step, shape=RunShape(*trial.shape) if trial.shape else None)
+    reason = out.reason
+    if out.status == Status.OK and out.derived:  # the report says which figures autotune computed, from what
+        how = f" (metrics_preset {trial.metrics_preset})" if trial.metrics_preset else ""
+        reason = f"derived{how}: " + "; ".join(f"{k} = {v}" for k, v in sorted(out.derived.items()))
+    return {"status": out.status.value, "reason": reason, "summary": out.summary, "steps": out.steps,
             "node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
             "log": str(out.log_path)}
 
@@ -178,6 +190,7 @@ def run_command_trial(trial: CommandTrial, placement: CommandPlacement, timeout_
                 f"{r['reason']} (log: {r['log']})"
             return outcome
         outcome.summary, outcome.steps = results[0]["summary"], results[0]["steps"]
+        outcome.reason = results[0]["reason"]
         return outcome
     finally:
         for ref in refs:

@@ -351,7 +351,9 @@ def _best_section(result: StudyResult, best: TrialRecord) -> dict[str, Any]:
                         "step_time_s": m.get("step_time_s"), "step_time_p90_s": m.get("step_time_p90_s"),
                         "step_time_min_s": min(times) if times else None,
                         "step_time_max_s": max(times) if times else None, "measured_steps": len(times),
-                        "mfu": mfu, "mfu_note": "" if mfu is not None else NO_MFU},
+                        "mfu": mfu, "mfu_note": "" if mfu is not None else NO_MFU,
+                        # figures autotune computed from the program's printed ones (trainables.command_metrics)
+                        "derived": best.reason if best.reason.startswith("derived") else ""},
         "moe": {"n_experts": model.n_experts, "top_k": model.top_k, "ep": best.layout.ep,
                 "experts_per_rank": model.n_experts // best.layout.ep,
                 "expert_load_imbalance": m.get("expert_load_imbalance"),
@@ -628,7 +630,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
             f"Step time (p90): {fmt_ms(p['step_time_p90_s'])} ms",
             f"Step time spread: {spread}",
             f"MFU: {fmt_pct(p['mfu'])}" if p["mfu"] is not None else f"MFU: {p['mfu_note']}",
-        ])]))
+        ] + ([f"Not printed by the program, computed by autotune: {p['derived']}"] if p.get("derived") else []))]))
 
         e, loss = best["moe"], best["loss"]
         out.append(("Experts and loss", [("list", [

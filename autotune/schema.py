@@ -17,6 +17,7 @@ class Status(str, Enum):
     PRUNED_BY_MEMORY_MODEL = "pruned_by_memory_model"
     EARLY_STOPPED = "early_stopped"
     NODE_LOST = "node_lost"
+    NO_METRICS = "no_metrics"  # the program ran to its end but printed or wrote nothing autotune could read
 
 
 # Memory categories on the worst rank; each has a `pred_` twin from the memory model.

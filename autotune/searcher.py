@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 RECORD_ATTR = "record"
 KEY_ATTR = "layout_key"
 MAX_FREE_PROPOSALS = 2000
-FAILED_STATUSES = {Status.OOM, Status.TIMEOUT, Status.CRASHED, Status.NODE_LOST, Status.INVALID}
+FAILED_STATUSES = {Status.OOM, Status.TIMEOUT, Status.CRASHED, Status.NODE_LOST, Status.INVALID, Status.NO_METRICS}
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage | str:

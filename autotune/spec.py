@@ -401,6 +401,8 @@ class TrainableSpec(_Strict):
 
     command: list[str] = Field(min_length=1)
     metrics_regex: dict[str, str] | None = None  # default: JSON lines in the file {metrics_file} names
+    # a framework's standard printed lines (trainables/presets.py); metrics_regex beside it adds to it
+    metrics_preset: Literal["hf-trainer", "torchtitan", "megatron", "deepspeed"] | None = None
     env: dict[str, str] = {}  # added to the program's environment (values never written anywhere)
     cwd: str | None = None  # default: the folder autotune runs in
 
@@ -415,19 +417,18 @@ class TrainableSpec(_Strict):
             raise ValueError(str(exc)) from None
         return v
 
-    @field_validator("metrics_regex")
-    @classmethod
-    def _patterns(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None:
-            from trainables.command import compile_metrics_regex
-
-            compile_metrics_regex(v)  # raises ValueError naming the pattern and the fix
-        return v
-
     @model_validator(mode="after")
     def _a_metrics_channel(self) -> "TrainableSpec":
-        if self.metrics_regex is None and not any("{metrics_file}" in item for item in self.command):
+        if self.metrics_regex is not None or self.metrics_preset is not None:
+            from trainables.command import compile_metrics_regex
+            from trainables.presets import preset_patterns
+
+            patterns = (preset_patterns(self.metrics_preset, self.metrics_regex) if self.metrics_preset
+                        else self.metrics_regex)
+            compile_metrics_regex(patterns)  # raises ValueError naming the pattern and the fix
+        elif not any("{metrics_file}" in item for item in self.command):
             raise ValueError("command: pass '{metrics_file}' to the program (it writes JSON lines there), or set "
+                             "trainable.metrics_preset (hf-trainer, torchtitan, megatron, deepspeed) or "
                              "trainable.metrics_regex to read its printed lines")
         return self
 

@@ -8,15 +8,8 @@ run ended (`autotune.schema.Status`).
 
 The command template
 --------------------
-A list of strings, one argv element each. It runs **without a shell**: no quoting, globbing,
-pipes or `$VARS`; a value can never become a second argument. Placeholders, filled per trial:
-
-    whole numbers  {ep} {tp} {pp} {dp} {micro_batch_size} {global_batch_size} {seq_len}
-                   {nproc} {nnodes} {node_rank} {master_port} {world_size} {seed}
-    text           {precision} {recompute} {schedule} {master_addr} {metrics_file} {trial_dir}
-
-`{{` and `}}` are literal braces. Text values may only use letters, digits and `. _ : / @ -`
-and may not start with `-`. Example::
+A list of strings, one argv element each, run **without a shell**; its placeholders and their
+rules are in `trainables.command_template`. Example::
 
     ["torchrun", "--nproc-per-node", "{nproc}", "--nnodes", "{nnodes}", "--node-rank", "{node_rank}",
      "--master-addr", "{master_addr}", "--master-port", "{master_port}", "train.py",
@@ -46,12 +39,17 @@ The minimal metrics contract
   that knows it failed may add `"status": "oom"` (any `Status` value) and a `"reason"`.
 * No summary line is needed when the steps carry `step_time_s` or `tokens_per_s`.
 
-**Printed lines only**: `metrics_regex` maps metric names to regular expressions with exactly
+**Printed lines only**: `metrics_preset` (`hf-trainer`, `torchtitan`, `megatron`, `deepspeed`:
+`trainables.presets`) reads a framework's standard log lines as they are; `metrics_regex` maps metric names to regular expressions with exactly
 one group, searched (`re.search`) in each stdout line; anchor them (`^step ...`) so that other
 lines mentioning the same words are not read as steps. A line matching `step_time_s`,
 `tokens_per_s` or `loss` is one step (with `step` from a `step` pattern on the same line, else
 counted); a match of any other summary metric (e.g. `peak_mem_bytes`) sets that summary value
-(the last match wins). The summary is then computed from the steps as above. Python programs
+(the last match wins; for peak memory the largest). Figures in other units (`step_time_ms`,
+`tokens_per_s_per_device`, `step_samples_per_s` per step; `samples_per_s`, `steps_per_s`,
+`peak_mem_gib`, `peak_mem_mib` for the run) are turned into autotune's metrics with the trial's
+sequence length, world size and global batch (`trainables.command_metrics`), and the outcome says
+which figure was derived from what. The summary is then computed from the steps as above. Python programs
 print unbuffered here (`PYTHONUNBUFFERED=1`), so their lines arrive as they are printed.
 
 How a run ends
@@ -59,22 +57,18 @@ How a run ends
 `ok`; `timeout` (the whole process group is stopped: SIGTERM, then SIGKILL after a grace);
 `oom` (a non-zero exit whose output shows an out-of-memory error: `torch.OutOfMemoryError`,
 `CUDA out of memory`, a Python `MemoryError`, or `Killed` with exit -9/137); `crashed` (any other
-non-zero exit, with the exit code or signal and the last stderr line; or an exit 0 that reported
-no metrics). Processes the command leaves behind are stopped when it exits.
+non-zero exit, with the exit code or signal and the last stderr line); `no_metrics` (an exit 0
+whose output gave no step, or no speed: the reason names the preset or patterns that did not match
+and quotes the last lines of output). Processes the command leaves behind are stopped when it exits.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import math
-import operator
 import os
 import queue
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import threading
 import time
@@ -83,375 +77,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from autotune.schema import STEP_METRICS, SUMMARY_METRICS, Status
-
-INT_PLACEHOLDERS: tuple[str, ...] = (
-    "ep", "tp", "pp", "dp", "micro_batch_size", "global_batch_size", "seq_len",
-    "nproc", "nnodes", "node_rank", "master_port", "world_size", "seed",
+from autotune.schema import Status
+from trainables.command_metrics import (  # noqa: F401  (re-exported: the module's public names)
+    MAX_LINE, REGEX_NAMES, FileTail, Metrics, RunShape, compile_metrics_regex, match_line,
 )
-TEXT_PLACEHOLDERS: tuple[str, ...] = (
-    "precision", "recompute", "schedule", "master_addr", "metrics_file", "trial_dir",
+from trainables.command_template import (  # noqa: F401
+    INT_PLACEHOLDERS, PLACEHOLDERS, TEXT_PLACEHOLDERS, TemplateError, check_template, layout_spellings, render_argv,
 )
-PLACEHOLDERS: tuple[str, ...] = INT_PLACEHOLDERS + TEXT_PLACEHOLDERS
+from trainables.presets import PRESETS, preset_patterns
 
-SAFE_TEXT = re.compile(r"[A-Za-z0-9._:/@-]+")
-SAFE_CHARS = "letters, digits and . _ : / @ -"
-MAX_TEXT = 4096
-MAX_LINE = 1 << 20  # longer lines (stdout or metrics file) are cut / skipped
 DEFAULT_GRACE_S = 5.0
 LOG_NAME = "command.log"
+TAIL_LINES = 5  # lines of output quoted when a program printed nothing usable
 
-REGEX_NAMES: tuple[str, ...] = ("step",) + tuple(dict.fromkeys(STEP_METRICS + SUMMARY_METRICS))
 # Output that means the program ran out of memory (searched in the last lines of both streams).
 OOM_PATTERNS = re.compile(
     r"OutOfMemoryError|CUDA out of memory|CUDA error: out of memory|HIP out of memory"
     r"|RESOURCE_EXHAUSTED: Out of memory|std::bad_alloc|^MemoryError\b|\bMemoryError:"
 )
 KILLED_LINE = re.compile(r"\bKilled\b")  # a shell's report of a SIGKILLed child: "<pid> Killed  <command>"
-
-
-class TemplateError(ValueError):
-    """A command template or a value for it that cannot be used; one line naming the item and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The template
-
-
-_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-
-
-def _where(index: int, item: str) -> str:
-    shown = item if len(item) <= 60 else item[:57] + "..."
-    return f"template item {index} ({shown!r})"
-
-
-def _parse_item(index: int, item: Any) -> list[tuple[str, str]]:
-    """An item as (kind, text) parts: ('text', literal) or ('field', placeholder name)."""
-    if not isinstance(item, str):
-        kind = "true/false" if isinstance(item, bool) else type(item).__name__
-        raise TemplateError(f"template item {index} is {kind} ({item!r}), not text; write every argv element "
-                            f"as a string, e.g. {str(item)!r}")
-    if "\x00" in item:
-        raise TemplateError(f"{_where(index, item)} holds a NUL character, which no argument can carry; remove it")
-    parts: list[tuple[str, str]] = []
-    pos = 0
-    for m in _TOKEN.finditer(item):
-        if m.start() > pos:
-            parts.append(("text", item[pos:m.start()]))
-        pos = m.end()
-        token = m.group(0)
-        if token in ("{{", "}}"):
-            parts.append(("text", token[0]))
-        elif token in ("{", "}"):
-            raise TemplateError(f"{_where(index, item)}: unmatched {token!r} at column {m.start() + 1}; write "
-                                f"{token * 2!r} for a literal brace, or a placeholder such as '{{ep}}'")
-        else:
-            name = m.group(1)
-            if name not in PLACEHOLDERS:
-                raise TemplateError(f"{_where(index, item)}: {_unknown(name)}")
-            parts.append(("field", name))
-    if pos < len(item):
-        parts.append(("text", item[pos:]))
-    return parts
-
-
-def _unknown(name: str) -> str:
-    if not name.strip():
-        return "empty placeholder {}; write a name such as {ep}, or {{}} for literal braces"
-    base = re.split(r"[:!.\[]", name, maxsplit=1)[0].strip()
-    if base in PLACEHOLDERS and base != name:
-        return (f"{{{name}}} has a format spec, conversion or attribute; write {{{base}}} "
-                f"(the value is inserted as it is)")
-    close = difflib.get_close_matches(name, PLACEHOLDERS, n=1, cutoff=0.6)
-    hint = f"did you mean {{{close[0]}}}? " if close else ""
-    return (f"unknown placeholder {{{name}}}; {hint}use one of "
-            + " ".join("{" + p + "}" for p in PLACEHOLDERS) + " (or {{ }} for literal braces)")
-
-
-def check_template(template: Sequence[str]) -> set[str]:
-    """Validate a template's syntax; return the placeholders it uses."""
-    if isinstance(template, (str, bytes)):
-        raise TemplateError("the command template is text, not a list; give one string per argument, "
-                            f"e.g. {shlex.split(template if isinstance(template, str) else template.decode())!r} "
-                            f"(it runs without a shell)")
-    if not isinstance(template, (list, tuple)):
-        raise TemplateError(f"the command template is {type(template).__name__}, not a list of strings; "
-                            f"give one string per argument")
-    if not template:
-        raise TemplateError("the command template is empty; give the program and its arguments, "
-                            "e.g. ['python', 'train.py', '--ep', '{ep}']")
-    used: set[str] = set()
-    for i, item in enumerate(template):
-        used.update(name for kind, name in _parse_item(i, item) if kind == "field")
-    if not template[0].strip():
-        raise TemplateError("template item 0 (the program) is empty; give the program to run")
-    return used
-
-
-def _check_value(name: str, value: Any, where: str) -> str:
-    if name in INT_PLACEHOLDERS:
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            number = operator.index(value)
-        except TypeError:
-            raise TemplateError(f"{where}: {{{name}}} must be a whole number, got {type(value).__name__} "
-                                f"{value!r}; pass an int") from None
-        if number < 0:
-            raise TemplateError(f"{where}: {{{name}}} is {number}; it must be 0 or more")
-        return str(number)
-    if not isinstance(value, str):
-        raise TemplateError(f"{where}: {{{name}}} must be text, got {type(value).__name__} {value!r}; "
-                            f"pass a string")
-    if not value:
-        raise TemplateError(f"{where}: {{{name}}} is empty; give a non-empty value")
-    if len(value) > MAX_TEXT:
-        raise TemplateError(f"{where}: {{{name}}} is {len(value)} characters long, over {MAX_TEXT}; shorten it")
-    if not SAFE_TEXT.fullmatch(value):
-        bad = next(c for c in value if not SAFE_TEXT.fullmatch(c))
-        raise TemplateError(f"{where}: {{{name}}} value {value!r} holds {bad!r}; values may only use "
-                            f"{SAFE_CHARS} (the command runs without a shell, each value stays one argument)")
-    if value.startswith("-"):
-        raise TemplateError(f"{where}: {{{name}}} value {value!r} starts with '-', which the program would read "
-                            f"as an option; give a value that starts with a letter, digit, '.' or '/'")
-    return value
-
-
-def render_argv(template: Sequence[str], values: Mapping[str, object]) -> list[str]:
-    """Fill a command template for one trial: one template item -> one argv element.
-
-    Only the placeholders the template uses need a value; other keys of `values` are ignored.
-    Raises `TemplateError` (a ValueError) naming the item and the fix.
-    """
-    check_template(template)
-    argv: list[str] = []
-    for i, item in enumerate(template):
-        out = []
-        for kind, text in _parse_item(i, item):
-            if kind == "text":
-                out.append(text)
-                continue
-            if text not in values:
-                raise TemplateError(f"{_where(i, item)}: no value for {{{text}}}; pass it in the values "
-                                    f"(or remove the placeholder)")
-            out.append(_check_value(text, values[text], _where(i, item)))
-        argv.append("".join(out))
-    return argv
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-
-
-def _number(value: Any) -> int | float | None:
-    """A JSON number as it was written (byte counts stay whole); anything else is None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-class _Metrics:
-    """Steps and summary values as they arrive, from either channel."""
-
-    def __init__(self, warmup_steps: int, on_step: Callable[[dict[str, Any]], None] | None) -> None:
-        self.warmup_steps = warmup_steps
-        self.on_step = on_step
-        self.steps: list[dict[str, Any]] = []
-        self.summary: dict[str, Any] = {}
-        self.summary_status: tuple[str, str] | None = None
-        self.saw_summary = False
-        self.notes: list[str] = []
-        self._ignored = 0
-
-    def note(self, text: str) -> None:
-        if len(self.notes) < 20:
-            self.notes.append(text)
-        self._ignored += 1
-
-    def add_step(self, raw: Mapping[str, Any], where: str) -> None:
-        step: dict[str, Any] = {"type": "step"}
-        number = raw.get("step")
-        if isinstance(number, bool) or not isinstance(number, int):
-            if number is not None:
-                self.note(f"{where}: 'step' {number!r} is not a whole number; counted instead")
-            number = len(self.steps)
-        step["step"] = number
-        phase = raw.get("phase")
-        if phase not in ("warmup", "measure"):
-            phase = "warmup" if len(self.steps) < self.warmup_steps else "measure"
-        step["phase"] = phase
-        for name in STEP_METRICS:
-            if name in raw:
-                value = _number(raw[name])
-                if value is None:
-                    self.note(f"{where}: {name} {raw[name]!r} is not a number; left out")
-                else:
-                    step[name] = value
-        self.steps.append(step)
-        if self.on_step is not None:
-            self.on_step(dict(step))
-
-    def add_summary(self, raw: Mapping[str, Any], where: str) -> None:
-        self.saw_summary = True
-        for name in SUMMARY_METRICS:
-            if name in raw:
-                value = _number(raw[name])
-                if value is None:
-                    self.note(f"{where}: summary {name} {raw[name]!r} is not a number; left out")
-                else:
-                    self.summary[name] = value
-        status = raw.get("status")
-        if status is not None:
-            try:
-                self.summary_status = (Status(status).value, str(raw.get("reason") or ""))
-            except ValueError:
-                self.note(f"{where}: summary status {status!r} is not one of "
-                          f"{', '.join(s.value for s in Status)}; ignored")
-
-    def record(self, obj: Any, where: str) -> None:
-        if not isinstance(obj, dict):
-            self.note(f"{where}: not a JSON object; ignored")
-            return
-        kind = obj.get("type")
-        if kind == "step":
-            self.add_step(obj, where)
-        elif kind == "summary":
-            self.add_summary(obj, where)
-
-    def computed(self, tokens_per_step: float | None) -> dict[str, Any]:
-        """The summary: what the program reported, completed from the measured steps."""
-        measured = [s for s in self.steps if s["phase"] == "measure"] or self.steps
-        out: dict[str, Any] = {}
-        times = [s["step_time_s"] for s in measured if "step_time_s" in s]
-        if times:
-            out["step_time_s"] = statistics.median(times)
-            out["step_time_p90_s"] = _percentile(times, 0.9)
-        rates = [s["tokens_per_s"] for s in measured if "tokens_per_s" in s]
-        if tokens_per_step and times and out["step_time_s"] > 0:
-            out["tokens_per_s"] = tokens_per_step / out["step_time_s"]
-        elif rates:
-            out["tokens_per_s"] = statistics.median(rates)
-        losses = [s["loss"] for s in self.steps if "loss" in s]
-        if losses:
-            out["loss_first"], out["loss_last"] = losses[0], losses[-1]
-        out.update(self.summary)
-        if "tokens_per_s" not in out and tokens_per_step and out.get("step_time_s"):
-            out["tokens_per_s"] = tokens_per_step / out["step_time_s"]
-        return out
-
-    @property
-    def ignored(self) -> int:
-        return self._ignored
-
-
-class _FileTail:
-    """A JSON-lines file another process appends to, read one complete line at a time."""
-
-    def __init__(self, path: Path, metrics: _Metrics) -> None:
-        self.path, self.metrics = path, metrics
-        self.offset = 0
-        self.buffer = b""
-        self.lineno = 0
-        self.exists = False
-
-    def poll(self, final: bool = False) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                self.exists = True
-                size = os.fstat(f.fileno()).st_size
-                if size < self.offset:  # rewritten from the start
-                    self.metrics.note(f"{self.path.name}: the file shrank while being read; read again from the top")
-                    self.offset, self.buffer = 0, b""
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            self.metrics.note(f"{self.path.name}: cannot be read ({exc.strerror or exc})")
-            return
-        self.offset += len(data)
-        self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        if final and self.buffer:
-            lines.append(self.buffer)
-            self.buffer = b""
-        if len(self.buffer) > MAX_LINE:
-            self.metrics.note(f"{self.path.name}: a line longer than {MAX_LINE} bytes was skipped")
-            self.buffer = b""
-        for raw in lines:
-            self.lineno += 1
-            if not raw.strip():
-                continue
-            where = f"{self.path.name}:{self.lineno}"
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self.metrics.note(f"{where}: not JSON; ignored")
-                continue
-            self.metrics.record(obj, where)
-
-
-def compile_metrics_regex(patterns: Mapping[str, str | re.Pattern[str]]) -> dict[str, re.Pattern[str]]:
-    """Check a `metrics_regex` mapping: known metric names, one group each."""
-    if not isinstance(patterns, Mapping) or not patterns:
-        raise ValueError("metrics_regex must be a non-empty mapping of metric name -> regex with one group, "
-                         "e.g. {'step_time_s': r'step time ([0-9.]+) s'}")
-    compiled: dict[str, re.Pattern[str]] = {}
-    for name, pattern in patterns.items():
-        if name not in REGEX_NAMES:
-            close = difflib.get_close_matches(str(name), REGEX_NAMES, n=1, cutoff=0.6)
-            raise ValueError(f"metrics_regex: {name!r} is not a metric name; "
-                             + (f"did you mean {close[0]!r}? " if close else "")
-                             + f"use step, {', '.join(STEP_METRICS)} or a summary metric from autotune.schema")
-        try:
-            rx = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
-        except (re.error, TypeError) as exc:
-            raise ValueError(f"metrics_regex: {name}: {pattern!r} is not a valid regex ({exc}); fix it") from None
-        if rx.groups != 1:
-            raise ValueError(f"metrics_regex: {name}: {rx.pattern!r} has {rx.groups} groups; it needs exactly one, "
-                             f"around the number (use (?:...) for other groups)")
-        compiled[name] = rx
-    if not any(n in compiled for n in STEP_METRICS):
-        raise ValueError(f"metrics_regex: no pattern for {', '.join(STEP_METRICS)}; at least one is needed to "
-                         f"see steps")
-    return compiled
-
-
-def _match_line(patterns: dict[str, re.Pattern[str]], line: str) -> tuple[dict[str, Any], dict[str, float], list[str]]:
-    """One printed line -> (step fields, summary values, problems)."""
-    step: dict[str, Any] = {}
-    summary: dict[str, float] = {}
-    problems: list[str] = []
-    for name, rx in patterns.items():
-        m = rx.search(line)
-        if not m or m.group(1) is None:
-            continue
-        text = m.group(1)
-        try:
-            value: int | float = int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", text) else float(text)
-        except ValueError:
-            problems.append(f"{name} matched {text!r}, which is not a number")
-            continue
-        if name == "step":
-            if isinstance(value, int):
-                step["step"] = value
-            else:
-                problems.append(f"step matched {text!r}, which is not a whole number")
-        elif name in STEP_METRICS:
-            step[name] = value
-        else:
-            summary[name] = value
-    if not any(n in step for n in STEP_METRICS):
-        step = {}
-    return step, summary, problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +112,7 @@ class CommandOutcome:
     duration_s: float
     log_path: Path
     notes: list[str] = field(default_factory=list)  # metric lines that were ignored, and why
+    derived: dict[str, str] = field(default_factory=dict)  # metric -> the printed figure it was computed from
 
 
 def _group_alive(pgid: int) -> bool:
@@ -583,11 +228,13 @@ def run_command(
     cwd: str | os.PathLike[str] | None = None,
     metrics_file: str | os.PathLike[str] | None = None,
     metrics_regex: Mapping[str, str | re.Pattern[str]] | None = None,
+    metrics_preset: str | None = None,
     timeout_s: float,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     log_path: str | os.PathLike[str] | None = None,
     warmup_steps: int = 0,
     tokens_per_step: float | None = None,
+    shape: RunShape | None = None,
     grace_s: float = DEFAULT_GRACE_S,
     poll_s: float = 0.05,
 ) -> CommandOutcome:
@@ -597,8 +244,8 @@ def run_command(
       (its own process group), stdin closed.
     * `env`: variables set on top of this process's environment (None removes one);
       `PYTHONUNBUFFERED=1` is set unless given.
-    * `metrics_file` (relative to `cwd`) or `metrics_regex`: where the metrics come from, exactly
-      one of them (see the module docstring). An existing metrics file is removed first, so a
+    * `metrics_file` (relative to `cwd`), or `metrics_preset` and/or `metrics_regex`: where the
+      metrics come from, the file or the printed lines (see the module docstring). An existing metrics file is removed first, so a
       previous run's lines are never read as this one's.
     * `on_step(step)`: called in this thread for each step as it arrives, with
       `{"type": "step", "step", "phase", and any of "loss", "step_time_s", "tokens_per_s"}`.
@@ -606,30 +253,37 @@ def run_command(
     * `log_path`: where stdout and stderr go, line by line (default `<cwd>/command.log`).
     * `warmup_steps`: steps without a `phase` that count as warm-up (left out of the summary).
     * `tokens_per_step`: global batch x sequence length, to compute `tokens_per_s` from step times.
+    * `shape`: the trial's sequence length, world size and global batch, to turn printed figures in
+      other units (samples/s, steps/s, tokens/s per device, ms) into autotune's metrics.
     * `grace_s`: between SIGTERM and SIGKILL when the process group is stopped.
 
     A command that cannot start returns `crashed` with the reason; nothing here raises for a
     failed run. Bad arguments (neither or both metric sources, a bad regex) raise ValueError.
     """
-    if (metrics_file is None) == (metrics_regex is None):
+    printed_lines = metrics_regex is not None or metrics_preset is not None
+    if (metrics_file is None) == (not printed_lines):
         raise ValueError("give exactly one of metrics_file (a JSON-lines file the program writes) or "
-                         "metrics_regex (patterns for its printed lines)")
+                         "metrics_preset / metrics_regex (patterns for its printed lines)")
     if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
         raise ValueError("argv must be a non-empty list of strings (use render_argv on the template)")
-    patterns = compile_metrics_regex(metrics_regex) if metrics_regex is not None else None
+    patterns = None
+    if metrics_preset is not None:
+        patterns = compile_metrics_regex(preset_patterns(metrics_preset, metrics_regex))
+    elif metrics_regex is not None:
+        patterns = compile_metrics_regex(metrics_regex)
     workdir = Path(cwd) if cwd is not None else Path.cwd()
     log = Path(log_path) if log_path is not None else workdir / LOG_NAME
     log.parent.mkdir(parents=True, exist_ok=True)
-    metrics = _Metrics(max(0, int(warmup_steps)), on_step)
+    metrics = Metrics(max(0, int(warmup_steps)), on_step, shape, unique_steps=metrics_preset is not None)
     tail = None
     if metrics_file is not None:
         mpath = Path(metrics_file)
         mpath = mpath if mpath.is_absolute() else workdir / mpath
         mpath.parent.mkdir(parents=True, exist_ok=True)
         mpath.unlink(missing_ok=True)
-        tail = _FileTail(mpath, metrics)
+        tail = FileTail(mpath, metrics)
 
     printed: queue.SimpleQueue[tuple[dict[str, Any], dict[str, float], list[str], int]] = queue.SimpleQueue()
     arrived = threading.Event()
@@ -638,7 +292,7 @@ def run_command(
     def parse_stdout(line: str) -> None:
         nonlocal counter
         counter += 1
-        step, summary, problems = _match_line(patterns, line)
+        step, summary, problems = match_line(patterns, line)
         if step or summary or problems:
             printed.put((step, summary, problems, counter))
             arrived.set()
@@ -673,7 +327,8 @@ def run_command(
                 break
             for p in problems:
                 metrics.note(f"stdout line {lineno}: {p}; left out")
-            metrics.summary.update(summary)
+            for name, value in summary.items():
+                metrics.set_summary(name, value)
             if step:
                 metrics.add_step(step, f"stdout line {lineno}")
         if tail is not None:
@@ -715,13 +370,14 @@ def run_command(
     if leftovers:
         notes.append("processes the command left running after it exited were stopped")
     status, reason = _classify(returncode, timed_out, killed, timeout_s, grace_s, metrics, summary,
-                               out_pump.tail, err_pump.tail, tail, patterns, log)
-    return CommandOutcome(status, reason, summary, metrics.steps, returncode, duration, log, notes)
+                               out_pump.tail, err_pump.tail, tail, patterns, metrics_preset, log)
+    return CommandOutcome(status, reason, summary, metrics.steps, returncode, duration, log, notes,
+                          dict(metrics.derived))
 
 
 def _classify(returncode: int | None, timed_out: bool, killed: bool, timeout_s: float, grace_s: float,
-              metrics: _Metrics, summary: dict[str, Any], out_tail: Iterable[str], err_tail: Iterable[str],
-              tail: _FileTail | None, patterns: dict[str, re.Pattern[str]] | None,
+              metrics: Metrics, summary: dict[str, Any], out_tail: Iterable[str], err_tail: Iterable[str],
+              tail: FileTail | None, patterns: dict[str, re.Pattern[str]] | None, preset: str | None,
               log_path: Path) -> tuple[Status, str]:
     if timed_out:
         how = f"SIGTERM, then SIGKILL after {grace_s:g} s" if killed else "SIGTERM"
@@ -753,16 +409,33 @@ def _classify(returncode: int | None, timed_out: bool, killed: bool, timeout_s: 
         if tail is not None:
             where = (f"{tail.path} holds no step or summary line" if tail.exists
                      else f"{tail.path} was never created")
-            return Status.CRASHED, _one_line(
-                f"the command exited 0 but reported no metrics: {where}; it must write JSON lines "
+            return Status.NO_METRICS, _one_line(
+                f"no metrics: the command exited 0 but {where}; it must write JSON lines "
                 f"({{\"type\": \"step\", ...}} per step, then {{\"type\": \"summary\", ...}}) to the path "
-                f"given by {{metrics_file}} (see trainables.command)")
-        names = ", ".join(sorted(patterns or {}))
-        return Status.CRASHED, _one_line(
-            f"the command exited 0 but reported no metrics: no stdout line matched metrics_regex ({names}); "
-            f"check the patterns against the printed lines in {log_path.name}")
+                f"given by {{metrics_file}} (see trainables.command); {_last_lines(out_lines, err_lines)}", 1200)
+        return Status.NO_METRICS, _one_line(
+            f"no metrics: the command exited 0 but no printed line matched {_what_read(patterns, preset)}; "
+            f"{_last_lines(out_lines, err_lines)} (all of it in {log_path})", 1200)
     if "tokens_per_s" not in summary and "step_time_s" not in summary:
-        return Status.CRASHED, _one_line(
-            "the command exited 0 but reported no throughput: neither tokens_per_s nor step_time_s in its steps "
-            "or summary; report at least one of them")
+        if tail is not None:
+            what = "neither tokens_per_s nor step_time_s in its steps or summary; report at least one of them"
+        else:
+            what = (f"{len(metrics.steps)} step line(s) matched {_what_read(patterns, preset)} but none gave a "
+                    f"speed (tokens_per_s, step_time_s, or a figure they are derived from)")
+        return Status.NO_METRICS, _one_line(
+            f"no metrics: the command exited 0 but reported no throughput: {what}; "
+            f"{_last_lines(out_lines, err_lines)}", 1200)
     return Status.OK, ""
+
+
+def _what_read(patterns: Mapping[str, re.Pattern[str]] | None, preset: str | None) -> str:
+    if preset is not None:
+        return f"metrics_preset {preset} ({PRESETS[preset].reads})"
+    return "metrics_regex (" + ", ".join(f"{k}: {rx.pattern}" for k, rx in sorted((patterns or {}).items())) + ")"
+
+
+def _last_lines(out_lines: list[str], err_lines: list[str]) -> str:
+    lines = out_lines[-TAIL_LINES:] or err_lines[-TAIL_LINES:]
+    if not lines:
+        return "it printed nothing"
+    return "its last lines: " + " | ".join(line.strip()[:160] for line in lines)

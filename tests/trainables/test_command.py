@@ -25,7 +25,8 @@ VALUES = {
     "ep": 2, "tp": 1, "pp": 1, "dp": 2, "micro_batch_size": 2, "global_batch_size": 16, "seq_len": 64,
     "precision": "bf16", "recompute": "none", "schedule": "1f1b", "nproc": 4, "nnodes": 1, "node_rank": 0,
     "master_addr": "10.0.0.7", "master_port": 29500, "world_size": 4, "metrics_file": "trial-3/metrics.jsonl",
-    "trial_dir": "/runs/study/trial-3", "seed": 0,
+    "trial_dir": "/runs/study/trial-3", "seed": 0, "grad_accum": 2, "dtype": "bfloat16", "bf16": "true",
+    "fp16": "false", "recompute_on": "false",
 }
 TOY = [sys.executable, "-m", "trainables.examples.toy_train", "--ep", "{ep}", "--tp", "{tp}", "--pp", "{pp}",
        "--dp", "{dp}", "--micro-batch-size", "{micro_batch_size}", "--global-batch-size", "{global_batch_size}",
@@ -326,21 +327,26 @@ def test_a_status_in_the_summary_line_is_kept(tmp_path):
     assert (out.status, out.reason) == (Status.OOM, "rank 3: expert buffers")
 
 
-def test_exit_zero_without_metrics_is_a_crash_that_says_why(tmp_path):
-    argv = script(tmp_path, "print('trained, but wrote nothing')\n")
+def test_exit_zero_without_metrics_is_no_metrics_with_the_last_lines(tmp_path):
+    argv = script(tmp_path, "print('warming up')\nprint('trained, but wrote nothing')\n")
     out = run_command(argv, cwd=tmp_path, metrics_file="m.jsonl", timeout_s=20)
-    assert out.status == Status.CRASHED and out.returncode == 0
-    assert out.reason.startswith(f"the command exited 0 but reported no metrics: {tmp_path / 'm.jsonl'} "
-                                 f"was never created")
+    assert out.status == Status.NO_METRICS and out.returncode == 0
+    assert out.reason.startswith(f"no metrics: the command exited 0 but {tmp_path / 'm.jsonl'} was never created")
+    assert out.reason.endswith("its last lines: warming up | trained, but wrote nothing")
     out = run_command(argv, cwd=tmp_path, metrics_regex={"tokens_per_s": r"(\d+) tok/s"}, timeout_s=20)
-    assert out.status == Status.CRASHED
-    assert "no stdout line matched metrics_regex (tokens_per_s)" in out.reason
+    assert out.status == Status.NO_METRICS
+    assert r"no printed line matched metrics_regex (tokens_per_s: (\d+) tok/s)" in out.reason
+    assert "its last lines: warming up | trained, but wrote nothing" in out.reason
+    out = run_command(argv, cwd=tmp_path, metrics_preset="torchtitan", timeout_s=20)
+    assert out.status == Status.NO_METRICS
+    assert "no printed line matched metrics_preset torchtitan (its step lines 'step: N loss:" in out.reason
 
 
-def test_steps_without_throughput_are_a_crash(tmp_path):
+def test_steps_without_throughput_are_no_metrics(tmp_path):
     argv = script(tmp_path, "print('step 0 loss 2.5')\n")
     out = run_command(argv, cwd=tmp_path, metrics_regex={"loss": r"loss (\S+)"}, timeout_s=20)
-    assert out.status == Status.CRASHED and "no throughput" in out.reason
+    assert out.status == Status.NO_METRICS and "no throughput" in out.reason
+    assert "1 step line(s) matched metrics_regex (loss: loss (\\S+))" in out.reason and "step 0 loss 2.5" in out.reason
 
 
 def test_stale_and_malformed_metric_lines(tmp_path):
@@ -359,7 +365,7 @@ def test_stale_and_malformed_metric_lines(tmp_path):
     assert out.notes == ["m.jsonl:1: not JSON; ignored", "m.jsonl:2: not a JSON object; ignored",
                          "m.jsonl:3: step_time_s 'fast' is not a number; left out",
                          "m.jsonl:5: summary status 'fine' is not one of ok, oom, timeout, crashed, invalid, "
-                         "pruned_by_memory_model, early_stopped, node_lost; ignored"]
+                         "pruned_by_memory_model, early_stopped, node_lost, no_metrics; ignored"]
 
 
 def test_a_missing_program_is_a_crash_not_an_exception(tmp_path):
