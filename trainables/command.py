@@ -49,8 +49,10 @@ counted); a match of any other summary metric (e.g. `peak_mem_bytes`) sets that 
 `tokens_per_s_per_device`, `step_samples_per_s` per step; `samples_per_s`, `steps_per_s`,
 `peak_mem_gib`, `peak_mem_mib` for the run) are turned into autotune's metrics with the trial's
 sequence length, world size and global batch (`trainables.command_metrics`), and the outcome says
-which figure was derived from what. The summary is then computed from the steps as above. Python programs
-print unbuffered here (`PYTHONUNBUFFERED=1`), so their lines arrive as they are printed.
+which figure was derived from what; a step line per figure in other units counts as a step too.
+With a preset, a step number seen before is another rank's copy of that step and is read once.
+The summary is then computed from the steps as above. Python programs print unbuffered here
+(`PYTHONUNBUFFERED=1`), so their lines arrive as they are printed.
 
 How a run ends
 --------------

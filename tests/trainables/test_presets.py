@@ -8,6 +8,7 @@ import json
 import statistics
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +222,52 @@ def test_user_patterns_beside_a_preset_replace_the_same_names(tmp_path):
         PRESETS["megatron"].patterns["step_time_ms"]
     with pytest.raises(ValueError, match="metrics_preset: 'nemo' is not a preset; use one of hf-trainer"):
         preset_patterns("nemo")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ready spaces
+
+
+@pytest.mark.parametrize("name, layout, flags", [
+    ("hf-trainer", (1, 1, 1, 1, 2, "fp32", "none"),
+     ["--nproc-per-node 1", "--per_device_train_batch_size 2", "--gradient_accumulation_steps 4", "--bf16 false",
+      "--activation_checkpointing false", "--seq_len 32"]),
+    ("torchtitan", (4, 2, 1, 1, 2, "bf16", "selective"),
+     ["--nproc-per-node 8", "--parallelism.tensor_parallel_degree=2", "--parallelism.expert_parallel_degree=4",
+      "--parallelism.pipeline_parallel_degree=1", "--training.local_batch_size=2",
+      "--training.global_batch_size=32", "--training.mixed_precision_param=bfloat16",
+      "activation-checkpoint:selective"]),
+    ("megatron", (4, 2, 1, 2, 2, "bf16", "selective"),
+     ["--nproc-per-node 8 --nnodes 2", "--tensor-model-parallel-size 2", "--expert-model-parallel-size 4",
+      "--expert-tensor-parallel-size 2", "--pipeline-model-parallel-size 1", "--micro-batch-size 2",
+      "--global-batch-size 64", "--recompute-granularity selective"]),
+    ("deepspeed", (4, 1, 1, 2, 2, "bf16", "full"),
+     ["--nproc-per-node 8", "--ep-size 4", "--micro-batch-size 2", "--gradient-accumulation-steps 4",
+      "--bf16 true", "--activation-checkpointing true"]),
+])
+def test_each_ready_space_loads_and_fills_the_frameworks_flags(name, layout, flags):
+    import yaml
+
+    from autotune.layout import Layout
+    from autotune.results import launch_command
+    from autotune.spec import spec_from_data
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces" / f"{name}.yaml").read_text())
+    spec = spec_from_data(data)
+    assert spec.trainable.metrics_preset == name
+    command = launch_command(spec, Layout(*layout))
+    assert "{" not in command
+    for flag in flags:
+        assert flag in command, (flag, command)
+
+
+def test_a_misspelled_preset_is_refused_naming_the_field():
+    import yaml
+
+    from autotune.spec import SpecError, spec_from_data
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces" / "hf-trainer.yaml").read_text())
+    data["trainable"]["metrics_preset"] = "hf_trainer"
+    with pytest.raises(SpecError, match=r"trainable.metrics_preset: 'hf_trainer' is not one of hf-trainer, "
+                                        r"torchtitan, megatron, deepspeed; did you mean 'hf-trainer'\?"):
+        spec_from_data(data)
