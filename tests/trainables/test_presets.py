@@ -231,7 +231,7 @@ def test_user_patterns_beside_a_preset_replace_the_same_names(tmp_path):
 @pytest.mark.parametrize("name, layout, flags", [
     ("hf-trainer", (1, 1, 1, 1, 2, "fp32", "none"),
      ["--nproc-per-node 1", "--per_device_train_batch_size 2", "--gradient_accumulation_steps 4", "--bf16 false",
-      "--activation_checkpointing false", "--seq_len 32"]),
+      "--gradient_checkpointing false", "--seq_len 32"]),
     ("torchtitan", (4, 2, 1, 1, 2, "bf16", "selective"),
      ["--nproc-per-node 8", "--parallelism.tensor_parallel_degree=2", "--parallelism.expert_parallel_degree=4",
       "--parallelism.pipeline_parallel_degree=1", "--training.local_batch_size=2",
