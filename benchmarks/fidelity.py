@@ -1,25 +1,29 @@
-"""Fidelity of short trials: do a few steps rank layouts the way a long run does?
+"""Fidelity: how far is a quick-start study's pick from the true best layout?
 
-A set of layouts of the quickstart space (search_spaces/quickstart-cpu.yaml; a seeded sample of
-its fitting layouts, so pipelines, EP, TP, DP, both precisions and both recompute modes appear)
-is run on real gloo ranks (`tests.launch.launch`, one thread per rank, the memory probe on as in
-a trial):
+Regret of the pick over repeated quick-start studies, against the true best from long,
+interleaved, repeated measurement of every fitting layout of the same space
+(search_spaces/quickstart-cpu.yaml). Settings, fixed before any run:
 
-* short runs: the quickstart budget (`budget.warmup_steps`, `budget.measure_steps`: 1 and 3),
-  taken from the first steps of an independent run of 15 steps (a run's first steps are exactly a
-  shorter run of the same seed: same data, same code path), which also gives every other short
-  setting (warm-up w, measured m, w + m <= 15) for free; repeated in a second pass;
-* long runs: 10x the quickstart's steps (10 warm-up, 30 measured), the reference ranking.
+* studies: 10 runs of `autotune run` on the quickstart space exactly as shipped (14 trials,
+  1 warm-up + 3 measured steps, 2 at a time, the end-of-study re-measuring of tied leaders on
+  its default budget), seeds 0-9, each in its own folder, MLflow store and Ray;
+* true best: every layout the memory model lets through, run alone on local gloo ranks
+  (`tests.launch`, one thread per rank, as in a trial) for 2 warm-up + 10 measured steps, in
+  3 rounds, each round in its own shuffled order; a layout's true throughput is the global
+  batch x seq_len over the median of its 30 measured steps; a layout whose measured peak
+  exceeds the memory cap cannot be the true best (a study cannot pick it either);
+* order: long round 1, studies 0-4, long round 2, studies 5-9, long round 3, so that the
+  machine's drift over the benchmark hits both sides alike;
+* regret of a study = true throughput of the true best / true throughput of its pick - 1;
+  goal: regret <= 3%, or the true best among the layouts the study's report calls tied with
+  its pick, in at least 9 of the 10 studies.
 
-The passes run one after the other (short, long, short again), each in its own shuffled order,
-so that the machine's load at one moment does not favour a layout in both rankings.
+Secondary: Kendall tau-b between each study's measured throughputs (its layouts, re-measures
+pooled) and the true ones, beside the noise floor: tau between repeated long rounds (round i
+against round j over every layout), not between halves of one run.
 
-Kendall's tau-b between each short ranking and the long one; goal: tau >= 0.9 at the
-quickstart setting. The table of tau by (warm-up, measured) says which short setting reaches
-the goal; the split-half tau of the long runs (steps 10-24 against 25-39) shows the noise floor.
-
-    python -m benchmarks.fidelity            # 12 layouts (~8 min on 2 cores, more under load)
-    python -m benchmarks.fidelity --quick    # 3 layouts, few steps: checks the script works
+    python -m benchmarks.fidelity            # the figure (~40 min on 2 quiet cores)
+    python -m benchmarks.fidelity --quick    # 2 studies of 3 trials, 2 short rounds: checks the script
 
 Results: benchmarks/results/fidelity.{csv,json} (`fidelity_quick.*` with --quick).
 """
@@ -27,10 +31,16 @@ Results: benchmarks/results/fidelity.{csv,json} (`fidelity_quick.*` with --quick
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +51,12 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import RESULTS, machine, say, write_csv, write_json  # noqa: E402
 
 QUICKSTART = ROOT / "search_spaces" / "quickstart-cpu.yaml"
-GOAL_TAU = 0.9
-LONG_FACTOR = 10
-SWEEP_STEPS = 15
-WARMUPS = (0, 1, 2, 3, 5)
-MEASURES = (1, 2, 3, 4, 5, 8, 10)
+STUDIES = 10
+LONG_ROUNDS = 3
+LONG_WARMUP, LONG_MEASURE = 2, 10
+GOAL_REGRET = 0.03
+GOAL_STUDIES = 9
+STUDY_TIMEOUT_S = 1800
 
 
 def kendall_tau_b(x: list[float], y: list[float]) -> float:
@@ -69,153 +80,200 @@ def kendall_tau_b(x: list[float], y: list[float]) -> float:
     return (conc - disc) / denom if denom else float("nan")
 
 
-def pick_layouts(n: int, seed: int = 0, quick: bool = False):
-    from autotune.candidates import screen
-    from autotune.spec import load_spec
-
-    spec = load_spec(QUICKSTART)
-    fitting = [c.layout for c in screen(spec).candidates if c.fits]
-    if quick:  # quicker layouts: the quick mode checks the script, not the figure
-        fitting = [l for l in fitting if l.precision == "fp32" and l.pp == 1]
-    return spec, sorted(random.Random(seed).sample(fitting, min(n, len(fitting))))
-
-
-def _run(spec, layout, warmup: int, steps: int) -> list[float]:
-    """Per-step wall times (slowest rank) of one run, warm-up included."""
+def _long_run(spec, layout, warmup: int, measure: int) -> tuple[list[float], float | None]:
+    """Measured step times (slowest rank) and the measured peak of one run of a layout."""
     from autotune.results import run_config_for
     from tests.launch import launch
 
-    cfg = run_config_for(spec, layout, timeout_s=600)
-    from dataclasses import replace
-
-    cfg = replace(cfg, warmup_steps=warmup, steps=steps)
+    cfg = replace(run_config_for(spec, layout, timeout_s=600), warmup_steps=warmup, steps=measure)
     results = launch(cfg, timeout=600)
     per_rank = [r.step_times for r in results]
-    return [max(ts[i] for ts in per_rank) for i in range(warmup + steps)]
+    times = [max(ts[i] for ts in per_rank) for i in range(warmup + measure)][warmup:]
+    summary = next((r.summary for r in results if r.summary), None) or {}
+    return times, summary.get("peak_mem_bytes")
 
 
-def tokens_per_s(tokens: int, times: list[float]) -> float:
-    return tokens / statistics.median(times)
+def _study(data: dict[str, Any], seed: int, work: Path, quick: bool) -> dict[str, Any]:
+    """One `autotune run` of the space with this seed, in its own folder; its pick and trials."""
+    import yaml
 
+    from autotune.spec import spec_from_data
+    from autotune.study import load_result
+
+    d = json.loads(json.dumps(data))
+    folder = work / f"study{seed}"
+    folder.mkdir(parents=True)
+    d["study"] = {**d.get("study", {}), "name": f"fidelity-{seed}", "seed": seed, "output_dir": str(folder / "runs")}
+    d["tracking"] = {**d.get("tracking", {}), "uri": f"sqlite:///{folder / 'mlflow.db'}"}
+    if quick:
+        d["budget"] = {**d["budget"], "trials": 3}
+    space = folder / "space.yaml"
+    space.write_text(yaml.safe_dump(d))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "autotune.cli", "run", str(space), "--plain"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=STUDY_TIMEOUT_S)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"study {seed} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    spec = spec_from_data(d)
+    result = load_result(spec.study.name, Path(spec.study.output_dir))
+    report = json.loads((spec.study.directory() / "report" / "report.json").read_text())
+    standing = report["standing"]
+    return {"seed": seed, "wall_s": round(wall, 1), "pick": standing["best"]["layout"],
+            "pick_tokens_per_s": standing["best"]["tokens_per_s"],
+            "tied": [t["layout"] for t in standing["tied"]], "verdict_tie": report["verdict"].get("tie"),
+            "launches": sum(1 for t in result.trials if t.status.value not in ("pruned_by_memory_model", "invalid")),
+            "remeasures": standing.get("remeasures", 0),
+            "measured": {t.layout.key: t.tokens_per_s for t in result.fitting()}}
+
+
+def analyse(spec, long_times: dict[str, list[list[float]]], peaks: dict[str, float], studies: list[dict[str, Any]],
+            measure: int, quick: bool) -> dict[str, Any]:
+    """Regret, ties and tau of every study against the long measurement; prints the table."""
+    from autotune.stats import runs_interval, tied_with_best
+
+    cap = spec.objective.memory_cap * spec.cluster.memory_bytes
+    tokens = spec.search.global_batch_size * spec.search.seq_len
+    rounds_n = min(len(r) for r in long_times.values())
+    intervals = {k: runs_interval(runs) for k, runs in long_times.items()}
+    true_tps = {k: tokens / iv.median for k, iv in intervals.items()}
+    eligible = {k: iv for k, iv in intervals.items() if peaks.get(k, 0.0) <= cap}
+    true_best, true_tied = tied_with_best(eligible)
+    keys = sorted(long_times)
+    round_tps = [[tokens / statistics.median(long_times[k][r]) for k in keys] for r in range(rounds_n)]
+    floor = [kendall_tau_b(round_tps[i], round_tps[j]) for i, j in itertools.combinations(range(rounds_n), 2)]
+
+    rows = []
+    for s in studies:
+        pick_true = true_tps.get(s["pick"])
+        regret = true_tps[true_best] / pick_true - 1 if pick_true else None
+        tied_ok = true_best == s["pick"] or true_best in s["tied"]
+        common = [k for k in s["measured"] if k in true_tps]
+        tau = kendall_tau_b([s["measured"][k] for k in common], [true_tps[k] for k in common]) \
+            if len(common) >= 2 else float("nan")
+        within = regret is not None and regret <= GOAL_REGRET
+        rows.append({"seed": s["seed"], "pick": s["pick"], "pick_study_tokens_per_s": round(s["pick_tokens_per_s"], 1),
+                     "pick_true_tokens_per_s": round(pick_true, 1) if pick_true else None,
+                     "regret": round(regret, 4) if regret is not None else None, "within_goal": within,
+                     "true_best_tied_with_pick": tied_ok, "success": within or tied_ok,
+                     "tied": len(s["tied"]), "tied_layouts": " ".join(s["tied"]), "verdict_tie": s["verdict_tie"],
+                     "launches": s["launches"], "remeasures": s["remeasures"], "layouts_measured": len(common),
+                     "tau_vs_true": round(tau, 4), "wall_s": s["wall_s"]})
+
+    successes = sum(r["success"] for r in rows)
+    regrets = [r["regret"] for r in rows if r["regret"] is not None]
+    met = successes >= (len(rows) if quick else GOAL_STUDIES)
+    best_iv = eligible[true_best]
+    say("")
+    say(f"true best ({rounds_n} x {measure} measured steps, interleaved): {true_best} {true_tps[true_best]:.0f} tok/s, "
+        f"90% interval {tokens / best_iv.hi:.0f}-{tokens / best_iv.lo:.0f}; tied with it in the long measurement: "
+        f"{len(true_tied)}")
+    say(f"{'seed':>4} {'pick':<40} {'regret':>7} {'tied':>4} {'true best tied':>14} {'tau':>6}")
+    for r in rows:
+        shown = f"{r['regret'] * 100:6.1f}%" if r["regret"] is not None else "     -"
+        say(f"{r['seed']:>4} {r['pick']:<40} {shown} {r['tied']:>4} {str(r['true_best_tied_with_pick']):>14} "
+            f"{r['tau_vs_true']:6.2f}")
+    med_regret = statistics.median(regrets) if regrets else None
+    say(f"regret: median {med_regret if med_regret is not None else float('nan'):.1%}, "
+        f"max {max(regrets) if regrets else float('nan'):.1%}; within {GOAL_REGRET:.0%} of the true best or tied with "
+        f"it by the report's rule: {successes} of {len(rows)} (goal >= {GOAL_STUDIES} of {STUDIES}): "
+        f"{'met' if met else 'NOT met'}" + ("  (--quick: meaningless)" if quick else ""))
+    taus = [r["tau_vs_true"] for r in rows if r["tau_vs_true"] == r["tau_vs_true"]]
+    say(f"Kendall tau, study vs true (secondary): median {statistics.median(taus) if taus else float('nan'):.2f}; "
+        f"noise floor, long round vs long round: {', '.join(f'{t:.2f}' for t in floor)}")
+    return {"rows": rows, "layouts_long_measured": len(long_times),
+            "true_best": {"layout": true_best, "tokens_per_s": true_tps[true_best],
+                          "tokens_per_s_interval": [tokens / best_iv.hi, tokens / best_iv.lo],
+                          "tied_in_long_measurement": true_tied},
+            "successes": successes, "goal_met": met, "regret_median": med_regret,
+            "regret_max": max(regrets) if regrets else None, "studies": rows,
+            "tau_median": statistics.median(taus) if taus else None, "tau_noise_floor_long_rounds": floor,
+            "long": {k: {"tokens_per_s": true_tps[k], "peak_mem_bytes": peaks.get(k),
+                         "rounds_tokens_per_s": [tokens / statistics.median(r) for r in long_times[k]]} for k in keys}}
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 layouts, few steps")
-    p.add_argument("--layouts", type=int, default=12, help="layouts to compare (default 12)")
-    p.add_argument("--passes", type=int, default=2, help="independent short passes (default 2)")
+    p.add_argument("--quick", action="store_true", help="2 studies of 3 trials, 2 short long-rounds")
     args = p.parse_args(argv)
 
+    import yaml
+
     import tests.launch as launch_mod
+    from autotune.candidates import screen
+    from autotune.spec import spec_from_data
 
     # Ranks fork from a server that already imported these, so a run starts in milliseconds.
     launch_mod._CTX.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.pipelining",
                                             "torch.distributed.fsdp.sharded_grad_scaler", "trainables.moe.train",
                                             "tests.launch"])
     started = time.monotonic()
-    spec, layouts = pick_layouts(3 if args.quick else args.layouts, quick=args.quick)
-    w0, m0 = spec.budget.warmup_steps, spec.budget.measure_steps
-    long_w, long_m = LONG_FACTOR * w0, LONG_FACTOR * m0
-    sweep = 5 if args.quick else SWEEP_STEPS
-    if args.quick:
-        long_w, long_m = 2, 4
-    passes = 1 if args.quick else args.passes
-    tokens = spec.search.global_batch_size * spec.search.seq_len
-    say(f"{len(layouts)} layouts of {QUICKSTART.name}; short: the first steps of {passes} pass(es) of {sweep}-step "
-        f"runs (quickstart: {w0} warm-up + {m0} measured); long: {long_w} warm-up + {long_m} measured")
+    data = yaml.safe_load(QUICKSTART.read_text())
+    spec = spec_from_data(data)
+    studies_n = 2 if args.quick else STUDIES
+    rounds_n = 2 if args.quick else LONG_ROUNDS
+    warmup, measure = (1, 3) if args.quick else (LONG_WARMUP, LONG_MEASURE)
+    fitting = sorted((c.layout for c in screen(spec).candidates if c.fits), key=lambda l: l.key)
+    say(f"{QUICKSTART.name}: {len(fitting)} fitting layouts; {studies_n} studies (seeds 0-{studies_n - 1}); "
+        f"long: {rounds_n} rounds of {warmup} warm-up + {measure} measured steps per layout")
 
-    short: list[dict[str, list[float]]] = []
-    long: dict[str, list[float]] = {}
-    seconds: dict[str, float] = {}
+    long_times: dict[str, list[list[float]]] = {}
+    peaks: dict[str, float] = {}
+    studies: list[dict[str, Any]] = []
+    seconds = {"long": 0.0, "studies": 0.0}
 
-    def timed(label: str, layout, warmup: int, steps: int) -> list[float]:
-        t0 = time.monotonic()
-        times = _run(spec, layout, warmup, steps)
-        seconds[label] = seconds.get(label, 0.0) + time.monotonic() - t0
-        say(f"  {label:<6} {layout.key:<40} {tokens_per_s(tokens, times[warmup:]):9.0f} tok/s "
-            f"({time.monotonic() - t0:5.1f} s)")
-        return times
-
-    def short_pass(k: int) -> None:
+    def long_round(k: int, layouts) -> None:
         order = list(layouts)
-        random.Random(100 + k).shuffle(order)
-        short.append({l.key: timed(f"short{k + 1}", l, 0, sweep) for l in order})
+        random.Random(1000 + k).shuffle(order)
+        t0 = time.monotonic()
+        for layout in order:
+            times, peak = _long_run(spec, layout, warmup, measure)
+            long_times.setdefault(layout.key, []).append(times)
+            if peak is not None:
+                peaks[layout.key] = max(peaks.get(layout.key, 0.0), float(peak))
+        seconds["long"] += time.monotonic() - t0
+        say(f"  long round {k + 1}: {len(order)} layouts in {time.monotonic() - t0:.0f} s")
 
-    short_pass(0)
-    order = list(layouts)
-    random.Random(1).shuffle(order)
-    for layout in order:
-        long[layout.key] = timed("long", layout, long_w, long_m)
-    for k in range(1, passes):
-        short_pass(k)
+    def run_studies(seeds, work: Path) -> None:
+        for seed in seeds:
+            t0 = time.monotonic()
+            s = _study(data, seed, work, args.quick)
+            seconds["studies"] += time.monotonic() - t0
+            studies.append(s)
+            say(f"  study seed {seed}: pick {s['pick']} ({s['pick_tokens_per_s']:.0f} tok/s), "
+                f"{len(s['tied'])} tied, {s['launches']} launches ({s['remeasures']} re-measures), {s['wall_s']:.0f} s")
 
-    keys = [l.key for l in layouts]
-    ref = [tokens_per_s(tokens, long[k][long_w:]) for k in keys]
-    half = long_m // 2
-    first = [tokens_per_s(tokens, long[k][long_w:long_w + half]) for k in keys]
-    second = [tokens_per_s(tokens, long[k][long_w + half:]) for k in keys]
-    split_half_tau = kendall_tau_b(first, second)
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
+        work = Path(tmp)
+        if args.quick:  # the script's path only: long rounds over what the studies measured
+            run_studies(range(studies_n), work)
+            keys = {k for s in studies for k in s["measured"]} | {s["pick"] for s in studies}
+            chosen = [l for l in fitting if l.key in keys]
+            for k in range(rounds_n):
+                long_round(k, chosen)
+        else:
+            half = studies_n // 2
+            long_round(0, fitting)
+            run_studies(range(half), work)
+            long_round(1, fitting)
+            run_studies(range(half, studies_n), work)
+            for k in range(2, rounds_n):
+                long_round(k, fitting)
 
-    settings: list[dict[str, Any]] = []
-    for w in WARMUPS:
-        for m in MEASURES:
-            if w + m > sweep:
-                continue
-            taus = [kendall_tau_b([tokens_per_s(tokens, s[k][w:w + m]) for k in keys], ref) for s in short]
-            settings.append({"warmup_steps": w, "measure_steps": m, "steps": w + m,
-                             **{f"tau_pass{i + 1}": round(t, 4) for i, t in enumerate(taus)},
-                             "tau_mean": round(statistics.fmean(taus), 4), "tau_min": round(min(taus), 4)})
-    at_default = next((s for s in settings if s["warmup_steps"] == w0 and s["measure_steps"] == m0), None)
-    reaching = sorted((s for s in settings if s["tau_min"] >= GOAL_TAU), key=lambda s: (s["steps"], s["warmup_steps"]))
-    best = max(settings, key=lambda s: (s["tau_min"], -s["steps"]))
-
-    rows = []
-    for i, k in enumerate(keys):
-        row = {"layout_key": k, "long_tokens_per_s": round(ref[i], 1),
-               "long_first_half_tokens_per_s": round(first[i], 1), "long_second_half_tokens_per_s": round(second[i], 1)}
-        for j, s in enumerate(short):
-            row[f"short{j + 1}_tokens_per_s"] = round(tokens_per_s(tokens, s[k][w0:w0 + m0]), 1)
-            row[f"short{j + 1}_step_times_s"] = " ".join(f"{t:.4f}" for t in s[k])
-        row["long_step_times_s"] = " ".join(f"{t:.4f}" for t in long[k])
-        rows.append(row)
-
-    say("")
-    say(f"{'layout':<40} {'long':>8} " + " ".join(f"{'short' + str(j + 1):>8}" for j in range(len(short))) + "  (tokens/s)")
-    for r in sorted(rows, key=lambda r: -r["long_tokens_per_s"]):
-        say(f"{r['layout_key']:<40} {r['long_tokens_per_s']:8.0f} "
-            + " ".join(f"{r[f'short{j + 1}_tokens_per_s']:8.0f}" for j in range(len(short))))
-    say("")
-    say("Kendall tau-b against the long runs, by short setting (warm-up w, measured m): min over passes")
-    say("  w\\m " + " ".join(f"{m:>6}" for m in MEASURES))
-    for w in WARMUPS:
-        cells = []
-        for m in MEASURES:
-            s = next((s for s in settings if s["warmup_steps"] == w and s["measure_steps"] == m), None)
-            cells.append(f"{s['tau_min']:6.2f}" if s else "     -")
-        say(f"  {w:>3} " + " ".join(cells))
-    say(f"split-half tau of the long runs (noise floor): {split_half_tau:.3f}")
-    tau0 = at_default["tau_min"] if at_default else float("nan")
-    met = at_default is not None and tau0 >= GOAL_TAU
-    say(f"quickstart setting (w={w0}, m={m0}): tau {', '.join(str(at_default[f'tau_pass{i + 1}']) for i in range(len(short))) if at_default else 'n/a'}"
-        f"; goal tau >= {GOAL_TAU}: {'met' if met else 'NOT met'}" + ("  (--quick: 3 layouts, meaningless)" if args.quick else ""))
-    if reaching:
-        r = reaching[0]
-        say(f"cheapest setting reaching tau >= {GOAL_TAU} in every pass: warm-up {r['warmup_steps']}, measured "
-            f"{r['measure_steps']} (tau min {r['tau_min']:.2f})")
-    else:
-        say(f"no short setting up to {sweep} steps reaches tau >= {GOAL_TAU} in every pass; best: warm-up "
-            f"{best['warmup_steps']}, measured {best['measure_steps']} (tau min {best['tau_min']:.2f})")
+    out = analyse(spec, long_times, peaks, studies, measure, args.quick)
+    out.update({"benchmark": "fidelity", "quick": args.quick, "machine": machine(),
+                "space": str(QUICKSTART.relative_to(ROOT)),
+                "settings": {"studies": studies_n, "seeds": [s["seed"] for s in studies], "long_rounds": rounds_n,
+                             "long_warmup_steps": warmup, "long_measure_steps": measure,
+                             "study_budget": dict(data["budget"]), "goal_regret": GOAL_REGRET,
+                             "goal_studies": GOAL_STUDIES, "goal_of": STUDIES},
+                "seconds": {k: round(v, 1) for k, v in seconds.items()},
+                "runtime_s": round(time.monotonic() - started, 1)})
+    rows = out.pop("rows")
     suffix = "_quick" if args.quick else ""
-    data = {"benchmark": "fidelity", "quick": args.quick, "machine": machine(), "space": str(QUICKSTART.relative_to(ROOT)),
-            "layouts": keys, "quickstart_setting": {"warmup_steps": w0, "measure_steps": m0},
-            "long_setting": {"warmup_steps": long_w, "measure_steps": long_m}, "short_run_steps": sweep,
-            "passes": len(short), "tau_at_quickstart_setting": at_default, "goal_tau": GOAL_TAU, "goal_met": met,
-            "split_half_tau_long": split_half_tau, "settings": settings,
-            "cheapest_setting_reaching_goal": reaching[0] if reaching else None, "best_setting": best,
-            "seconds_by_phase": {k: round(v, 1) for k, v in seconds.items()},
-            "runtime_s": round(time.monotonic() - started, 1)}
     write_csv(RESULTS / f"fidelity{suffix}.csv", rows)
-    write_json(RESULTS / f"fidelity{suffix}.json", data)
-    say(f"wrote {RESULTS / f'fidelity{suffix}.csv'} and .json ({data['runtime_s']:.0f} s)")
+    write_json(RESULTS / f"fidelity{suffix}.json", out)
+    say(f"wrote {RESULTS / f'fidelity{suffix}.csv'} and .json ({out['runtime_s']:.0f} s)")
     return 0
 
 
