@@ -57,7 +57,7 @@ def test_search_efficiency_measure_quick():
 
 
 def test_fidelity_quick():
-    (data,) = _check(_run("benchmarks.fidelity", "--quick", timeout=420), "fidelity_quick")
+    (data,) = _check(_run("benchmarks.fidelity", "--quick", timeout=600), "fidelity_quick")
     assert len(data["studies"]) == 2 and data["true_best"]["layout"]
     for s in data["studies"]:  # each study's pick was measured long, so its regret is known
         assert s["regret"] is not None and s["regret"] >= 0 or s["true_best_tied_with_pick"]
