@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from autotune.layout import Layout, product, rule_of, structural_problems
+from autotune.device_memory import DeviceOverhead, overhead_of
 from autotune.memory import MemoryPrediction, predict, predict_plain
 from autotune.spec import Spec
 from trainables.moe.config import ModelConfig
@@ -61,12 +62,17 @@ def judge(spec: Spec, layout: Layout, model: ModelConfig | None = None) -> Candi
     if problems:
         return Candidate(layout, INVALID, problems[0])
     pred = predict(model, layout.dims, layout.shape(spec.search.global_batch_size, spec.search.seq_len),
-                   spec.cluster.device)
+                   spec.cluster.device, device_overhead(spec))
     return _by_memory(spec, layout, pred, _cap(spec))
 
 
 def _cap(spec: Spec) -> int:
     return int(spec.objective.memory_cap * spec.cluster.memory_bytes)
+
+
+def device_overhead(spec: Spec) -> DeviceOverhead | None:
+    """The overhead terms of the space's device profile (CUDA only; `cluster.profile`)."""
+    return overhead_of(spec.cluster.device_profile()) if spec.cluster.device == "cuda" else None
 
 
 def _by_memory(spec: Spec, layout: Layout, pred: MemoryPrediction, cap: int) -> Candidate:
@@ -101,7 +107,7 @@ def screen(spec: Spec) -> Screening:
 def _screen(spec: Spec) -> Screening:
     model = spec.model.config()
     gbs, seq, worlds = spec.search.global_batch_size, spec.search.seq_len, spec.world_sizes
-    device, cap = spec.cluster.device, _cap(spec)
+    device, cap, overhead = spec.cluster.device, _cap(spec), device_overhead(spec)
     problems_of: dict[tuple, list[str]] = {}
     out: list[Candidate] = []
     for layout in layouts_of(spec):
@@ -113,7 +119,8 @@ def _screen(spec: Spec) -> Screening:
         if problems:
             out.append(Candidate(layout, INVALID, problems[0]))
             continue
-        pred = predict_plain(model, ep, tp, pp, dp, mb, gbs, seq, precision, recompute, schedule, device)
+        pred = predict_plain(model, ep, tp, pp, dp, mb, gbs, seq, precision, recompute, schedule, device,
+                             overhead=overhead)
         out.append(_by_memory(spec, layout, pred, cap))
     candidates = tuple(out)
     rule = lru_cache(maxsize=None)(rule_of)

@@ -39,6 +39,13 @@ class DeviceProfile:
     latency_us: float = 10.0
     launch_us: float = 10.0
     grad_overlap: float = 0.0
+    # Memory a CUDA device holds beyond the allocator's live tensors (autotune/device_memory.py):
+    # reserved-but-unallocated slack as a fraction of the allocated peak, the device's used memory
+    # beyond the reservation in a process without peers (driver, CUDA context, library
+    # workspaces), and NCCL's communicator buffers once a rank has peers. Zero on CPU.
+    mem_fragmentation: float = 0.0
+    mem_context_bytes: int = 0
+    mem_nccl_bytes: int = 0
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)
     extrapolated: bool = False  # not the device the study measures on
@@ -50,7 +57,8 @@ class DeviceProfile:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_NUMBERS = ("hbm_gb_s", "intra_node_gb_s", "inter_node_gb_s", "latency_us", "launch_us", "grad_overlap")
+_NUMBERS = ("hbm_gb_s", "intra_node_gb_s", "inter_node_gb_s", "latency_us", "launch_us", "grad_overlap",
+            "mem_fragmentation", "mem_context_bytes", "mem_nccl_bytes")
 
 
 def _build(name: str, entry: dict[str, Any], where: str) -> DeviceProfile:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
-from autotune.device_memory import overhead_for
+from autotune.device_memory import DeviceOverhead, overhead_for
 from trainables.moe.config import ModelConfig, ParallelDims, RunShape, stage_layer_counts
 
 FP32 = 4
@@ -556,7 +556,8 @@ class _Layout:
 
     def __init__(self, stages: tuple[_Stage, ...]) -> None:
         self.stages = stages
-        # (micro-batches, global batch, gpipe, dense all-reduce, expert all-reduce, peers) -> prediction
+        # (micro-batches, global batch, gpipe, dense all-reduce, expert all-reduce, peers, device
+    # overhead) -> prediction
         self.placed: dict[tuple[int, int, bool, bool, bool], MemoryPrediction] = {}
 
 
@@ -663,24 +664,27 @@ def clear_caches() -> None:
         fn.cache_clear()
 
 
-def predict(model: ModelConfig, dims: ParallelDims, shape: RunShape, device: str = "cpu") -> MemoryPrediction:
-    """Per-category bytes of the worst rank of a layout, before anything runs."""
+def predict(model: ModelConfig, dims: ParallelDims, shape: RunShape, device: str = "cpu",
+            overhead: DeviceOverhead | None = None) -> MemoryPrediction:
+    """Per-category bytes of the worst rank of a layout, before anything runs; on CUDA with the
+    device's own overhead (`overhead`: a profile's terms, default the default CUDA profile's)."""
     split = shape.stage_layers if shape.stage_layers is None else tuple(shape.stage_layers)
     return predict_plain(model, dims.ep, dims.tp, dims.pp, dims.dp, shape.micro_batch_size, shape.global_batch_size,
                          shape.seq_len, shape.precision, shape.recompute, shape.schedule, device, split,
-                         shape.grad_sync)
+                         shape.grad_sync, overhead)
 
 
 def predict_plain(model: ModelConfig, ep: int, tp: int, pp: int, dp: int, micro_batch_size: int,
                   global_batch_size: int, seq_len: int, precision: str, recompute: str, schedule: str,
                   device: str = "cpu", split: tuple[int, ...] | None = None,
-                  grad_sync: str = "bucketed") -> MemoryPrediction:
+                  grad_sync: str = "bucketed", overhead: DeviceOverhead | None = None) -> MemoryPrediction:
     """`predict` from plain values: screening calls it for every candidate without building the
     dims and shape objects first."""
     layout = _layout(model, tp, ep, pp, split, micro_batch_size, seq_len, precision, recompute, device)
     n = max(global_batch_size // (micro_batch_size * dp * ep), 1)
     flat = grad_sync == "flat"  # the bucketed reduction copies nothing (see the module docstring)
-    key = (n, global_batch_size, schedule == "gpipe", flat and dp * ep > 1, flat and dp > 1, tp * pp * dp * ep > 1)
+    key = (n, global_batch_size, schedule == "gpipe", flat and dp * ep > 1, flat and dp > 1, tp * pp * dp * ep > 1,
+           overhead)
     pred = layout.placed.get(key)
     if pred is None:
         best, worst = -1, (0, 0, 0)
@@ -696,14 +700,13 @@ def predict_plain(model: ModelConfig, ep: int, tp: int, pp: int, dp: int, micro_
                                 activations=act + _step_data(global_batch_size, seq_len, micro_batch_size, n),
                                 other=other, stage=stage)
         if device == "cuda":
-            pred = _with_device_overhead(pred, key[5])
+            pred = _with_device_overhead(pred, key[5], overhead or overhead_for())
         layout.placed[key] = pred
     return pred
 
 
-def _with_device_overhead(pred: MemoryPrediction, has_peers: bool) -> MemoryPrediction:
-    """Add the generic CUDA profile's slack, context and NCCL terms to an allocated-peak prediction."""
-    o = overhead_for()
+def _with_device_overhead(pred: MemoryPrediction, has_peers: bool, o: DeviceOverhead) -> MemoryPrediction:
+    """Add a device profile's slack, context and NCCL terms to an allocated-peak prediction."""
     total = pred.total
     reserved = o.reserved(total)
     return replace(pred, reserved_extra=reserved - total,

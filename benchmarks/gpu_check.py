@@ -21,8 +21,10 @@ a crash or an out-of-memory in one part keeps the others:
   pydantic; where they are missing it is skipped, and the JSON says so.
 
 The first two parts import only torch, numpy-free standard library, the trainable and
-`autotune/memory.py`, so they run where no tuner is installed. `calibrated` in the JSON is the
-CUDA overhead profile fitted from the measured runs (for `autotune/profiles/cuda_memory.json`).
+`autotune/memory.py` (with pyyaml for the device profiles), so they run where no tuner is
+installed. Predictions on CUDA use the memory overhead terms of the card's device profile
+(`autotune/profiles/devices.yaml`); `calibrated` in the JSON is those terms fitted from the
+measured runs, ready to be written into the profile.
 
 With `--device cpu` every part runs the tiny preset on CPU (smaller shapes, a few MB of memory
 budget for the layer count), so that the whole path, NVML and CUDA aside, is exercised by
@@ -50,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from autotune.device_memory import Sample, as_profile, calibrate, overhead_for  # noqa: E402
+from autotune.device_memory import Sample, calibrate, overhead_for  # noqa: E402
 from autotune.memory import predict  # noqa: E402
 from trainables.moe.config import ParallelDims, RunShape, flops_per_token, preset  # noqa: E402
 
@@ -205,14 +207,23 @@ def _train_cmd(run: dict[str, Any], device: str, n_layers: int | None, metrics: 
     return cmd
 
 
-def _prediction(run: dict[str, Any], device: str, n_layers: int | None):
+# Device profile (autotune/profiles/devices.yaml) by a fragment of the card's name.
+CARD_PROFILES = (("H200", "H200"), ("H100", "H100-SXM"), ("A100", "A100-80GB"), ("B200", "B200"))
+
+
+def profile_for_card(name: str | None) -> str | None:
+    """The profile whose memory overhead terms describe this card; None: the default CUDA one."""
+    return next((profile for fragment, profile in CARD_PROFILES if fragment in (name or "")), None)
+
+
+def _prediction(run: dict[str, Any], device: str, n_layers: int | None, profile: str | None = None):
     model = preset(run["model"])
     if n_layers is not None:
         from dataclasses import replace
 
         model = replace(model, n_layers=n_layers)
     shape = RunShape(run["micro_batch_size"], run["global_batch_size"], run["seq_len"], run["precision"])
-    return model, predict(model, ParallelDims(), shape, device)
+    return model, predict(model, ParallelDims(), shape, device, overhead_for(profile) if device == "cuda" else None)
 
 
 def train_part(name: str, run: dict[str, Any], device: str, out: Path, limit_s: float, probe: dict[str, Any],
@@ -220,7 +231,7 @@ def train_part(name: str, run: dict[str, Any], device: str, out: Path, limit_s: 
     """One world-1 run of the trainable's own command, and its figures beside the predictions."""
     metrics = out / f".{name}.metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    model, pred = _prediction(run, device, n_layers)
+    model, pred = _prediction(run, device, n_layers, probe.get("profile"))
     row: dict[str, Any] = {"part": name, "model": run["model"], "n_layers": model.n_layers,
                            **{k: run[k] for k in ("precision", "micro_batch_size", "global_batch_size", "seq_len")},
                            "pred_alloc_bytes": pred.total}
@@ -276,11 +287,11 @@ def _nvml_available() -> bool:
     return importlib.util.find_spec("pynvml") is not None
 
 
-def fit_layers(run: dict[str, Any], device: str, budget: float) -> int:
+def fit_layers(run: dict[str, Any], device: str, budget: float, profile: str | None = None) -> int:
     """The most layers of the run's preset whose device-level prediction fits `budget` bytes."""
     best = 1
     for n in range(1, preset(run["model"]).n_layers + 1):
-        _, pred = _prediction(run, device, n)
+        _, pred = _prediction(run, device, n, profile)
         if pred.device <= budget:
             best = n
         else:
@@ -291,7 +302,7 @@ def fit_layers(run: dict[str, Any], device: str, budget: float) -> int:
 def moe_part(device: str, out: Path, limit_s: float, probe: dict[str, Any], layers: int | None) -> dict[str, Any]:
     run = RUNS[device]["moe64e"]
     budget = MEMORY_FILL * probe["total_memory"] if device == "cuda" else CPU_MEMORY_BUDGET
-    n = layers or fit_layers(run, device, budget)
+    n = layers or fit_layers(run, device, budget, probe.get("profile"))
     deadline = time.monotonic() + limit_s
     row = train_part("moe64e", run, device, out, limit_s, probe, n)
     row["fit_budget_bytes"] = int(budget)
@@ -400,10 +411,13 @@ def write(out: Path, result: dict[str, Any]) -> None:
                for r in rows if r.get("status") == "ok" and r.get("device_bytes") and r.get("reserved_bytes")
                and r.get("alloc_bytes")]
     if samples:
-        result["calibrated"] = as_profile(calibrate(samples, source=(
-            f"benchmarks/gpu_check.py on {result['probe'].get('name')}, torch {result['probe'].get('torch')}, "
-            f"{time.strftime('%Y-%m-%d')}: {len(samples)} world-1 run(s); nccl_bytes not measured (one GPU)")))
-        result["calibrated"]["nccl_bytes"] = overhead_for().nccl_bytes
+        profile = result["probe"].get("profile")
+        result["calibrated"] = {
+            "profile": profile or "(default CUDA profile)",
+            **calibrate(samples, nccl_default=overhead_for(profile).nccl_bytes).as_profile_fields(),
+            "source": (f"benchmarks/gpu_check.py on {result['probe'].get('name')}, torch {result['probe'].get('torch')}, "
+                       f"{time.strftime('%Y-%m-%d')}: {len(samples)} world-1 run(s); mem_nccl_bytes kept from the "
+                       f"profile (one GPU has no peers)")}
     out.mkdir(parents=True, exist_ok=True)
     stem = stem_of(result["device"])
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -457,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"device probe failed: {result['probe']['reason']}")
         return 1
     result["probe"] = probe = json.loads(probe_file.read_text())
+    if ns.device == "cuda":
+        probe["profile"] = profile_for_card(probe.get("name"))  # its memory overhead terms
     say(f"device: {probe.get('name')}, {_gb(probe.get('total_memory'))}, torch {probe['torch']}; matmul "
         f"{probe['matmul_flops'] / 1e12:.1f} TFLOP/s ({probe['matmul']})"
         + (f", context {_gb(probe.get('context_bytes'))}" if probe.get("context_bytes") is not None else ""))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from autotune.candidates import FITS, OVER_MEMORY, judge
-from autotune.device_memory import DeviceOverhead, Sample, calibrate, overhead_for, profiles
+from autotune.device_memory import Sample, calibrate, overhead_for, overhead_of
+from autotune.devices import profiles, resolve
 from autotune.layout import Layout
 from autotune.memory import predict
 from autotune.report import build_report, render_markdown
@@ -35,17 +35,21 @@ def test_cuda_prediction_adds_slack_context_and_nccl_beyond_the_allocated_peak()
     assert cpu.device == cpu.total and "pred_peak_mem_device_bytes" not in cpu.as_metrics()
 
 
-def test_the_shipped_profile_was_measured_and_is_read_as_data():
-    entry = json.loads((ROOT / "autotune" / "profiles" / "cuda_memory.json").read_text())["cuda"]
-    assert "H200" in entry["source"] and entry["context_bytes"] > 0 and 0 < entry["fragmentation"] < 1
-    assert profiles()["cuda"] == overhead_for("no-such-card")  # unknown profiles fall back to generic CUDA
+def test_the_overhead_terms_are_device_profile_data():
+    h200 = profiles()["H200"]
+    assert "gpu_check" in h200.sources["mem_fragmentation"] and h200.mem_context_bytes > 0
+    assert 0 < h200.mem_fragmentation < 1 and overhead_for("H200") == overhead_of(h200)
+    assert overhead_of(profiles()["cpu"]).context_bytes == 0
+    # A space may override them like any other figure of a profile.
+    mine = resolve({"base": "H200", "mem_context_bytes": 3_000_000_000}, "cuda")
+    assert overhead_of(mine).context_bytes == 3_000_000_000 and overhead_of(mine).fragmentation == h200.mem_fragmentation
 
 
 def test_calibration_covers_every_sample():
     # The H200 runs of benchmarks/gpu_check.py (bytes), and a made-up two-rank sample.
     h200 = [Sample(17_116_568_576, 19_713_228_800, 21_753_626_624),
             Sample(117_031_795_200, 133_345_312_768, 135_383_613_440)]
-    fit = calibrate(h200)
+    fit = calibrate(h200, nccl_default=536_870_912)
     assert fit.context_bytes == 2_040_397_824 and abs(fit.fragmentation - 0.1517) < 2e-4
     for s in h200:
         assert fit.device(s.allocated, 1) >= s.device and fit.reserved(s.allocated) >= s.reserved
