@@ -11,7 +11,7 @@ Settings, fixed before measuring: the tiny preset widened to d_model 128, expert
 hidden 256, vocabulary 2048 (3.8 M parameters, 15 MB of fp32 gradients per rank on DP2),
 micro-batch 4 of 64 tokens, 2 micro-batches per replica, 2 warm-up and 6 measured steps,
 buckets of 4 MiB (about 4 buckets; DDP's 25 MiB default would make one bucket of this model
-and nothing to overlap). The two modes alternate launch by launch, over 3 rounds, so that
+and nothing to overlap). The two modes alternate launch by launch, over 5 rounds, so that
 machine drift hits both alike; a layout's step time is the median over its rounds' medians.
 
     python -m benchmarks.grad_overlap            # the figures (benchmarks/results/grad_overlap.*)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, one round: checks the script works")
     ns = ap.parse_args(argv)
-    rounds = 1 if ns.quick else 3
+    rounds = 1 if ns.quick else 5
     cfg0 = base(ns.quick)
     rows = []
     t0 = time.perf_counter()

@@ -231,24 +231,52 @@ def expert_param(name: str) -> bool:
     return ".experts." in name
 
 
-def _stream(seed: int, name: str, expert: int | None) -> torch.Generator:
-    key = f"{seed}:{name}:{'' if expert is None else expert}".encode()
+# A parameter's wide dimension (the one that grows with heads, hidden size or vocabulary) is
+# drawn in up to this many blocks, each from its own stream, so that a slice of it can be drawn
+# without drawing the rest.
+INIT_BLOCKS = 64
+
+
+def wide_dim(name: str) -> int:
+    """The wide dimension of a parameter's value (of one expert's slice, for expert weights)."""
+    if name.endswith(("wo.weight", "w2.weight", "experts.w1", "experts.w3")):
+        return 1  # [d_model, hidden] (Linear weights are [out, in]; experts are [in, out])
+    return 0  # [hidden, d_model], [vocab, d_model] and the position table
+
+
+def _stream(seed: int, name: str, expert: int | None, block: int) -> torch.Generator:
+    key = f"{seed}:{name}:{'' if expert is None else expert}:{block}".encode()
     return torch.Generator().manual_seed(zlib.crc32(key) * 7919 + seed)
 
 
 def init_parameter(cfg: ModelConfig, name: str, full_shape: tuple[int, ...], seed: int,
-                   expert: int | None = None) -> torch.Tensor:
+                   expert: int | None = None, part: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Initial value of one parameter (or of one expert's slice of it), on CPU in fp32.
 
     Depends only on (seed, name, expert): any rank can recreate exactly its own piece.
+    `part = (dim, start, stop)` returns only that slice; along the wide dimension only the
+    blocks that overlap it are drawn.
     """
+    shape = list(full_shape[1:] if expert is not None else full_shape)
+    dim, lo, hi = part if part is not None else (0, 0, shape[0])
     if name.endswith("norm.weight"):
-        return torch.ones(full_shape)
+        shape[dim] = hi - lo
+        return torch.ones(shape)
     std = cfg.init_std
     if name.endswith(("wo.weight", "w2.weight", "experts.w2")):
         std = std / math.sqrt(2 * cfg.n_layers)
-    shape = full_shape[1:] if expert is not None else full_shape
-    return torch.randn(shape, generator=_stream(seed, name, expert)) * std
+    wide = wide_dim(name)
+    n = shape[wide]
+    block = -(-n // INIT_BLOCKS)
+    first, last = (lo // block, -(-hi // block)) if dim == wide else (0, -(-n // block))
+    pieces = []
+    for b in range(first, last):
+        piece = list(shape)
+        piece[wide] = min(n, (b + 1) * block) - b * block
+        pieces.append(torch.randn(piece, generator=_stream(seed, name, expert, b)) * std)
+    value = torch.cat(pieces, wide)
+    offset = first * block if dim == wide else 0
+    return value.narrow(dim, lo - offset, hi - lo)
 
 
 def set_recompute(model: nn.Module, mode: str) -> None:

@@ -14,7 +14,8 @@ This is Megatron-Core's "folded" layout with expert tensor parallel = TP:
   gradients over the dp ranks that hold the same experts.
 
 All of it is done from outside the model: parameters are re-shaped on the meta device,
-module boundaries get forward hooks, and only this rank's shard is ever materialised.
+module boundaries get forward hooks, and only this rank's shard is ever materialised (its
+initial values included: `local_init`).
 """
 
 from __future__ import annotations
@@ -197,16 +198,22 @@ class ShardSpec:
 
 
 def local_init(cfg: ModelConfig, name: str, spec: ShardSpec, seed: int) -> torch.Tensor:
-    """This rank's piece of a parameter's initial value, never building more than one expert."""
+    """This rank's piece of a parameter's initial value, drawing only its own TP slice and its
+    own experts (`init_parameter` draws the wide dimension, the one TP splits, block by block)."""
+
+    def part(dim: int, size: int) -> tuple[int, int, int]:
+        n = size // spec.tp_size
+        return dim, spec.tp_rank * n, (spec.tp_rank + 1) * n
+
     if spec.experts is None:
-        full = init_parameter(cfg, name, spec.full_shape, seed)
-        return spec.tp_slice(full, spec.tp_dim) if spec.tp_dim is not None else full
+        if spec.tp_dim is None:
+            return init_parameter(cfg, name, spec.full_shape, seed)
+        return init_parameter(cfg, name, spec.full_shape, seed,
+                              part=part(spec.tp_dim, spec.full_shape[spec.tp_dim]))
     first, count = spec.experts
-    pieces = []
-    for e in range(first, first + count):
-        one = init_parameter(cfg, name, spec.full_shape, seed, expert=e)
-        pieces.append(spec.tp_slice(one, spec.tp_dim - 1) if spec.tp_dim is not None else one)
-    return torch.stack(pieces)
+    sliced = part(spec.tp_dim - 1, spec.full_shape[spec.tp_dim]) if spec.tp_dim is not None else None
+    return torch.stack([init_parameter(cfg, name, spec.full_shape, seed, expert=e, part=sliced)
+                        for e in range(first, first + count)])
 
 
 # ---------------------------------------------------------------------------------------------

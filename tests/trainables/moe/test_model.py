@@ -121,3 +121,18 @@ def test_interleaved_dense_layers():
     kinds = [isinstance(b.ffn, MoE) for b in model.layers.values()]
     assert kinds == [False, True, False, True]
     assert cfg.n_moe_layers == 2
+
+
+def test_a_tensor_parallel_slice_is_drawn_alone_and_equals_the_slice_of_the_whole():
+    """A TP rank draws only the blocks of the wide dimension that overlap its shard."""
+    cfg = PRESETS["small"]
+    cases = [("layers.0.attn.wq.weight", (768, 768), None, 0), ("layers.0.attn.wo.weight", (768, 768), None, 1),
+             ("head.weight", (32768, 768), None, 0), ("layers.0.ffn.experts.w1", (4, 768, 1536), 2, 1),
+             ("layers.0.ffn.experts.w2", (4, 1536, 768), 2, 0)]
+    for name, shape, expert, dim in cases:
+        whole = init_parameter(cfg, name, shape, 0, expert=expert)
+        for tp in (2, 3, 4):
+            n = whole.shape[dim] // tp
+            for r in range(tp):
+                mine = init_parameter(cfg, name, shape, 0, expert=expert, part=(dim, r * n, (r + 1) * n))
+                assert torch.equal(mine, whole.narrow(dim, r * n, n)), (name, tp, r)
