@@ -6,6 +6,8 @@ import shlex
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from autotune.layout import Layout
 from autotune.schema import Status
 from autotune.spec import Spec
@@ -86,8 +88,6 @@ def pool(runs: list[TrialRecord]) -> TrialRecord:
     iv = runs_interval([_step_times(r) for r in runs])
     if not own or not times or not iv.median > 0:
         return latest
-    import numpy as np
-
     scale = own / iv.median
     metrics = dict(latest.metrics)
     for k in ("tokens_per_s", "samples_per_s", "mfu"):
