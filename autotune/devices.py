@@ -125,9 +125,14 @@ def resolve(profile: str | dict[str, Any] | None, device: str) -> DeviceProfile:
     return _build(str(entry.get("name", "custom")), entry, "cluster.profile")
 
 
-def measure_cpu(base: DeviceProfile | None = None, seconds: float = 0.3) -> DeviceProfile:
+def measure_cpu(base: DeviceProfile | None = None, seconds: float = 0.3,
+                shape: tuple[int, int, int] = (256, 256, 256)) -> DeviceProfile:
     """This machine's fp32/bf16 matmul rate and copy bandwidth, one core's worth (a rank gets a
-    core or less): the CPU profile's figures no data sheet has. About `seconds` in all."""
+    core or less): the CPU profile's figures no data sheet has. About `seconds` in all.
+
+    `shape` (m, k, n): the study's own matmul (tokens of a micro-batch x width x hidden), since
+    a CPU's rate depends on the size; the low-precision rate includes autocast's casts of both
+    operands, as a training step pays them on every call."""
     import torch
 
     base = base or get("cpu")
@@ -135,15 +140,15 @@ def measure_cpu(base: DeviceProfile | None = None, seconds: float = 0.3) -> Devi
     torch.set_num_threads(1)
     try:
         peaks = {}
+        m, k, n_ = shape
+        a, b = torch.randn(m, k), torch.randn(k, n_)
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            a = torch.randn(256, 256).to(dtype)
-            b = torch.randn(256, 256).to(dtype)
-            a @ b
+            a.to(dtype) @ b.to(dtype)
             n, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds / 3:
-                a @ b
+                a.to(dtype) @ b.to(dtype)
                 n += 1
-            peaks[precision] = 2 * 256 ** 3 * n / (time.perf_counter() - start) / 1e12
+            peaks[precision] = 2 * m * k * n_ * n / (time.perf_counter() - start) / 1e12
         peaks["fp16"] = peaks["bf16"]
         x = torch.empty(4 << 20)  # 16 MB, beyond the caches
         y = torch.empty_like(x)

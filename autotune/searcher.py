@@ -24,6 +24,7 @@ from autotune.layout import Layout
 from autotune.results import TrialRecord
 from autotune.schema import INTERVAL_METRICS, Status
 from autotune.spec import Spec
+from autotune.speedmodel import SpeedModel
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,42 @@ def frontier(spec: Spec, screening: Screening) -> list[Layout]:
                 _RECOMPUTE_ORDER[layout.recompute], layout.key)
 
     return sorted(front, key=rank)
+
+
+MAX_OPENING_BUBBLE = 0.3  # a pipeline idle this much opens nothing while a less idle layout is predicted faster
+
+
+def opening(spec: Spec, screening: Screening, speed: SpeedModel, size: int) -> list[Layout]:
+    """The fastest predicted frontier layouts, one per (ep, tp, pp) family, fastest first.
+
+    One per family: the first measurements then also tell the calibration about every kind of
+    communication the leaders use, not five micro-batch variants of one layout. Equal
+    predictions go to the layout predicted to need less memory (1F1B before GPipe), never to
+    its name. A layout whose pipeline bubble is predicted over MAX_OPENING_BUBBLE is left out
+    while some fitting layout with less bubble is predicted faster.
+    """
+    front = frontier(spec, screening)
+    if not front or size <= 0:
+        return []
+    times = speed.predict(front)
+    peak = {c.layout: c.prediction.total for c in screening.candidates if c.fits and c.prediction}
+    order = sorted(range(len(front)), key=lambda i: (times.step_time_s[i], peak.get(front[i], 0)))
+    bubble = times.bubble_frac
+    out: list[Layout] = []
+    families: set[tuple[int, int, int]] = set()
+    least_bubble = float("inf")  # among the layouts predicted faster than the current one
+    for i in order:
+        lay = front[i]
+        family = (lay.ep, lay.tp, lay.pp)
+        idle = bool(bubble[i] > MAX_OPENING_BUBBLE and least_bubble < bubble[i])
+        least_bubble = min(least_bubble, float(bubble[i]))
+        if idle or family in families:
+            continue
+        families.add(family)
+        out.append(lay)
+        if len(out) == size:
+            break
+    return out
 
 
 def warm_start_size(spec: Spec) -> int:
@@ -178,7 +215,8 @@ class LayoutSearcher(Searcher):
     def __init__(self, spec: Spec, screening: Screening, study: optuna.Study,
                  make_config: Callable[[int, Layout, Candidate], dict[str, Any]],
                  on_decided: Callable[[TrialRecord], TrialRecord], on_complete: Callable[[str, dict | None, bool], TrialRecord],
-                 launches: int, session: int = 0, remeasure: list[TrialRecord] | None = None) -> None:
+                 launches: int, session: int = 0, remeasure: list[TrialRecord] | None = None,
+                 speed: SpeedModel | None = None) -> None:
         super().__init__(metric="tokens_per_s", mode="max")
         self.spec, self.screening, self.study = spec, screening, study
         self.space = distributions(spec)
@@ -197,9 +235,16 @@ class LayoutSearcher(Searcher):
             else:
                 self.known[record.layout.key] = record
         self.fitting = {c.layout.key for c in screening.candidates if c.fits}
-        # A study that continues has already started: only a new one opens on the frontier.
+        self.fitting_layouts = [c.layout for c in screening.candidates if c.fits]
+        self.fitting_peaks = [c.prediction.total if c.prediction else 0 for c in screening.candidates if c.fits]
+        # The step-time model, refit on every measured trial; its best unmeasured layout takes
+        # every other free turn (`study.sampler: auto` only).
+        self.guided = spec.study.sampler == "auto"
+        self.speed = (speed or SpeedModel.of(spec)).fit_records(self.known.values(), with_loo=False)
+        self.turn = 0
+        # A study that continues has already started: only a new one opens on the predicted best.
         fresh = not self.known and not self.decided_without_run
-        self.opening = frontier(spec, screening)[:warm_start_size(spec)] if fresh else []
+        self.opening = opening(spec, screening, self.speed, warm_start_size(spec)) if fresh else []
 
     # -- telling Optuna -----------------------------------------------------------------------------
     def _values(self, record: TrialRecord) -> tuple[list[float] | float, float]:
@@ -231,6 +276,8 @@ class LayoutSearcher(Searcher):
     def _launch(self, trial_id: str, trial: optuna.trial.Trial, layout: Layout, cand: Candidate,
                 **extra: Any) -> dict[str, Any]:
         config = {**self.make_config(trial.number, layout, cand), **extra}
+        # The step-time prediction as the model stood when the trial was chosen, beside memory's.
+        config["prediction"] = {**config.get("prediction", {}), **self.speed.prediction_metrics(layout)}
         self.pending[trial_id] = (trial, layout, config)
         self.in_flight.add(layout.key)
         self.launches_left -= 1
@@ -254,6 +301,13 @@ class LayoutSearcher(Searcher):
             self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
             trial = self.study.ask(self.space)
             return self._launch(trial_id, trial, layout, judge(self.spec, layout))
+        if self.guided:
+            self.turn += 1
+            layout = self._model_pick() if self.turn % 2 == 1 else None
+            if layout is not None:
+                self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
+                trial = self.study.ask(self.space)
+                return self._launch(trial_id, trial, layout, judge(self.spec, layout))
         for _ in range(MAX_FREE_PROPOSALS):
             if not (self.fitting - set(self.known) - self.in_flight):
                 return Searcher.FINISHED  # every fitting layout is measured or running
@@ -285,6 +339,17 @@ class LayoutSearcher(Searcher):
             return self._launch(trial_id, trial, layout, cand)
         return Searcher.FINISHED
 
+    def _model_pick(self) -> Layout | None:
+        """The calibrated model's fastest fitting layout not measured, running or decided."""
+        if not self.fitting_layouts:
+            return None
+        times = self.speed.predict(self.fitting_layouts)
+        for i in times.order(self.fitting_peaks):
+            lay = self.fitting_layouts[int(i)]
+            if lay.key not in self.known and lay.key not in self.in_flight:
+                return lay
+        return None
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.pending:
             return
@@ -294,3 +359,5 @@ class LayoutSearcher(Searcher):
         record = self.on_complete(trial_id, {**(result or {}), "autotune_config": config}, error)
         self.known[layout.key] = record
         self._tell(trial, record, store=True)
+        if record.status == Status.OK:
+            self.speed = self.speed.fit_records(self.known.values(), with_loo=False)

@@ -35,6 +35,8 @@ TRACKING_ATTR = "mlflow_tracking_uri"
 EXPERIMENT_ATTR = "mlflow_experiment"
 SPEC_ATTR = "spec"
 SESSIONS_ATTR = "sessions"  # one entry per run of the study (start, resume or continue)
+PROFILE_ATTR = "device_profile"  # the step-time model's profile (on CPU: measured at the study's start)
+CALIBRATION_ATTR = "steptime_calibration"  # its efficiencies fitted on every measured trial, leave-one-out error
 
 
 class StudyError(RuntimeError):
@@ -232,6 +234,12 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
     result = StudyResult(name=spec.study.name, spec=spec, trials=tuple(stored_records(study)),
                          machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent,
                          tracking_error=tracking_error)
+    if launches:
+        try:
+            fitted = speed_model_for(spec, study).fit_records(result.trials)
+            study.set_user_attr(CALIBRATION_ATTR, fitted.calibration.to_dict())
+        except OSError:
+            pass  # the records are kept; `autotune validate --from` refits from them
     report_dir = directory / "report"
     if options.report:
         from autotune.report import write_report
@@ -270,6 +278,54 @@ def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options
     return error
 
 
+def speed_model_for(spec: Spec, study: Any) -> Any:
+    """The study's step-time model (uncalibrated): the space's device profile, on CPU with this
+    machine's matmul rate and bandwidth measured once when the study starts (kept in the study,
+    so a continued study and `validate --from` use the same figures)."""
+    from autotune.devices import DeviceProfile, measure_cpu
+    from autotune.speedmodel import SpeedModel
+
+    stored = study.user_attrs.get(PROFILE_ATTR)
+    if stored:
+        profile = DeviceProfile(**stored)
+    else:
+        profile = spec.cluster.device_profile()
+        if spec.cluster.device == "cpu" and spec.cluster.profile is None:
+            cfg = spec.model.config()
+            profile = measure_cpu(profile, shape=(max(spec.search.micro_batch_size) * spec.search.seq_len,
+                                                  cfg.d_model, cfg.ffn_hidden))
+        study.set_user_attr(PROFILE_ATTR, profile.to_dict())
+    return SpeedModel.of(spec, profile)
+
+
+def load_speed_model(name: str, output_dir: Path, storage_url: str | None, spec: Spec) -> tuple[Any, str]:
+    """`spec`'s step-time model calibrated on a study's measured trials, and what it is.
+
+    Efficiencies fitted on one device say nothing about another: a space whose profile is not
+    the study's gets the study's device figures only where it names none, and is calibrated
+    only when the device is the same."""
+    import optuna
+
+    from autotune.devices import DeviceProfile
+    from autotune.searcher import open_storage
+    from autotune.speedmodel import SpeedModel
+
+    result = load_result(name, output_dir, storage_url)
+    state = read_state(output_dir / name) or {}
+    url = storage_url or state.get("storage") or str(output_dir / name / "optuna.journal")
+    stored = optuna.load_study(study_name=name, storage=open_storage(url)).user_attrs.get(PROFILE_ATTR)
+    own = DeviceProfile(**stored) if stored else result.spec.cluster.device_profile()
+    mine = spec.cluster.device_profile() if spec.cluster.profile is not None else None
+    if mine is not None and mine.name != own.name:
+        return SpeedModel.of(spec, mine), (f"not calibrated: study {name!r} measured on {own.name}, this space "
+                                           f"asks for {mine.name}")
+    speed = SpeedModel.of(spec, own).fit_records(result.trials)
+    cal = speed.calibration
+    loo = (f", leave-one-out error median {cal.loo_median_rel_err:.0%}, worst {cal.loo_max_rel_err:.0%}"
+           if cal.loo_median_rel_err is not None else "")
+    return speed, f"calibrated on {cal.points} measured trials of study {name!r}{loo}"
+
+
 def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int, options: RunOptions,
           session: int = 0, remeasure: list | None = None, settling: bool = False) -> str | None:
     """Run the trials; returns why MLflow stopped taking records mid-study, if it did.
@@ -290,10 +346,12 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     progress = Progress(spec.study.name + (" (re-measuring tied leaders)" if settling else ""), launches,
                         spec.budget.wall_clock_s, live=options.live)
     recorder = Recorder(spec, tracker, parent, progress, session, settling=settling)
+    speed = speed_model_for(spec, study)
     holder: list[Any] = []  # the program's environment values, when a user command has any
     searcher = LayoutSearcher(spec, screening, study,
                               lambda n, lay, c: make_trial_config(spec, n, lay, c, holder[0].name if holder else None),
-                              recorder.decided, recorder.complete, launches, session=session, remeasure=remeasure)
+                              recorder.decided, recorder.complete, launches, session=session, remeasure=remeasure,
+                              speed=speed)
     scheduler = None
     if spec.budget.early_stop and not settling:  # re-measures run to the end: their steps all count
         from ray.tune.schedulers import ASHAScheduler

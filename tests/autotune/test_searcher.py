@@ -1,4 +1,5 @@
-"""The searcher's opening: the memory model's frontier of fitting layouts, then Optuna."""
+"""The searcher's opening: the fastest predicted layouts of the memory model's frontier, then the
+calibrated model's picks alternating with Optuna's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from autotune.candidates import screen
 from autotune.layout import Layout
 from autotune.results import TrialRecord
 from autotune.schema import Status
-from autotune.searcher import LayoutSearcher, _dominates, create_study, frontier, warm_start_size
+from autotune.searcher import LayoutSearcher, _dominates, create_study, frontier, opening, warm_start_size
+from autotune.speedmodel import SpeedModel
 from autotune.spec import spec_from_data
 
 SPACE = {
@@ -82,13 +84,16 @@ def _run(searcher, n):
     return keys
 
 
-def test_a_new_study_opens_on_the_frontier_then_the_sampler_proposes():
+def test_a_new_study_opens_on_the_predicted_best_then_the_sampler_proposes():
     spec = _spec()
     study = create_study(spec, None, load_if_exists=False)
     searcher, screening = _searcher(spec, study)
     k = warm_start_size(spec)
     keys = _run(searcher, k + 3)
-    assert keys[:k] == [layout.key for layout in frontier(spec, screening)[:k]]
+    expected = opening(spec, screening, SpeedModel.of(spec), k)
+    assert keys[:k] == [layout.key for layout in expected]
+    assert set(expected) <= set(frontier(spec, screening))
+    assert len({(lay.ep, lay.tp, lay.pp) for lay in expected}) == k  # one per family
     assert len(set(keys)) == len(keys)
     assert len(study.trials) >= k + 3  # every opening layout is an Optuna trial the sampler learns from
 
