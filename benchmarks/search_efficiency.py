@@ -11,32 +11,38 @@ cpu count, platform and torch version) with grid_<name>.json beside it. A layout
 peak exceeds the space's memory cap is an `oom` row: on a device with that much memory it would
 not have run.
 
-The default mode replays search strategies over the saved table, 20 seeds each, and counts the
-launched trials until one of them is within 2% of the grid's best tokens/s among layouts that
-fit the cap:
+The default mode replays search strategies over a table of measured (or published) layouts,
+20 seeds each, and counts the launched trials until one of them is within 2% of the table's
+best tokens/s among layouts that fit the cap, and the summed trial seconds to get there (the
+table's `seconds` per pass where it has them, else GPU-seconds of one step: a GPU-time proxy).
+A table's columns: `ep,tp,pp,dp,micro_batch_size,precision,recompute,schedule,status,
+tokens_per_s,peak_mem_bytes` (more are kept); a layout without a row was not measured, and a
+strategy that launches it gets a failed trial.
 
 * grid: every valid layout in the order the space enumerates them (no memory model);
-* random: a random order of the valid layouts (no memory model);
+* random: a random order of the valid layouts, without repeats (no memory model);
 * plain TPE: Optuna's default `TPESampler(seed=seed)` over the same knobs as autotune, asked and
-  told directly: no memory pruning and no result cache, so an over-cap layout is a launched trial
-  that fails (Optuna FAIL, as Ray's OptunaSearch reports an errored trial) and a repeated layout
-  is launched again; a proposal that is no layout at all (degrees that do not divide the world
-  size, a batch they do not divide) is rejected before launch and not counted;
+  told directly, as fair as a user would make it: a repeated layout gets its measured result back
+  without a launch, an over-cap or failed layout is told as completed and infeasible (Optuna's
+  constraint), a proposal that is no layout is refused before launch; no memory model;
 * autotune: `autotune.searcher.LayoutSearcher` driven exactly as Ray Tune drives it (`suggest`,
-  then `on_trial_complete`), on an in-memory Optuna study created by `autotune.searcher.create_study`
-  with the sampler `make_sampler` picks for the space (the default, `study.sampler: auto`), its
-  memory-model pruning, its opening on the memory frontier (`autotune.searcher.frontier`) and its
-  cache; each completed trial's record comes from the table;
-* autotune-tpe: the same searcher with `study.sampler: tpe`: pruning, cache and TPE, without the
-  frontier opening (what the opening is worth);
+  then `on_trial_complete`), on an in-memory Optuna study, with the default `study.sampler: auto`:
+  memory-model pruning, the opening on the step-time model's fastest predicted layouts (one per
+  (ep, tp, pp) family), then the calibrated model's best unmeasured layout alternating with TPE;
+* autotune-no-model: the same searcher with `study.sampler: tpe`: pruning, cache and TPE,
+  without the step-time model (what the model is worth);
 * autotune-random: the same searcher with `study.sampler: random` (what the memory model and
   the cache alone are worth).
 
 Trials run one at a time (a sequential replay). A strategy that never finds a near-best layout
 (the memory model may prune it) counts as not found.
 
-Goal: autotune's median <= 15% of the grid size, and below random's and plain TPE's medians.
+Goals (issue 13): autotune's median <= 5 trials and worst <= 12, each below every baseline's
+median.
 
+    python -m benchmarks.search_efficiency --measure --space tiny_cpu_pp --passes 3   # measure a grid
+    python -m benchmarks.search_efficiency --space tiny_cpu_pp  # replay grid_tiny_cpu_pp.csv, 20 seeds
+    python -m benchmarks.search_efficiency --table T.csv --space S.yaml   # any table and space
     python -m benchmarks.search_efficiency --measure            # measure the grid (~10 min, 2 cores)
     python -m benchmarks.search_efficiency                      # replay, 20 seeds (~1 min)
     python -m benchmarks.search_efficiency --quick              # replay 2 seeds: checks the script
@@ -77,11 +83,23 @@ DEFAULT_SPACE = "tiny_cpu"
 SEEDS = 20
 WITHIN = 0.02
 GOAL_FRACTION = 0.15
-STRATEGIES = ("grid", "random", "plain-tpe", "autotune", "autotune-tpe", "autotune-random")
+STRATEGIES = ("grid", "random", "plain-tpe", "autotune", "autotune-no-model", "autotune-random")
+BASELINES = ("grid", "random", "plain-tpe", "autotune-no-model")
+GOAL_MEDIAN, GOAL_WORST = 5, 12
+
+
+def space_file(name: str) -> Path:
+    """A space by name (benchmarks/spaces/<name>.yaml) or by path."""
+    path = Path(name)
+    return path if path.suffix in (".yaml", ".yml") else SPACES / f"{name}.yaml"
 
 
 def space_data(name: str) -> dict[str, Any]:
-    return yaml.safe_load((SPACES / f"{name}.yaml").read_text())
+    return yaml.safe_load(space_file(name).read_text())
+
+
+def space_name(name: str) -> str:
+    return space_file(name).stem
 
 
 def with_study(data: dict[str, Any], seed: int, sampler: str | None = None) -> Spec:
@@ -99,7 +117,7 @@ def valid_layouts(screening: Screening) -> list[Layout]:
 
 
 def table_path(name: str, quick: bool) -> Path:
-    return RESULTS / f"grid_{name}{'_quick' if quick else ''}.csv"
+    return RESULTS / f"grid_{space_name(name)}{'_quick' if quick else ''}.csv"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +168,26 @@ COLUMNS = ("layout_key", "ep", "tp", "pp", "dp", "world_size", "micro_batch_size
            "torch")
 
 
-def measure(name: str, quick: bool, add_pass: bool) -> int:
+def _averaged(row: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
+    """The row with its throughput the mean of its passes (the crashed ones left out)."""
+    passes = [float(x) for x in str(row["tokens_per_s_passes"]).split() if float(x) > 0]
+    if passes:
+        row = {**row, "tokens_per_s": round(statistics.fmean(passes), 2)}
+        row["step_time_s"] = round(tokens_per_step / row["tokens_per_s"], 5)
+    return row
+
+
+def measure(name: str, quick: bool, add_pass: bool, passes: int = 1, average: bool = False) -> int:
+    """Measure the grid: `passes` interleaved passes (each in its own shuffled order), each layout's
+    figure the mean of its passes when `average`, else the fastest."""
+    code = 0
+    for _ in range(passes):
+        code = max(code, _measure_pass(name, quick, add_pass, average))
+        add_pass = True
+    return code
+
+
+def _measure_pass(name: str, quick: bool, add_pass: bool, average: bool) -> int:
     _preload_fork_server()
     import torch
 
@@ -193,6 +230,8 @@ def measure(name: str, quick: bool, add_pass: bool) -> int:
         row.update(seconds=round(time.monotonic() - t0, 2), cpus=mach["cpus"], platform=mach["platform"],
                    torch=torch.__version__)
         table[layout.key] = _merge(table.get(layout.key), row)
+        if average:
+            table[layout.key] = _averaged(table[layout.key], spec.search.global_batch_size * spec.search.seq_len)
         say(f"{i:>3}/{len(layouts)} {layout.key:<40} {row['status']:<7} {row['tokens_per_s']:>9} tok/s  "
             f"peak {(row['peak_mem_bytes'] or 0) / 1e6:6.2f} MB (pred {(row['pred_peak_mem_bytes'] or 0) / 1e6:6.2f})"
             f"  {row['seconds']:5.1f} s  load {load}")
@@ -206,7 +245,8 @@ def measure(name: str, quick: bool, add_pass: bool) -> int:
             "cap_bytes": cap, "layouts": len(rows),
             "measure": {"launcher": "tests.launch.launch (gloo, 1 thread per rank)",
                         "warmup_steps": spec.budget.warmup_steps, "measure_steps": spec.budget.measure_steps,
-                        "per_layout": "the fastest of its passes (tokens_per_s_passes keeps each)"},
+                        "per_layout": ("the mean of its passes" if average else "the fastest of its passes")
+                        + " (tokens_per_s_passes keeps each)"},
             "counts": {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "oom", "crashed")},
             "passes": previous.get("passes", []) + [this_pass]}
     write_json(info_path, info)
@@ -229,18 +269,42 @@ class Table:
     def status(self, key: str) -> str:
         row = self.rows.get(key)
         if row is None:
-            return "crashed"
+            return "crashed"  # not measured: a launch of it is a failed trial
         if row["status"] == "ok" and row["peak_mem_bytes"] > self.cap:
             return "oom"
         return row["status"]
 
+    def cost(self, key: str) -> float:
+        """Seconds a trial of this layout took (a GPU-time proxy where the table has no seconds)."""
+        row = self.rows.get(key)
+        return float(row["cost_s"]) if row is not None else self.median_cost
 
-def load_table(path: Path, cap: int) -> Table:
+    @property
+    def median_cost(self) -> float:
+        return statistics.median(float(r["cost_s"]) for r in self.rows.values())
+
+
+def _key_of(r: dict[str, Any]) -> str:
+    return Layout(int(r["ep"]), int(r["tp"]), int(r["pp"]), int(r["dp"]), int(r["micro_batch_size"]),
+                  r["precision"], r["recompute"], (r.get("schedule") or "1f1b") if int(r["pp"]) > 1 else "1f1b").key
+
+
+def load_table(path: Path, cap: int, tokens_per_step: int | None = None) -> Table:
+    """Rows `ep,tp,pp,dp,micro_batch_size,precision,recompute,schedule,status,tokens_per_s,
+    peak_mem_bytes` (optional: layout_key, seconds, passes). A layout without a row was not measured."""
     rows: dict[str, dict[str, Any]] = {}
     with path.open() as f:
         for r in csv.DictReader(f):
+            r["layout_key"] = r.get("layout_key") or _key_of(r)
             r["tokens_per_s"] = float(r["tokens_per_s"] or 0.0)
-            r["peak_mem_bytes"] = int(r["peak_mem_bytes"]) if r["peak_mem_bytes"] else 0
+            r["peak_mem_bytes"] = int(float(r["peak_mem_bytes"])) if r.get("peak_mem_bytes") else 0
+            world = int(r["ep"]) * int(r["tp"]) * int(r["pp"]) * int(r["dp"])
+            if r.get("seconds"):  # measured trials: their own wall time, one pass of it
+                r["cost_s"] = float(r["seconds"]) / max(1, int(r.get("passes") or 1))
+            elif tokens_per_step and r["tokens_per_s"]:  # GPU-seconds of one step
+                r["cost_s"] = tokens_per_step / r["tokens_per_s"] * world
+            else:
+                r["cost_s"] = 0.0
             rows[r["layout_key"]] = r
     fitting = {k: r for k, r in rows.items() if r["status"] in ("ok", "oom") and r["peak_mem_bytes"] <= cap}
     if not fitting:
@@ -261,17 +325,20 @@ class Run:
     found_at: int | None
     launched: int
     ooms: int  # launched trials that failed for memory
-    repeats: int = 0  # launches of a layout already measured (plain TPE only)
+    repeats: int = 0  # proposals of a layout already measured, answered from the record (plain TPE)
     pruned: int = 0  # proposals answered by the memory model without a launch
+    seconds: float = 0.0  # summed trial seconds of the launches up to the hit (all, when never found)
 
 
 def _run_order(order: list[Layout], table: Table) -> Run:
     ooms = 0
+    seconds = 0.0
     for i, layout in enumerate(order, 1):
         ooms += table.status(layout.key) == "oom"
+        seconds += table.cost(layout.key)
         if layout.key in table.good:
-            return Run(i, i, ooms)
-    return Run(None, len(order), ooms)
+            return Run(i, i, ooms, seconds=seconds)
+    return Run(None, len(order), ooms, seconds=seconds)
 
 
 def replay_grid(data: dict[str, Any], table: Table, seed: int) -> Run:
@@ -285,8 +352,11 @@ def replay_random(data: dict[str, Any], table: Table, seed: int) -> Run:
 
 
 def replay_plain_tpe(data: dict[str, Any], table: Table, seed: int) -> Run:
+    """Optuna's default TPE, asked and told directly, made as fair as a user would make it: a
+    repeat of a measured layout gets its measured result back (no launch); an over-cap or failed
+    layout is told as a completed, infeasible trial (constraint > 0), so TPE learns to avoid it;
+    a proposal that is no valid layout is refused before launch. No memory model."""
     import optuna
-    from optuna.trial import TrialState
 
     from autotune.candidates import judge
     from autotune.searcher import distributions, layout_from_params
@@ -294,29 +364,35 @@ def replay_plain_tpe(data: dict[str, Any], table: Table, seed: int) -> Run:
     spec = with_study(data, seed)
     space = distributions(spec)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    limit = 3 * len(valid_layouts(screen(spec)))
+    valid = len(valid_layouts(screen(spec)))
     launched = ooms = repeats = 0
-    seen: set[str] = set()
-    for _ in range(100 * limit):
+    seconds = 0.0
+    measured: dict[str, float] = {}  # layout -> value told (0 for a failed one)
+    for _ in range(200 * valid):
         trial = study.ask(space)
         layout = layout_from_params(spec, trial.params)
         if isinstance(layout, str) or judge(spec, layout).verdict == INVALID:
-            study.tell(trial, state=TrialState.FAIL)
+            trial.set_constraint("memory_and_failures", 1.0)
+            study.tell(trial, 0.0)
+            continue
+        if layout.key in measured:
+            repeats += 1
+            trial.set_constraint("memory_and_failures", -1.0 if measured[layout.key] else 1.0)
+            study.tell(trial, measured[layout.key])
             continue
         launched += 1
-        repeats += layout.key in seen
-        seen.add(layout.key)
+        seconds += table.cost(layout.key)
         status = table.status(layout.key)
-        if status == "ok":
-            study.tell(trial, table.rows[layout.key]["tokens_per_s"])
-        else:
-            ooms += status == "oom"
-            study.tell(trial, state=TrialState.FAIL)
+        value = table.rows[layout.key]["tokens_per_s"] if status == "ok" else 0.0
+        ooms += status == "oom"
+        measured[layout.key] = value
+        trial.set_constraint("memory_and_failures", -1.0 if status == "ok" else 1.0)
+        study.tell(trial, value)
         if layout.key in table.good:
-            return Run(launched, launched, ooms, repeats)
-        if launched >= limit:
+            return Run(launched, launched, ooms, repeats, seconds=seconds)
+        if launched >= valid:
             break
-    return Run(None, launched, ooms, repeats)
+    return Run(None, launched, ooms, repeats, seconds=seconds)
 
 
 def replay_layout_searcher(data: dict[str, Any], table: Table, seed: int, sampler: str | None = None) -> Run:
@@ -351,6 +427,7 @@ def replay_layout_searcher(data: dict[str, Any], table: Table, seed: int, sample
             metrics["peak_mem_bytes"] = table.rows[key]["peak_mem_bytes"]
         if status == "ok":
             metrics["tokens_per_s"] = table.rows[key]["tokens_per_s"]
+            metrics["step_time_s"] = spec.search.global_batch_size * spec.search.seq_len / metrics["tokens_per_s"]
         return TrialRecord(number=cfg["number"], layout=Layout.from_params(cfg["layout"]), status=Status(status),
                            reason="" if status == "ok" else f"{status} in the measured grid", metrics=metrics,
                            prediction=cfg["prediction"])
@@ -358,6 +435,7 @@ def replay_layout_searcher(data: dict[str, Any], table: Table, seed: int, sample
     fitting = sum(1 for c in screening.candidates if c.fits)
     searcher = LayoutSearcher(spec, screening, study, make_config, on_decided, on_complete, fitting)
     launched = ooms = 0
+    seconds = 0.0
     for i in range(fitting + 1):
         trial_id = f"replay_{i:05d}"
         cfg = searcher.suggest(trial_id)
@@ -366,12 +444,13 @@ def replay_layout_searcher(data: dict[str, Any], table: Table, seed: int, sample
         configs[trial_id] = cfg
         launched += 1
         key = cfg["layout_key"]
+        seconds += table.cost(key)
         ooms += table.status(key) == "oom"
         tps = table.rows[key]["tokens_per_s"] if table.status(key) == "ok" else 0.0
         searcher.on_trial_complete(trial_id, {"tokens_per_s": tps, "autotune_final": True}, False)
         if key in table.good:
-            return Run(launched, launched, ooms, pruned=pruned)
-    return Run(None, launched, ooms, pruned=pruned)
+            return Run(launched, launched, ooms, pruned=pruned, seconds=seconds)
+    return Run(None, launched, ooms, pruned=pruned, seconds=seconds)
 
 
 REPLAYS: dict[str, Callable[[dict[str, Any], Table, int], Run]] = {
@@ -379,7 +458,7 @@ REPLAYS: dict[str, Callable[[dict[str, Any], Table, int], Run]] = {
     "random": replay_random,
     "plain-tpe": replay_plain_tpe,
     "autotune": lambda d, t, s: replay_layout_searcher(d, t, s),
-    "autotune-tpe": lambda d, t, s: replay_layout_searcher(d, t, s, "tpe"),
+    "autotune-no-model": lambda d, t, s: replay_layout_searcher(d, t, s, "tpe"),
     "autotune-random": lambda d, t, s: replay_layout_searcher(d, t, s, "random"),
 }
 
@@ -402,7 +481,9 @@ def _stats(runs: list[Run], grid_size: int) -> dict[str, Any]:
             "not_found": not_found, "median_fraction_of_grid": median / grid_size,
             "ooms_launched_median": statistics.median(r.ooms for r in runs),
             "pruned_median": statistics.median(r.pruned for r in runs),
-            "repeats_median": statistics.median(r.repeats for r in runs)}
+            "repeats_median": statistics.median(r.repeats for r in runs),
+            "seconds_median": statistics.median(r.seconds for r in runs),
+            "seconds_worst": max(r.seconds for r in runs)}
 
 
 def _fmt(x: float) -> str:
@@ -419,7 +500,7 @@ def replay(name: str, quick: bool, seeds: int, table_file: Path | None) -> int:
     if not path.exists():
         raise SystemExit(f"{path} does not exist: measure it first with "
                          f"python -m benchmarks.search_efficiency --measure --space {name}")
-    table = load_table(path, screening.cap_bytes)
+    table = load_table(path, screening.cap_bytes, spec.search.global_batch_size * spec.search.seq_len)
     missing = [l.key for l in valid_layouts(screening) if l.key not in table.rows]
     started = time.monotonic()
     n_seeds = 2 if quick else seeds
@@ -438,31 +519,31 @@ def replay(name: str, quick: bool, seeds: int, table_file: Path | None) -> int:
             runs.append(run)
             rows.append({"strategy": strategy, "seed": seed, "found_at": run.found_at if run.found_at is not None else "",
                          "launched": run.launched, "ooms_launched": run.ooms, "pruned": run.pruned,
-                         "repeats": run.repeats})
+                         "repeats": run.repeats, "seconds": round(run.seconds, 2)})
         summary[strategy] = _stats(runs, grid_size)
     say("")
     say(f"launched trials until within {WITHIN:.0%} of the best ({n_seeds} seeds; grid size {grid_size})")
-    say(f"  {'strategy':<16} {'median':>7} {'worst':>7} {'best':>5}  not found  ooms launched (median)")
+    say(f"  {'strategy':<18} {'median':>7} {'worst':>7} {'best':>5}  not found  ooms launched  trial s to hit (median)")
     for strategy in STRATEGIES:
         s = summary[strategy]
-        say(f"  {strategy:<16} {_fmt(s['median']):>7} {_fmt(s['worst']):>7} {_fmt(s['best']):>5}  {s['not_found']:>9}  "
-            f"{s['ooms_launched_median']:g}")
+        say(f"  {strategy:<18} {_fmt(s['median']):>7} {_fmt(s['worst']):>7} {_fmt(s['best']):>5}  {s['not_found']:>9}  "
+            f"{s['ooms_launched_median']:>13g}  {s['seconds_median']:.1f}")
     auto = summary["autotune"]
     limit = GOAL_FRACTION * grid_size
-    goals = {"autotune_median_le_15pct_of_grid": auto["median"] <= limit,
-             "autotune_better_than_random": auto["median"] < summary["random"]["median"],
-             "autotune_better_than_plain_tpe": auto["median"] < summary["plain-tpe"]["median"]}
+    below = {k: auto["median"] < summary[k]["median"] and auto["worst"] < summary[k]["median"] for k in BASELINES}
+    goals = {"autotune_median_le_5": auto["median"] <= GOAL_MEDIAN, "autotune_worst_le_12": auto["worst"] <= GOAL_WORST,
+             **{f"median_and_worst_below_{k}_median": v for k, v in below.items()}}
     ratio = {k: (summary[k]["median"] / auto["median"] if auto["median"] not in (0, float("inf")) else None)
-             for k in ("grid", "random", "plain-tpe")}
+             for k in BASELINES}
     say(f"ratio (baseline median / autotune median): "
         + ", ".join(f"{k} {v:.2f}x" if v is not None and v != float("inf") else f"{k} n/a" for k, v in ratio.items()))
-    say(f"goal: autotune median <= {GOAL_FRACTION:.0%} of the grid ({limit:.1f} trials): "
-        f"{'met' if goals['autotune_median_le_15pct_of_grid'] else 'NOT met'} ({_fmt(auto['median'])}); "
-        f"better than random: {'met' if goals['autotune_better_than_random'] else 'NOT met'}; "
-        f"better than plain TPE: {'met' if goals['autotune_better_than_plain_tpe'] else 'NOT met'}"
+    say(f"goal: autotune median <= {GOAL_MEDIAN}: {'met' if goals['autotune_median_le_5'] else 'NOT met'} "
+        f"({_fmt(auto['median'])}); worst <= {GOAL_WORST}: {'met' if goals['autotune_worst_le_12'] else 'NOT met'} "
+        f"({_fmt(auto['worst'])}); median and worst below each baseline's median: "
+        + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in below.items())
         + ("  (--quick: 2 seeds, the figures mean little)" if quick else ""))
-    suffix = "_quick" if quick else ""
-    out = {"benchmark": "search_efficiency", "quick": quick, "space": name, "table": str(path.relative_to(ROOT))
+    suffix = ("" if space_name(name) == DEFAULT_SPACE else f"_{space_name(name)}") + ("_quick" if quick else "")
+    out = {"benchmark": "search_efficiency", "quick": quick, "space": space_name(name), "table": str(path.relative_to(ROOT))
            if path.is_relative_to(ROOT) else str(path), "machine": machine(), "grid_size": grid_size,
            "fitting_by_memory_model": sum(1 for c in screening.candidates if c.fits), "cap_bytes": screening.cap_bytes,
            "best": {"layout": table.best_key, "tokens_per_s": table.best_tps}, "within": WITHIN,
@@ -492,12 +573,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="replay 2 seeds (with --measure: measure 3 layouts)")
     p.add_argument("--add-pass", action="store_true",
                    help="with --measure: measure the grid once more and keep each layout's fastest pass")
-    p.add_argument("--space", default=DEFAULT_SPACE, help=f"a space under benchmarks/spaces (default {DEFAULT_SPACE})")
+    p.add_argument("--passes", type=int, default=1,
+                   help="with --measure: this many interleaved passes, each layout's figure their mean")
+    p.add_argument("--space", default=DEFAULT_SPACE,
+                   help=f"a space file (YAML), or a name under benchmarks/spaces (default {DEFAULT_SPACE})")
     p.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per strategy (default {SEEDS})")
     p.add_argument("--table", type=Path, default=None, help="replay this table instead of grid_<space>.csv")
     args = p.parse_args(argv)
     if args.measure:
-        return measure(args.space, args.quick, args.add_pass)
+        return measure(args.space, args.quick, args.add_pass, args.passes, average=args.passes > 1)
     return replay(args.space, args.quick, args.seeds, args.table)
 
 

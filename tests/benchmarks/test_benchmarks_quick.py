@@ -45,9 +45,42 @@ def test_trial_overhead_quick():
 def test_search_efficiency_quick_replays_the_committed_grid():
     assert (RESULTS / "grid_tiny_cpu.csv").exists(), "the measured grid table is part of the repository"
     (data,) = _check(_run("benchmarks.search_efficiency", "--quick", timeout=180), "search_efficiency_quick")
-    assert set(data["strategies"]) == {"grid", "random", "plain-tpe", "autotune", "autotune-tpe",
+    assert set(data["strategies"]) == {"grid", "random", "plain-tpe", "autotune", "autotune-no-model",
                                        "autotune-random"}
     assert data["grid_size"] > 0 and data["good_layouts"]
+    assert all(s["seconds_median"] >= 0 for s in data["strategies"].values())
+
+
+def test_search_efficiency_quick_replays_a_published_table_in_its_own_columns(tmp_path):
+    """A table in the documented columns only (no layout key, no seconds) and a space given by path."""
+    import csv
+
+    space = ROOT / "benchmarks" / "spaces" / "tiny_cpu.yaml"
+    src = list(csv.DictReader((RESULTS / "grid_tiny_cpu.csv").open()))
+    cols = ["ep", "tp", "pp", "dp", "micro_batch_size", "precision", "recompute", "schedule", "status",
+            "tokens_per_s", "peak_mem_bytes"]
+    table = tmp_path / "table.csv"
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(src[::2])  # half the layouts: the others were not measured
+    (data,) = _check(_run("benchmarks.search_efficiency", "--quick", "--space", str(space), "--table", str(table),
+                          timeout=180), "search_efficiency_quick")
+    assert data["table"].endswith("table.csv") and data["strategies"]["autotune"]["seconds_median"] > 0
+
+
+def test_steptime_tables_quick():
+    (data,) = _check(_run("benchmarks.steptime_tables", "--quick", timeout=120), "steptime_tables_quick")
+    names = {t["table"] for t in data["tables"]}
+    assert "qwen3_235b_h100_megatron" in names and "grid_tiny_cpu" in names
+    for t in data["tables"]:
+        assert t["tau_uncalibrated"] is not None and -1 <= t["tau_uncalibrated"] <= 1
+
+
+def test_seed_opening_quick():
+    (data,) = _check(_run("benchmarks.seed_opening", "--quick", timeout=120), "seed_opening_quick")
+    assert len(data["opening"]) == 10 and data["bubble_check_met"]
+    assert data["first_ratio_vs_rules_of_thumb"] > 1
 
 
 def test_search_efficiency_measure_quick():

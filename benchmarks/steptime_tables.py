@@ -1,0 +1,157 @@
+"""Step-time model against measured and published tables: does it rank layouts right?
+
+For every table under benchmarks/data/ (a CSV of layouts and their throughput, with a YAML beside
+it naming the source, the model, batch, sequence length, device profile and node size) and for
+the measured CPU grids (benchmarks/results/grid_*.csv, with their space under benchmarks/spaces):
+
+* Kendall tau between the model's predicted tokens/s and the table's, uncalibrated (the
+  profile's public peak figures and the default efficiencies);
+* Kendall tau after leave-one-out calibration: each row predicted by the model calibrated on all
+  the other rows (`autotune.calibrate.leave_one_out`), and that prediction's median relative error.
+
+Baseline in the same run: the rank correlation of a model that knows only the layouts' FLOPs per
+device, i.e. tokens/s proportional to 1 / (compute terms) (what a roofline without communication
+says). Goal (issue 13): tau >= 0.7 after calibration on every table with >= 5 rows.
+
+    python -m benchmarks.steptime_tables          # every table (a few seconds)
+    python -m benchmarks.steptime_tables --quick  # the same (it is fast); checks the script
+
+Results: benchmarks/results/steptime_tables.{csv,json} (`_quick` with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from scipy.stats import kendalltau  # noqa: E402
+
+from benchmarks.common import RESULTS, SPACES, machine, say, write_csv, write_json  # noqa: E402
+from autotune import devices  # noqa: E402
+from autotune.calibrate import leave_one_out  # noqa: E402
+from autotune.layout import Layout  # noqa: E402
+from autotune.spec import load_spec  # noqa: E402
+from autotune.steptime import Topology, prior_weights, raw_terms  # noqa: E402
+from trainables.moe.config import ModelConfig  # noqa: E402
+
+DATA = ROOT / "benchmarks" / "data"
+GOAL_TAU, GOAL_ROWS = 0.7, 5
+
+
+def _layouts(rows: list[dict[str, str]]) -> list[Layout]:
+    return [Layout(int(r["ep"]), int(r["tp"]), int(r["pp"]), int(r["dp"]), int(r["micro_batch_size"]),
+                   r["precision"], r["recompute"], r.get("schedule") or "1f1b") for r in rows]
+
+
+def _ok_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return [r for r in csv.DictReader(f) if r["status"] in ("ok", "oom") and float(r["tokens_per_s"] or 0) > 0]
+
+
+def published() -> list[dict[str, Any]]:
+    out = []
+    for meta_path in sorted(DATA.glob("*.yaml")):
+        meta = yaml.safe_load(meta_path.read_text())
+        out.append({"name": meta_path.stem, "rows": _ok_rows(meta_path.with_suffix(".csv")),
+                    "model": ModelConfig(**meta["model"]), "gbs": int(meta["global_batch_size"]),
+                    "seq": int(meta["seq_len"]), "profile": devices.get(meta["profile"]),
+                    "topology": Topology(meta.get("ranks_per_node")), "source": " ".join(meta["source"].split())})
+    return out
+
+
+def grids() -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(RESULTS.glob("grid_*.csv")):
+        space = SPACES / f"{path.stem[len('grid_'):]}.yaml"
+        if path.stem.endswith("_quick") or not space.exists():
+            continue
+        spec = load_spec(space)
+        rows = _ok_rows(path)
+        out.append({"name": path.stem, "rows": rows, "model": spec.model.config(), "gbs": spec.search.global_batch_size,
+                    "seq": spec.search.seq_len, "profile": devices.get("cpu"),
+                    "topology": Topology(None, spec.cluster.total_ranks * spec.cluster.cpus_per_rank),
+                    "source": f"measured on this machine ({path.relative_to(ROOT)})"})
+    return out
+
+
+def _tau(a: np.ndarray, b: np.ndarray) -> float | None:
+    if len(a) < 2:
+        return None
+    tau = kendalltau(a, b)[0]
+    return None if np.isnan(tau) else float(tau)
+
+
+def evaluate(t: dict[str, Any]) -> dict[str, Any]:
+    layouts = _layouts(t["rows"])
+    measured = np.array([float(r["tokens_per_s"]) for r in t["rows"]])
+    tokens = t["gbs"] * t["seq"]
+    raw, _ = raw_terms(t["model"], layouts, t["gbs"], t["seq"], t["profile"], t["topology"])
+    prior = prior_weights()
+    predicted = tokens / (raw @ prior)
+    roofline = tokens / (raw[:, :2] @ prior[:2])
+    step = tokens / measured
+    loo = leave_one_out(raw, step) if len(step) >= 3 else None
+    loo_tps = tokens / loo if loo is not None else None
+    err = np.abs(loo - step) / step if loo is not None else None
+    best_measured = int(np.argmax(measured))
+    return {"table": t["name"], "rows": len(layouts), "source": t["source"],
+            "tau_uncalibrated": _tau(predicted, measured), "tau_loo_calibrated": _tau(loo_tps, measured)
+            if loo_tps is not None else None, "tau_flops_only_baseline": _tau(roofline, measured),
+            "loo_median_rel_err": float(np.median(err)) if err is not None else None,
+            "uncalibrated_median_rel_err": float(np.median(np.abs(tokens / predicted - step) / step)),
+            "best_measured": layouts[best_measured].key,
+            "best_predicted_uncalibrated": layouts[int(np.argmax(predicted))].key,
+            "per_row": [{"table": t["name"], "layout": lay.key, "tokens_per_s": float(m),
+                         "pred_tokens_per_s_uncalibrated": round(float(p), 1),
+                         "pred_tokens_per_s_loo": round(float(q), 1) if loo_tps is not None else ""}
+                        for lay, m, p, q in zip(layouts, measured, predicted,
+                                                loo_tps if loo_tps is not None else predicted)]}
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.steptime_tables", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the same run (it takes seconds); results as _quick")
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    results = [evaluate(t) for t in published() + grids()]
+    say(f"{'table':<34} {'rows':>4} {'tau uncal':>9} {'tau LOO':>8} {'tau FLOPs-only':>14} {'LOO err':>8}  goal")
+    goals = {}
+    for r in results:
+        applies = r["rows"] >= GOAL_ROWS
+        met = applies and r["tau_loo_calibrated"] is not None and r["tau_loo_calibrated"] >= GOAL_TAU
+        goals[r["table"]] = met if applies else None
+        say(f"{r['table']:<34} {r['rows']:>4} {_f(r['tau_uncalibrated']):>9} {_f(r['tau_loo_calibrated']):>8} "
+            f"{_f(r['tau_flops_only_baseline']):>14} {_f(r['loo_median_rel_err']):>8}  "
+            + ("met" if met else "NOT met" if applies else f"n/a (< {GOAL_ROWS} rows)"))
+        say(f"    best measured {r['best_measured']}; best predicted (uncalibrated) {r['best_predicted_uncalibrated']}")
+    say(f"goal: Kendall tau >= {GOAL_TAU} after leave-one-out calibration on every table with >= {GOAL_ROWS} rows: "
+        + ("met" if all(v for v in goals.values() if v is not None) else "NOT met"))
+    suffix = "_quick" if args.quick else ""
+    rows = [row for r in results for row in r["per_row"]]
+    write_csv(RESULTS / f"steptime_tables{suffix}.csv", rows)
+    write_json(RESULTS / f"steptime_tables{suffix}.json",
+               {"benchmark": "steptime_tables", "quick": args.quick, "machine": machine(), "goal_tau": GOAL_TAU,
+                "goal_min_rows": GOAL_ROWS, "goals_met": goals,
+                "tables": [{k: v for k, v in r.items() if k != "per_row"} for r in results],
+                "runtime_s": round(time.monotonic() - started, 2)})
+    say(f"wrote {RESULTS / f'steptime_tables{suffix}.csv'} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
