@@ -542,7 +542,9 @@ def replay(name: str, quick: bool, seeds: int, table_file: Path | None) -> int:
         f"({_fmt(auto['worst'])}); median and worst below each baseline's median: "
         + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in below.items())
         + ("  (--quick: 2 seeds, the figures mean little)" if quick else ""))
-    suffix = ("" if space_name(name) == DEFAULT_SPACE else f"_{space_name(name)}") + ("_quick" if quick else "")
+    suffix = ("" if space_name(name) == DEFAULT_SPACE else f"_{space_name(name)}")
+    suffix += f"_{path.stem}" if table_file is not None and path != table_path(name, False) else ""
+    suffix += "_quick" if quick else ""
     out = {"benchmark": "search_efficiency", "quick": quick, "space": space_name(name), "table": str(path.relative_to(ROOT))
            if path.is_relative_to(ROOT) else str(path), "machine": machine(), "grid_size": grid_size,
            "fitting_by_memory_model": sum(1 for c in screening.candidates if c.fits), "cap_bytes": screening.cap_bytes,

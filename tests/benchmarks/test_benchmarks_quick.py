@@ -65,7 +65,7 @@ def test_search_efficiency_quick_replays_a_published_table_in_its_own_columns(tm
         w.writeheader()
         w.writerows(src[::2])  # half the layouts: the others were not measured
     (data,) = _check(_run("benchmarks.search_efficiency", "--quick", "--space", str(space), "--table", str(table),
-                          timeout=180), "search_efficiency_quick")
+                          timeout=180), "search_efficiency_table_quick")
     assert data["table"].endswith("table.csv") and data["strategies"]["autotune"]["seconds_median"] > 0
 
 
