@@ -372,6 +372,7 @@ def _trial_row(rank: int, t: TrialRecord, cap: float, best: TrialRecord | None,
             "mb": t.layout.micro_batch_size, "precision": t.layout.precision, "recompute": t.layout.recompute,
             "schedule": t.layout.schedule, "world": t.layout.world_size,
             "tokens_per_s": t.metrics.get("tokens_per_s") if t.ok else None,
+            "pred_tokens_per_s": t.prediction.get("pred_tokens_per_s"),  # the step-time model's, at launch
             "step_time_s": t.metrics.get("step_time_s") if t.ok else None,
             "step_time_lo_s": t.metrics.get("step_time_lo_s") if t.ok else None,
             "step_time_hi_s": t.metrics.get("step_time_hi_s") if t.ok else None,

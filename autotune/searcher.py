@@ -360,4 +360,7 @@ class LayoutSearcher(Searcher):
         self.known[layout.key] = record
         self._tell(trial, record, store=True)
         if record.status == Status.OK:
-            self.speed = self.speed.fit_records(self.known.values(), with_loo=False)
+            try:
+                self.speed = self.speed.fit_records(self.known.values(), with_loo=False)
+            except (ValueError, RuntimeError) as exc:  # a fit that fails keeps the previous one
+                log.warning("step-time calibration skipped: %s", exc)

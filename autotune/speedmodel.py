@@ -67,7 +67,8 @@ class SpeedModel:
         """Refit on every successfully measured trial (the latest measurement of each layout)."""
         latest: dict[str, TrialRecord] = {}
         for r in records:
-            if r.status == Status.OK and r.metrics.get("step_time_s"):
+            step = r.metrics.get("step_time_s")
+            if r.status == Status.OK and step and np.isfinite(step) and step > 0:
                 latest[r.layout.key] = r
         rs = list(latest.values())
         return self.fit([r.layout for r in rs], [r.metrics["step_time_s"] for r in rs],

@@ -238,7 +238,7 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
         try:
             fitted = speed_model_for(spec, study).fit_records(result.trials)
             study.set_user_attr(CALIBRATION_ATTR, fitted.calibration.to_dict())
-        except OSError:
+        except (OSError, ValueError, RuntimeError):
             pass  # the records are kept; `autotune validate --from` refits from them
     report_dir = directory / "report"
     if options.report:
@@ -292,8 +292,11 @@ def speed_model_for(spec: Spec, study: Any) -> Any:
         profile = spec.cluster.device_profile()
         if spec.cluster.device == "cpu" and spec.cluster.profile is None:
             cfg = spec.model.config()
-            profile = measure_cpu(profile, shape=(max(spec.search.micro_batch_size) * spec.search.seq_len,
-                                                  cfg.d_model, cfg.ffn_hidden))
+            try:
+                profile = measure_cpu(profile, shape=(max(spec.search.micro_batch_size) * spec.search.seq_len,
+                                                      cfg.d_model, cfg.ffn_hidden))
+            except (RuntimeError, ValueError, ZeroDivisionError):
+                pass  # the data file's figures; calibration fits the rest
         study.set_user_attr(PROFILE_ATTR, profile.to_dict())
     return SpeedModel.of(spec, profile)
 
