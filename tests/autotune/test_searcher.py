@@ -54,7 +54,10 @@ def test_dominance_claims_nothing_across_layouts_or_for_pipelined_micro_batches(
 
 @pytest.mark.parametrize("device, first", [("cpu", "fp32"), ("cuda", "bf16")])
 def test_the_frontier_starts_with_the_devices_fast_precision(device, first):
-    data = {**SPACE, "cluster": {**SPACE["cluster"], "device": device}}
+    # On a GPU the memory model adds the device's own overhead (CUDA context, NCCL): a rank of a
+    # few MB would fit nothing, so the GPU case gets a GPU's memory.
+    memory = SPACE["cluster"]["memory_gb"] if device == "cpu" else 80
+    data = {**SPACE, "cluster": {**SPACE["cluster"], "device": device, "memory_gb": memory}}
     spec = spec_from_data(data)
     assert frontier(spec, screen(spec))[0].precision == first
 
