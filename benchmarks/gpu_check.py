@@ -63,6 +63,7 @@ BUDGET_S = {"cuda": 480.0, "cpu": 1200.0}
 LIMITS_S = {"cuda": {"device": 60.0, "small": 100.0, "moe64e": 150.0, "study": 200.0},
             "cpu": {"device": 120.0, "small": 300.0, "moe64e": 300.0, "study": 480.0}}
 TUNER_MODULES = ("ray", "optuna", "mlflow", "pydantic")
+RAY_SLOW_START = "timed out during startup"  # Ray's own message when its node misses its start window
 CSV_FIELDS = ("part", "status", "model", "n_layers", "precision", "micro_batch_size", "global_batch_size",
               "seq_len", "tokens_per_s", "step_time_s", "mfu", "mfu_vs_matmul", "pred_alloc_bytes",
               "alloc_bytes", "pred_reserved_bytes", "reserved_bytes", "pred_device_bytes", "device_bytes",
@@ -352,7 +353,14 @@ def study_part(device: str, out: Path, limit_s: float, probe: dict[str, Any]) ->
         f"(limit {limit_s:.0f} s)")
     cmd = [sys.executable, "-m", "autotune.cli", "run", "space.yaml", "--plain"]
     code, tail, took = run_child(cmd, limit_s, "study", cwd=work)
-    row: dict[str, Any] = {"part": "study", "model": space["model"]["preset"], "duration_s": round(took, 1)}
+    row: dict[str, Any] = {"part": "study", "model": space["model"]["preset"]}
+    if code == 1 and RAY_SLOW_START in tail and limit_s - took > 60:
+        # Ray gives its local node a fixed 30 s to register; a heavily loaded machine can miss it.
+        say("study: Ray's local node did not start in time (a busy machine); once more with --resume")
+        row["retried"] = "Ray's local node timed out during startup"
+        code, tail, again = run_child([*cmd, "--resume"], limit_s - took, "study", cwd=work)
+        took += again
+    row["duration_s"] = round(took, 1)
     report = work / "autotune-runs" / space["study"]["name"] / "report"
     for suffix in ("md", "json"):
         if (report / f"report.{suffix}").exists():
@@ -371,20 +379,17 @@ def study_part(device: str, out: Path, limit_s: float, probe: dict[str, Any]) ->
 
 
 def _study_figures(report: dict[str, Any]) -> dict[str, Any]:
-    """The best layout and how the trials ended, from the study's own report."""
+    """The best layout, its figures and how the trials ended, from the study's own report."""
     best = report.get("best") or {}
-    metrics = best.get("metrics") or {}
-    out: dict[str, Any] = {"best_layout": best.get("layout"), "tokens_per_s": metrics.get("tokens_per_s"),
-                           "step_time_s": metrics.get("step_time_s"), "mfu": metrics.get("mfu"),
-                           "alloc_bytes": metrics.get("peak_mem_bytes"),
-                           "reserved_bytes": metrics.get("peak_mem_reserved_bytes"),
-                           "device_bytes": metrics.get("peak_mem_device_bytes")}
-    pred = best.get("prediction") or {}
-    out.update(pred_alloc_bytes=pred.get("pred_peak_mem_bytes"), pred_device_bytes=pred.get("pred_peak_mem_device_bytes"),
-               pred_reserved_bytes=pred.get("pred_peak_mem_reserved_bytes"))
+    perf, mem = best.get("performance") or {}, best.get("memory") or {}
     trials = report.get("trials") or {}
-    out["trial_counts"] = trials.get("counts") or report.get("counts")
-    return out
+    return {"best_layout": best.get("key"), "tokens_per_s": perf.get("tokens_per_s"),
+            "step_time_s": perf.get("step_time_s"), "mfu": perf.get("mfu"),
+            "alloc_bytes": mem.get("peak_bytes"), "pred_alloc_bytes": mem.get("predicted_peak_bytes"),
+            "reserved_bytes": mem.get("reserved_bytes"), "pred_reserved_bytes": mem.get("predicted_reserved_bytes"),
+            "device_bytes": mem.get("device_bytes"), "pred_device_bytes": mem.get("predicted_device_bytes"),
+            "verdict": (report.get("verdict") or {}).get("status"), "trials": trials.get("total"),
+            "trial_counts": trials.get("counts_by_status")}
 
 
 # ---------------------------------------------------------------------------------------------

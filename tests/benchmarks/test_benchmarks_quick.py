@@ -135,7 +135,9 @@ def test_gpu_check_on_cpu_runs_every_part(tmp_path):
         assert 0.8 < run["alloc_bytes"] / run["pred_alloc_bytes"] < 1.25  # the memory model on a real run
     # As many layers as fit the CPU budget by the memory model, and no more.
     assert 1 <= parts["moe64e"]["n_layers"] <= 4 and parts["moe64e"]["pred_alloc_bytes"] <= parts["moe64e"]["fit_budget_bytes"]
-    assert parts["study"]["best_layout"] and (tmp_path / "gpu_check_cpu_study_report.md").stat().st_size > 0
+    study = parts["study"]
+    assert study["best_layout"] and study["tokens_per_s"] > 0 and study["trial_counts"].get("ok", 0) >= 1
+    assert (tmp_path / "gpu_check_cpu_study_report.md").stat().st_size > 0
     rows = (tmp_path / "gpu_check_cpu.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("part,status")
 
