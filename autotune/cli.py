@@ -38,6 +38,25 @@ def _load(path: Path) -> Spec:
         _fail(str(exc))
 
 
+def _route_logs(directory: Path, verbose: bool, libraries: tuple[str, ...] = ("ray", "optuna", "mlflow")):
+    """Other libraries' messages to `<directory>/autotune.log` (autotune/logs.py); None when the
+    folder is not writable (the command then says so in its own words)."""
+    import importlib
+
+    from autotune.logs import LOG_NAME, route_to_file
+
+    # Ray and MLflow attach their console handlers when imported: import them first, then adopt.
+    for name in libraries:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional one: the command says what to install
+            pass
+    try:
+        return route_to_file(directory / LOG_NAME, verbose)
+    except OSError:
+        return None
+
+
 def _gb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e9:.3f}"
 
@@ -173,16 +192,33 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                                           help="Ray cluster to use (default: a local Ray)"),
     live: Optional[bool] = typer.Option(None, "--live/--plain", help="live view or plain log (default: by terminal)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="also show Ray's, MLflow's and Optuna's own messages (always in autotune.log)"),
 ) -> None:
     """Run a tuning study: Optuna proposes, Ray Tune runs real trials, MLflow records, a report is written."""
-    from autotune.study import RunOptions, StudyError, run_study
-
     spec = _load(space)
     if resume and extend:
         _fail("--resume and --continue: choose one (--resume finishes the budget, --continue adds to it)")
+    routing = _route_logs(spec.study.directory(), verbose)
+    code = 0
     try:
-        result = run_study(spec, space.read_text(), RunOptions(resume=resume, extend=extend, address=address,
-                                                               live=live, remeasure_top=remeasure_top))
+        _run(space, spec, dict(resume=resume, extend=extend, address=address, live=live, remeasure_top=remeasure_top))
+    except typer.Exit as exc:
+        code = exc.exit_code
+        raise
+    finally:
+        if routing is not None:
+            routing.close()
+            if code != 2:  # a study that ran (bad input stops before anything is worth reading)
+                out.print(f"log: {routing.path} (Ray, MLflow and Optuna messages"
+                          f"{'' if verbose else '; --verbose shows them here'})", markup=False)
+
+
+def _run(space: Path, spec: Spec, options: dict) -> None:
+    from autotune.study import RunOptions, StudyError, run_study
+
+    try:
+        result = run_study(spec, space.read_text(), RunOptions(**options))
     except StudyError as exc:
         _fail(str(exc), exc.code)
     except Exception as exc:  # a failure of autotune itself: one line here, the traceback in a file
@@ -367,6 +403,39 @@ def k8s(
 
 
 @app.command()
+def dashboard(
+    study: str = typer.Argument(..., help="the study name (study.name in the space)"),
+    directory: Path = typer.Option(Path("autotune-runs"), "--dir", help="the study output folder's parent"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage (journal path or RDB URL)"),
+    port: int = typer.Option(8080, help="port to serve on"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; keep loopback unless you mean to share it"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show the server's own messages"),
+) -> None:
+    """Open optuna-dashboard on the study's Optuna storage (bound to 127.0.0.1 by default)."""
+    from autotune.dashboard import DashboardError, serve
+    from autotune.study import StudyError, find_storage
+    from autotune.tracking import redact
+
+    try:
+        url = find_storage(study, directory, storage)
+    except StudyError as exc:
+        _fail(str(exc), exc.code)
+    routing = _route_logs(directory / study, verbose, ("optuna", "optuna_dashboard"))
+
+    def ready(page: str) -> None:
+        out.print(f"Optuna dashboard on {page} for study {study} in {redact(url)} (Ctrl-C to stop)", markup=False)
+        sys.stdout.flush()
+
+    try:
+        serve(study, url, host, port, ready)
+    except DashboardError as exc:
+        _fail(str(exc))
+    finally:
+        if routing is not None:
+            routing.close()
+
+
+@app.command()
 def ui(
     port: int = typer.Option(5000, help="port to serve on"),
     host: str = typer.Option("127.0.0.1", help="address to bind; keep loopback unless you mean to share it"),
@@ -374,12 +443,24 @@ def ui(
                                       help="MLflow store (default: sqlite:///mlflow.db here)"),
 ) -> None:
     """Open the MLflow UI on the studies' tracking store (bound to 127.0.0.1 by default)."""
-    import subprocess
+    from autotune.mlflow_ui import UiError, serve
+    from autotune.tracking import redact
 
     store = uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)]
-    out.print(f"MLflow UI on http://{host}:{port} for {store} (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd))
+    if store.lower().startswith(("http://", "https://")):  # a tracking server serves its own UI
+        out.print(f"MLflow UI on {redact(store)} (the tracking server's own)", markup=False)
+        return
+    log_path = Path("autotune-runs") / "mlflow-ui.log"
+
+    def ready(url: str) -> None:
+        out.print(f"MLflow UI on {url} for {redact(store)} (Ctrl-C to stop; its log: {log_path})", markup=False)
+        sys.stdout.flush()
+
+    try:
+        code = serve(store, host, port, log_path, ready)
+    except UiError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console entry

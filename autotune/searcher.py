@@ -209,6 +209,17 @@ def reconcile(study: optuna.Study) -> list[int]:
     return stale
 
 
+def dashboard_attrs(record: TrialRecord) -> dict[str, Any]:
+    """What a trial's row says in optuna-dashboard (`autotune dashboard`): its status and why,
+    and its measured and predicted peak memory per rank in MB (the full record is in RECORD_ATTR)."""
+    attrs: dict[str, Any] = {"status": record.status.value, "reason": record.reason}
+    for name, value in (("peak_mem_mb", record.metrics.get("peak_mem_bytes")),
+                        ("pred_peak_mem_mb", record.prediction.get("pred_peak_mem_bytes"))):
+        if value is not None:
+            attrs[name] = round(float(value) / 1e6, 3)
+    return attrs
+
+
 class LayoutSearcher(Searcher):
     """A Ray Tune Searcher over Optuna ask/tell with memory-model pruning and a result cache."""
 
@@ -268,6 +279,8 @@ class LayoutSearcher(Searcher):
         for k in INTERVAL_METRICS:  # beside the record: visible to Optuna's own tools
             if k in record.metrics:
                 trial.set_user_attr(k, float(record.metrics[k]))
+        for key, value in dashboard_attrs(record).items():
+            trial.set_user_attr(key, value)
         if store:
             trial.set_user_attr(RECORD_ATTR, json.dumps(record.to_dict()))
         self.study.tell(trial, values, state=TrialState.COMPLETE)
@@ -315,6 +328,8 @@ class LayoutSearcher(Searcher):
             layout = layout_from_params(self.spec, trial.params)
             if isinstance(layout, str):  # not a layout at all: tell it infeasible, keep no record
                 trial.set_constraint("memory_and_failures", 1.0)
+                trial.set_user_attr("status", Status.INVALID.value)
+                trial.set_user_attr("reason", layout)
                 self.study.tell(trial, [0.0, float(self.cap) * 10] if self.spec.objective.minimize else 0.0)
                 continue
             key = layout.key
@@ -349,6 +364,15 @@ class LayoutSearcher(Searcher):
             if lay.key not in self.known and lay.key not in self.in_flight:
                 return lay
         return None
+
+    # Tune checkpoints its searcher for `Tuner.restore`, which autotune never uses: a study resumes
+    # from its Optuna storage, which already holds every decided trial and its record (see
+    # `stored_records`, `reconcile`). So there is nothing to save, on purpose, and nothing to restore.
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to write: the Optuna storage is the searcher's state."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to read: a resumed study rebuilds this searcher from its Optuna storage."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.pending:

@@ -140,7 +140,11 @@ def _ray_init(spec: Spec, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
+    # Workers' output stays in Ray's own log files (log_to_driver): a trial's outcome reaches the
+    # driver as its result. Ray's driver-side logger is left as it is (configure_logging=False), so
+    # the CLI's routing (autotune/logs.py) decides where its lines go.
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False,
+                              "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
     else:  # the ranks' CPUs; trial coordinators only hold a sliver of the head node's own resource
@@ -399,6 +403,15 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     return recorder.tracking_error
 
 
+def find_storage(name: str, output_dir: Path, storage_url: str | None = None) -> str:
+    """Where a study's Optuna storage is: as given, as its state file says, or its journal file."""
+    state = read_state(output_dir / name) or {}
+    url = storage_url or state.get("storage") or str(output_dir / name / "optuna.journal")
+    if "://" not in url and not Path(url).exists():
+        raise StudyError(f"no study {name!r} under {output_dir}: {url} does not exist; pass --dir or --storage")
+    return url
+
+
 def load_result(name: str, output_dir: Path, storage_url: str | None = None) -> StudyResult:
     """Rebuild a study's result from its Optuna storage (the state file only says where it is)."""
     import optuna
@@ -406,10 +419,7 @@ def load_result(name: str, output_dir: Path, storage_url: str | None = None) -> 
     from autotune.searcher import open_storage, stored_records
     from autotune.spec import Spec
 
-    state = read_state(output_dir / name) or {}
-    url = storage_url or state.get("storage") or str(output_dir / name / "optuna.journal")
-    if "://" not in url and not Path(url).exists():
-        raise StudyError(f"no study {name!r} under {output_dir}: {url} does not exist; pass --dir or --storage")
+    url = find_storage(name, output_dir, storage_url)
     storage = open_storage(url)
     if name not in optuna.study.get_all_study_names(storage):
         raise StudyError(f"storage {url} holds no study named {name!r}")
