@@ -27,7 +27,9 @@ def test_trials_carry_what_the_dashboard_shows(quick_study: QuickStudy):
     recorded = [t for t in study.trials if RECORD_ATTR in t.user_attrs]
     assert recorded
     for t in recorded:
-        assert {"layout_key", "status", "reason", "pred_peak_mem_mb"} <= set(t.user_attrs), t.user_attrs
+        assert {"layout_key", "status", "reason"} <= set(t.user_attrs), t.user_attrs
+        if t.user_attrs["status"] != "invalid":  # a layout that breaks a rule has no prediction
+            assert t.user_attrs["pred_peak_mem_mb"] > 0, t.user_attrs
         if t.user_attrs["status"] == "ok":
             assert t.user_attrs["peak_mem_mb"] > 0
 
