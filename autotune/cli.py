@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,11 +32,23 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(path: Path) -> Spec:
+def _load(path: Path, resolved: bool = False) -> Spec:
+    """The space file; `resolved`: with the environment's settings applied (autotune/settings.py)."""
     try:
-        return load_spec(path)
+        spec = load_spec(path)
     except SpecError as exc:
         _fail(str(exc))
+    if resolved:
+        from autotune.settings import resolve
+
+        spec = resolve(spec)
+    return spec
+
+
+def _default_runs_dir() -> Path:
+    from autotune.settings import default_runs_dir
+
+    return default_runs_dir()
 
 
 def _route_logs(directory: Path, verbose: bool, libraries: tuple[str, ...] = ("ray", "optuna", "mlflow")):
@@ -196,9 +209,16 @@ def run(
                                  help="also show Ray's, MLflow's and Optuna's own messages (always in autotune.log)"),
 ) -> None:
     """Run a tuning study: Optuna proposes, Ray Tune runs real trials, MLflow records, a report is written."""
-    spec = _load(space)
+    spec = _load(space, resolved=True)
     if resume and extend:
         _fail("--resume and --continue: choose one (--resume finishes the budget, --continue adds to it)")
+    from autotune.jobs import JOB_ENV, JobError, check_job_settings
+
+    if os.environ.get(JOB_ENV):  # a submitted job: its state must outlive it
+        try:
+            check_job_settings(spec)
+        except JobError as exc:
+            _fail(str(exc))
     routing = _route_logs(spec.study.directory(), verbose)
     code = 0
     try:
@@ -238,14 +258,17 @@ def _run(space: Path, spec: Spec, options: dict) -> None:
 @app.command()
 def report(
     study: str = typer.Argument(..., help="the study name (study.name in the space)"),
-    directory: Path = typer.Option(Path("autotune-runs"), "--dir", help="the study output folder's parent"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage (journal path or RDB URL)"),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="the runs folder (default: $AUTOTUNE_RUNS_DIR, "
+                                                                 "else autotune-runs)"),
+    storage: Optional[str] = typer.Option(None, "--storage", envvar="AUTOTUNE_STORAGE",
+                                          help="Optuna storage (journal path or RDB URL)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="where to write (default: <dir>/<study>/report)"),
 ) -> None:
     """Write the deployment report of a study from its Optuna storage."""
     from autotune.report import write_report
     from autotune.study import StudyError, load_result
 
+    directory = directory or _default_runs_dir()
     try:
         result = load_result(study, directory, storage)
     except StudyError as exc:
@@ -259,19 +282,22 @@ def report(
 @app.command()
 def sync(
     study: str = typer.Argument(..., help="the study name (study.name in the space)"),
-    directory: Path = typer.Option(Path("autotune-runs"), "--dir", help="the study output folder's parent"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage (journal path or RDB URL)"),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="the runs folder (default: $AUTOTUNE_RUNS_DIR, "
+                                                                 "else autotune-runs)"),
+    storage: Optional[str] = typer.Option(None, "--storage", envvar="AUTOTUNE_STORAGE",
+                                          help="Optuna storage (journal path or RDB URL)"),
     uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the study's own)"),
 ) -> None:
     """Copy trial records MLflow is missing (it was unreachable mid-study) from the study's storage."""
     from autotune.study import StudyError, load_result
+    from autotune.settings import resolve_settings
     from autotune.tracking import Tracker, TrackingError, machine_description
 
     try:
-        result = load_result(study, directory, storage)
+        result = load_result(study, directory or _default_runs_dir(), storage)
     except StudyError as exc:
         _fail(str(exc), exc.code)
-    tracker = Tracker(uri or result.spec.tracking.resolved_uri(), result.spec.tracking.experiment)
+    tracker = Tracker(uri or resolve_settings(result.spec).tracking_uri, result.spec.tracking.experiment)
     try:
         tracker.check()
     except TrackingError as exc:
@@ -319,17 +345,28 @@ def submit(
     python: str = typer.Option("python", "--python", help="the cluster's Python with autotune's dependencies"),
     remeasure_top: Optional[int] = typer.Option(None, "--remeasure-top", min=0,
                                                 help="measure the best K known layouts again first"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job's output to its end; exit with its exit code "
+                                                    "(what a scheduler needs to run one study at a time)"),
 ) -> None:
     """Submit the study to a Ray cluster as a job (`autotune run --continue` there); prints the job id."""
-    from autotune.jobs import JobError
+    from autotune.jobs import JobError, follow
     from autotune.jobs import submit as submit_job
 
     spec = _load(space)
+    job_address = _job_address(address)
     try:
-        job_id = submit_job(space, spec, _job_address(address), python=python, remeasure_top=remeasure_top)
+        job_id = submit_job(space, spec, job_address, python=python, remeasure_top=remeasure_top)
     except JobError as exc:
         _fail(str(exc))
-    print(job_id)
+    print(job_id, flush=True)
+    if wait:
+        try:
+            code, state = follow(job_address, job_id, lambda text: print(text, end="", flush=True))
+        except JobError as exc:
+            _fail(str(exc))
+        if code:
+            err.print(f"job {job_id} ended {state} (exit code {code})", markup=False)
+        raise typer.Exit(code)
 
 
 jobs_app = typer.Typer(help="Follow submitted studies.", no_args_is_help=True)
@@ -379,6 +416,12 @@ def k8s(
     token_secret: str = typer.Option("ray-auth-token", "--token-secret",
                                      help="Secret holding the Ray token under the key auth_token"),
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="MLflow server for the study driver"),
+    mlflow_secret: Optional[str] = typer.Option(None, "--mlflow-secret",
+                                                help="Secret with keys username and password for MLflow's basic auth"),
+    memory_per_worker_gb: Optional[float] = typer.Option(None, "--memory-per-worker-gb",
+                                                         help="host memory of a worker pod (default: from the space)"),
+    storage_size: str = typer.Option("20Gi", "--storage-size", help="size of the runs volume"),
+    time_zone: Optional[str] = typer.Option(None, "--time-zone", help="time zone of the schedule, e.g. Europe/Paris"),
 ) -> None:
     """Write Kubernetes manifests (KubeRay cluster, RayJob, nightly CronJob) that run the study on a schedule."""
     from autotune.k8s import TOKEN_KEY, K8sError, render_manifests
@@ -387,7 +430,9 @@ def k8s(
     try:
         files = render_manifests(spec, space.read_text(encoding="utf-8"), schedule=schedule, image=image,
                                  namespace=namespace, workers=workers, gpus_per_worker=gpus_per_worker,
-                                 token_secret=token_secret, mlflow_uri=mlflow_uri)
+                                 token_secret=token_secret, mlflow_uri=mlflow_uri, mlflow_secret=mlflow_secret,
+                                 memory_per_worker_gb=memory_per_worker_gb, storage_size=storage_size,
+                                 time_zone=time_zone)
     except K8sError as exc:
         _fail(str(exc))
     try:

@@ -11,6 +11,7 @@ metrics are the trial's.
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -102,7 +103,11 @@ def command_trial(spec: Spec, number: int, layout: Layout, env_holder: str | Non
     values.update(layout_spellings(layout.precision, layout.recompute, spec.search.global_batch_size,
                                    layout.micro_batch_size, layout.dp, layout.ep))
     trial_dir = (spec.study.directory() / "trials" / f"{number:04d}").resolve()
-    return CommandTrial(tuple(t.command), values, t.metrics_regex, t.metrics_preset, env_holder, str(t.directory()),
+    # In a submitted job each node unpacks the job's files at its own path and runs the job's tasks
+    # there: the shipped program's relative folder stays relative, to be found on every node.
+    shipped = os.environ.get("AUTOTUNE_JOB") and t.cwd and not os.path.isabs(t.cwd)
+    cwd = t.cwd if shipped else str(t.directory())
+    return CommandTrial(tuple(t.command), values, t.metrics_regex, t.metrics_preset, env_holder, cwd,
                         str(trial_dir), spec.budget.warmup_steps,
                         float(spec.search.global_batch_size * spec.search.seq_len),
                         (spec.search.seq_len, layout.world_size, spec.search.global_batch_size))

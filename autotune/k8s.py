@@ -27,6 +27,7 @@ import calendar
 import hashlib
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,15 @@ SPACE_PATH = f"{CONFIG_DIR}/space.yaml"
 DATA_DIR = "/data"
 TOKEN_KEY = "auth_token"  # the data key KubeRay reads from the Secret named in authOptions
 MAX_BASE = 40  # RayCluster names: at most 53 characters (KubeRay); RayJob: 47; CronJob: 52
-RUN_ENTRYPOINT = f"autotune run {SPACE_PATH} --resume"
+# Continue-or-start: the first run starts the study, every later one adds budget.trials to it.
+RUN_ENTRYPOINT = shlex.join(["autotune", "run", SPACE_PATH, "--continue", "--plain"])
+UID = 1000  # the images' user (docker/Dockerfile.*)
+# Every pod: not root, and the volumes writable by the image's user (fsGroup).
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+SUBMITTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "512M"}, "limits": {"memory": "1G"}}
+GPU_WORKER_HOST_GB = 16  # per GPU, host memory for a rank's process, pinned buffers and data
 
 
 class K8sError(ValueError):
@@ -242,8 +251,8 @@ def worker_shape(spec: Spec, workers: int | None = None, gpus_per_worker: int | 
         if isinstance(memory_per_worker_gb, bool) or not memory_per_worker_gb > 0:
             raise K8sError(f"memory_per_worker_gb: {memory_per_worker_gb!r} must be a positive number")
         memory = math.ceil(memory_per_worker_gb)
-    elif cuda:
-        memory = None  # cluster.memory_gb is device memory; host memory is the node's business
+    elif cuda:  # cluster.memory_gb is device memory: host memory by a rule of thumb, stated in the manifest
+        memory = ranks * GPU_WORKER_HOST_GB + 8
     else:  # each CPU rank: its share of cluster.memory_gb plus ~1 GB for the Python process and torch
         memory = math.ceil(ranks * (c.memory_gb + 1) + 1)
     return WorkerShape(replicas, ranks, ranks if cuda else 0, cpus, memory)
@@ -312,6 +321,8 @@ def _env(mlflow_uri: str | None, mlflow_secret: str | None) -> list[dict[str, An
     env: list[dict[str, Any]] = []
     if mlflow_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": mlflow_uri})
+    else:  # no server: an sqlite store on the runs volume, unless the space names one
+        env.append({"name": "MLFLOW_TRACKING_URI", "value": f"sqlite:///{DATA_DIR}/mlflow.db"})
     if mlflow_secret:
         for var, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": mlflow_secret, "key": key}}})
@@ -348,21 +359,29 @@ def render_manifests(spec: Spec, space_text: str, *, schedule: str, image: str, 
         raise K8sError(f"time_zone: {time_zone!r} is not a time zone name; give one such as Europe/Paris")
     if not isinstance(space_text, str) or not space_text.strip():
         raise K8sError("space_text is empty; pass the space file's text")
+    from autotune.redaction import redact, written_secrets
+
+    problem = written_secrets(spec)
+    if problem:
+        raise K8sError(problem.replace("into the job", "into the ConfigMap"))
+    space_text = redact(space_text)
     shape = worker_shape(spec, workers, gpus_per_worker, memory_per_worker_gb)
     study = spec.study.name
     names = names_for(study)
     address = f"http://{names.head_service}.{namespace}.svc:{DASHBOARD_PORT}"
-    env = _env(mlflow_uri, mlflow_secret)
+    env = _env(mlflow_uri or spec.tracking.uri, mlflow_secret)
     config_volume = {"name": "space", "configMap": {"name": names.configmap}}
     config_mount = {"name": "space", "mountPath": CONFIG_DIR, "readOnly": True}
     shm_volume = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
     shm_mount = {"name": "dshm", "mountPath": "/dev/shm"}
     cuda = spec.cluster.device == "cuda"
-    storage_note = (f"the study's Optuna storage is the journal file\n{spec.study.storage_url()} "
-                    f"(relative to {DATA_DIR} unless absolute)"
+    storage_note = (f"the study's Optuna storage is the journal file\n{spec.study.storage or spec.study.name + '/optuna.journal'} "
+                    f"(relative to {DATA_DIR}, the runs folder, unless absolute)"
                     if spec.study.storage is None or "://" not in spec.study.storage
                     else "the study's Optuna storage is the URL in study.storage")
     files: dict[str, str] = {}
+    token_env = [{"name": "RAY_AUTH_MODE", "value": "token"},
+                 {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": TOKEN_KEY}}}]
 
     files["configmap.yaml"] = _dump(
         f"The space file of study {study!r}, mounted at {SPACE_PATH}.",
@@ -387,14 +406,16 @@ def render_manifests(spec: Spec, space_text: str, *, schedule: str, image: str, 
         worker_resources["limits"]["nvidia.com/gpu"] = shape.gpus
     head_container = {
         "name": "ray-head", "image": image, "imagePullPolicy": "IfNotPresent", "workingDir": DATA_DIR,
+        "securityContext": CONTAINER_SECURITY,
         "ports": [{"name": "gcs", "containerPort": GCS_PORT}, {"name": "dashboard", "containerPort": DASHBOARD_PORT},
                   {"name": "client", "containerPort": CLIENT_PORT}],
         "resources": head_resources,
         "volumeMounts": [config_mount, {"name": "data", "mountPath": DATA_DIR}, shm_mount],
     }
-    if env:
-        head_container["env"] = env
+    # The driver's settings (autotune/settings.py): reports, trial logs and the journal on the volume.
+    head_container["env"] = [{"name": "AUTOTUNE_RUNS_DIR", "value": DATA_DIR}, *env]
     worker_container = {"name": "ray-worker", "image": image, "imagePullPolicy": "IfNotPresent",
+                        "securityContext": CONTAINER_SECURITY,
                         "resources": worker_resources, "volumeMounts": [shm_mount]}
     cluster = {
         "apiVersion": RAY_API, "kind": "RayCluster",
@@ -407,7 +428,7 @@ def render_manifests(spec: Spec, space_text: str, *, schedule: str, image: str, 
                 # Service is ClusterIP (never exposed outside the cluster) and every request needs the token.
                 "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                 "template": {"metadata": {"labels": _labels(names, "ray-head")},
-                             "spec": {"containers": [head_container],
+                             "spec": {"securityContext": POD_SECURITY, "containers": [head_container],
                                       "volumes": [config_volume,
                                                   {"name": "data", "persistentVolumeClaim": {"claimName": names.pvc}},
                                                   shm_volume]}},
@@ -417,7 +438,8 @@ def render_manifests(spec: Spec, space_text: str, *, schedule: str, image: str, 
                 "replicas": shape.replicas, "minReplicas": shape.replicas, "maxReplicas": shape.replicas,
                 "rayStartParams": {},
                 "template": {"metadata": {"labels": _labels(names, "ray-worker")},
-                             "spec": {"containers": [worker_container], "volumes": [shm_volume]}},
+                             "spec": {"securityContext": POD_SECURITY, "containers": [worker_container],
+                                      "volumes": [shm_volume]}},
             }],
         },
     }
@@ -430,28 +452,35 @@ the head runs the study driver and no trial ranks.
 Token auth: create the Secret once, before applying, in namespace {namespace}:
   kubectl -n {namespace} create secret generic {token_secret} --from-literal={TOKEN_KEY}="$(openssl rand -hex 32)"
 """
-        + ("" if shape.memory_gb is not None else
-           "Worker host memory is not requested (cluster.memory_gb is GPU memory): set it for your nodes.\n"),
+        + ("" if not cuda or memory_per_worker_gb is not None else
+           f"Worker host memory: {GPU_WORKER_HOST_GB} GB per GPU + 8 GB (cluster.memory_gb is GPU memory); "
+           f"set memory_per_worker_gb for your nodes.\n"),
         cluster)
 
     files["rayjob.yaml"] = _dump(
         f"""Runs study {study!r} once on the cluster above (clusterSelector); the driver runs on the head,
-working folder {DATA_DIR}. {RUN_ENTRYPOINT!r} continues the study in its storage.""",
+runs folder {DATA_DIR} (AUTOTUNE_RUNS_DIR). {RUN_ENTRYPOINT!r} starts the study, or continues it.""",
         {"apiVersion": RAY_API, "kind": "RayJob",
          "metadata": _meta(names.job, namespace, names, "run", study),
          "spec": {"entrypoint": RUN_ENTRYPOINT,
                   "clusterSelector": {"ray.io/cluster": names.cluster},
-                  "submissionMode": "K8sJobMode"}})
+                  "submissionMode": "K8sJobMode",
+                  # KubeRay fills in the submitter's command (`ray job submit ... -- entrypoint`) when it
+                  # has none; the template sets what every pod here has: non-root, limits, the token.
+                  "submitterPodTemplate": {"spec": {
+                      "restartPolicy": "Never", "securityContext": POD_SECURITY,
+                      "containers": [{"name": "ray-job-submitter", "image": image, "imagePullPolicy": "IfNotPresent",
+                                      "env": token_env, "resources": SUBMITTER_RESOURCES,
+                                      "securityContext": CONTAINER_SECURITY}]}}}})
 
     submit = {
         "name": "submit", "image": image, "imagePullPolicy": "IfNotPresent",
-        "command": ["autotune", "submit", SPACE_PATH, "--address", address],
-        "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
-                {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": TOKEN_KEY}}},
-                *env],
+        # --wait: the pod lives as long as the study, so concurrencyPolicy Forbid keeps one run at a time.
+        "command": ["autotune", "submit", SPACE_PATH, "--address", address, "--wait"],
+        "env": [*token_env, *env],
         "volumeMounts": [config_mount],
-        "resources": {"requests": {"cpu": "100m", "memory": "512M"}, "limits": {"memory": "1G"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "resources": SUBMITTER_RESOURCES,
+        "securityContext": CONTAINER_SECURITY,
     }
     cron_spec: dict[str, Any] = {"schedule": cron.text}
     if time_zone:
@@ -462,7 +491,8 @@ working folder {DATA_DIR}. {RUN_ENTRYPOINT!r} continues the study in its storage
         "jobTemplate": {"spec": {
             "backoffLimit": 0,
             "template": {"metadata": {"labels": _labels(names, "submit")},
-                         "spec": {"restartPolicy": "Never", "containers": [submit], "volumes": [config_volume]}},
+                         "spec": {"restartPolicy": "Never", "securityContext": POD_SECURITY,
+                                  "containers": [submit], "volumes": [config_volume]}},
         }},
     })
     files["cronjob.yaml"] = _dump(

@@ -375,7 +375,11 @@ class StudySpec(_Strict):
     storage: str | None = None  # journal file path or RDB URL; default <output_dir>/<name>/optuna.journal
     sampler: Literal["auto", "tpe", "gp", "random", "grid"] = "auto"
     seed: int = Field(default=0, ge=0, le=2**32 - 1)  # what Optuna's samplers accept
-    output_dir: str = "autotune-runs"
+    output_dir: str = "autotune-runs"  # the runs folder; AUTOTUNE_RUNS_DIR wins (autotune/settings.py)
+    # One writer per study (autotune/lease.py): a second run waits this long for the lease, then
+    # exits 3; a holder silent for lease_timeout_s is taken to be dead and its lease is taken over.
+    lease_wait_s: float = Field(default=0, ge=0)
+    lease_timeout_s: float = Field(default=60, ge=3)
 
     @field_validator("name")
     @classmethod
@@ -404,6 +408,9 @@ class TrainableSpec(_Strict):
     # a framework's standard printed lines (trainables/presets.py); metrics_regex beside it adds to it
     metrics_preset: Literal["hf-trainer", "torchtitan", "megatron", "deepspeed"] | None = None
     env: dict[str, str] = {}  # added to the program's environment (values never written anywhere)
+    # names of variables passed from the driver's environment (a cluster's Secret): how a
+    # submitted or scheduled study gives the program a secret without writing it in a file
+    env_from: list[str] = []
     cwd: str | None = None  # default: the folder autotune runs in
 
     @field_validator("command")
@@ -415,6 +422,14 @@ class TrainableSpec(_Strict):
             check_template(v)
         except TemplateError as exc:
             raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("env_from")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an environment variable name; use letters, digits and '_'")
         return v
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +23,9 @@ from autotune.placement import plan
 from autotune.progress import Progress
 from autotune.results import StudyResult, run_config_for
 from autotune.schema import Status
+from autotune.settings import resolve, storage_path
 from autotune.spec import Spec
+from autotune.redaction import redact_url
 from autotune.tracking import Tracker, TrackingError, machine_description, public_spec, redact
 
 STATE_FILE = "state.json"
@@ -68,7 +71,9 @@ def state_path(spec: Spec) -> Path:
 def write_state(spec: Spec, parent_run_id: str, tracking_uri: str) -> None:
     """Where to find the study again; written atomically so a kill never leaves half a file."""
     path = state_path(spec)
-    data = {"study": spec.study.name, "storage": spec.study.storage_url(), "tracking_uri": tracking_uri,
+    # Masked: a password in a URL comes from the environment again (PGPASSWORD, AUTOTUNE_STORAGE).
+    data = {"study": spec.study.name, "storage": redact_url(spec.study.storage_url()),
+            "tracking_uri": redact_url(tracking_uri),
             "experiment": spec.tracking.experiment, "mlflow_parent_run_id": parent_run_id}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -88,6 +93,16 @@ def read_state(directory: Path) -> dict[str, Any] | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return redact(text.splitlines()[0][:300]) if text else type(exc).__name__
+
+
+def _storage_error(spec: Spec, exc: Exception) -> StudyError:
+    """The study's storage cannot be opened: a path (OSError) or a database URL that does not connect."""
+    where = redact(spec.study.storage_url())
+    if isinstance(exc, OSError):
+        return StudyError(f"study.storage: cannot use {where} ({exc.strerror or exc}); choose a writable path or a "
+                          f"reachable database URL")
+    return StudyError(f"study.storage: cannot use {where} ({_first_line(exc)}); check the URL, the server and its "
+                      f"credentials")
 
 
 def _check_writable(directory: Path) -> None:
@@ -153,10 +168,9 @@ def _ray_init(spec: Spec, address: str | None) -> bool:
 
 
 def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) -> StudyResult:
-    import optuna
+    from autotune.lease import Lease, LeaseBusy
 
-    from autotune.searcher import create_study, open_storage, reconcile, stored_records
-
+    spec = resolve(spec)
     screening = screen(spec)
     if not screening.fitting():
         raise StudyError("no candidate layout fits: " + ", ".join(f"{k} {v}" for k, v in screening.reasons.items())
@@ -168,16 +182,49 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
         tracker.check()
     except TrackingError as exc:
         raise StudyError(str(exc)) from None
+    env = program_env(spec)
+    # One writer per study: nothing below runs unless this run holds the study's lease.
+    try:
+        lease = Lease(spec.study.storage_url(), spec.study.name, spec.study.lease_wait_s,
+                      spec.study.lease_timeout_s).acquire()
+    except LeaseBusy as exc:
+        raise StudyError(str(exc), code=3) from None
+    except Exception as exc:
+        raise _storage_error(spec, exc) from None
+    if lease.took_over is not None:  # its RUNNING trials are closed below, as --resume does
+        print(f"note: took over the lease of study {spec.study.name!r} from {lease.took_over.describe()}, silent "
+              f"for over {spec.study.lease_timeout_s:.0f} s; its unfinished trials are closed as interrupted",
+              file=sys.stderr, flush=True)
+    try:
+        return _run_leased(spec, spec_text, options, screening, tracker, env, lease)
+    finally:
+        lease.release()
 
+
+def program_env(spec: Spec) -> dict[str, str]:
+    """A user command's environment: `trainable.env` and the driver's values of `trainable.env_from`."""
+    if spec.trainable is None:
+        return {}
+    missing = [name for name in spec.trainable.env_from if name not in os.environ]
+    if missing:
+        raise StudyError(f"trainable.env_from: {', '.join(missing)} not set in the environment of the driver; set "
+                         f"{'them' if len(missing) > 1 else 'it'} there (a Kubernetes Secret, docker/.env) or drop "
+                         f"{'them' if len(missing) > 1 else 'it'} from the list")
+    return {**spec.trainable.env, **{name: os.environ[name] for name in spec.trainable.env_from}}
+
+
+def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, tracker: Tracker,
+                env: dict[str, str], lease) -> StudyResult:
+    import optuna
+
+    from autotune.searcher import create_study, open_storage, reconcile, stored_records
+
+    directory = spec.study.directory()
     try:
         storage = open_storage(spec.study.storage_url())
         exists = spec.study.name in optuna.study.get_all_study_names(storage)
-    except OSError as exc:
-        raise StudyError(f"study.storage: cannot use {redact(spec.study.storage_url())} ({exc.strerror or exc}); "
-                         f"choose a writable path or a reachable database URL") from None
-    except Exception as exc:  # a database URL that does not connect
-        raise StudyError(f"study.storage: cannot use {redact(spec.study.storage_url())} ({_first_line(exc)}); "
-                         f"check the URL, the server and its credentials") from None
+    except Exception as exc:
+        raise _storage_error(spec, exc) from None
     if exists and not (options.resume or options.extend):
         raise StudyError(f"study {spec.study.name!r} already exists in {redact(spec.study.storage_url())}: add --resume "
                          f"to finish it, --continue to run budget.trials more, or change study.name")
@@ -227,14 +274,18 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
     if launches:
         started_ray = _ray_init(spec, options.address)  # one Ray for the search and the re-measuring
         try:
-            tracking_error = _tune(spec, screening, study, tracker, parent, launches, options, session, remeasure)
-            settle_error = _settle(spec, screening, study, tracker, parent, options, session, started)
+            tracking_error = _tune(spec, screening, study, tracker, parent, launches, options, session, remeasure,
+                                   env=env)
+            settle_error = _settle(spec, screening, study, tracker, parent, options, session, started, env)
             tracking_error = tracking_error or settle_error
         finally:
             if started_ray:
                 import ray
 
                 ray.shutdown()
+    if lease.lost:
+        tracking_error = ((tracking_error + "; ") if tracking_error else "") + (
+            "this run's lease was taken over by another run (its heartbeat stalled for study.lease_timeout_s)")
     result = StudyResult(name=spec.study.name, spec=spec, trials=tuple(stored_records(study)),
                          machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent,
                          tracking_error=tracking_error)
@@ -258,7 +309,7 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
 
 
 def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options: RunOptions, session: int,
-            started: float) -> str | None:
+            started: float, env: dict[str, str] | None = None) -> str | None:
     """End of a study: measure the leaders tied with the best again, round after round (each
     round runs the best and its closest rivals once more, interleaved, so that the machine's
     drift hits them alike), until the best is separated or `budget.remeasure_launches()` is
@@ -277,7 +328,7 @@ def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options
         if len(leaders) < 2:
             break
         error = _tune(spec, screening, study, tracker, parent, len(leaders), options, session, leaders,
-                      settling=True) or error
+                      settling=True, env=env) or error
         budget -= len(leaders)
     return error
 
@@ -334,10 +385,12 @@ def load_speed_model(name: str, output_dir: Path, storage_url: str | None, spec:
 
 
 def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int, options: RunOptions,
-          session: int = 0, remeasure: list | None = None, settling: bool = False) -> str | None:
+          session: int = 0, remeasure: list | None = None, settling: bool = False,
+          env: dict[str, str] | None = None) -> str | None:
     """Run the trials; returns why MLflow stopped taking records mid-study, if it did.
 
-    `settling`: only the `remeasure` leaders run, as re-measures that separate tied leaders."""
+    `settling`: only the `remeasure` leaders run, as re-measures that separate tied leaders.
+    `env`: a user command's environment values, held by an actor for the run's lifetime."""
     import ray
     from ray import tune
 
@@ -370,10 +423,10 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
                                   grace_period=max(1, spec.budget.measure_steps // 2), reduction_factor=2)
     started_ray = _ray_init(spec, options.address)
     try:
-        if spec.trainable is not None and spec.trainable.env:
+        if env:
             from autotune.command_trial import EnvHolder
 
-            holder.append(EnvHolder(dict(spec.trainable.env)))
+            holder.append(EnvHolder(dict(env)))
         tuner = tune.Tuner(
             tune.with_resources(tune_trial, COORDINATOR_RESOURCES),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=launches, scheduler=scheduler,
@@ -405,8 +458,10 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
 
 def find_storage(name: str, output_dir: Path, storage_url: str | None = None) -> str:
     """Where a study's Optuna storage is: as given, as its state file says, or its journal file."""
+    output_dir = Path(output_dir).absolute()
     state = read_state(output_dir / name) or {}
-    url = storage_url or state.get("storage") or str(output_dir / name / "optuna.journal")
+    url = storage_path(storage_url, output_dir) if storage_url else (
+        state.get("storage") or str(output_dir / name / "optuna.journal"))
     if "://" not in url and not Path(url).exists():
         raise StudyError(f"no study {name!r} under {output_dir}: {url} does not exist; pass --dir or --storage")
     return url

@@ -10,13 +10,13 @@ import contextlib
 import json
 import os
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from autotune.results import TrialRecord
+from autotune.redaction import redact  # one masking rule for everything written
 from autotune.schema import INTERVAL_METRICS, LAYOUT_PARAMS, MEMORY_CATEGORIES, SUMMARY_METRICS
 from autotune.spec import Spec
 
@@ -43,14 +43,6 @@ def _fail_fast() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<secret>[^@/\s]+)@")
-
-
-def redact(text: str) -> str:
-    """Hide passwords in URIs (`postgresql://user:secret@host` -> `postgresql://user:***@host`)."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def public_spec(spec: Spec) -> Spec:

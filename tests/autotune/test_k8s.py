@@ -40,7 +40,8 @@ def pod_specs(d: dict[str, dict]) -> list[dict]:
     cluster = d["raycluster.yaml"]["spec"]
     return ([cluster["headGroupSpec"]["template"]["spec"]]
             + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
-            + [d["cronjob.yaml"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]])
+            + [d["cronjob.yaml"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+            + [d["rayjob.yaml"]["spec"]["submitterPodTemplate"]["spec"]])
 
 
 @pytest.fixture(params=[SEED, QUICK], ids=["seed-16x80gb", "quickstart"])
@@ -97,7 +98,7 @@ def test_raycluster_head_and_worker_group(rendered):
     if spec.cluster.device == "cuda":  # 2 nodes x 8 GPUs, 4 CPUs per rank
         assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 2)
         assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == 8
-        assert res["limits"]["cpu"] == "33" and "memory" not in res["limits"]
+        assert res["limits"]["cpu"] == "33" and res["limits"]["memory"] == "136G"  # 16 GB per GPU + 8
     else:  # 4 ranks of 0.5 CPU and 0.05 GB on one worker
         assert group["replicas"] == 1
         assert res["limits"] == {"cpu": "3", "memory": "6G"} and "nvidia.com/gpu" not in res["limits"]
@@ -113,14 +114,14 @@ def test_every_volume_mount_has_its_volume(rendered):
     head = pod_specs(d)[0]
     claims = [v["persistentVolumeClaim"]["claimName"] for v in head["volumes"] if "persistentVolumeClaim" in v]
     assert claims == [d["pvc.yaml"]["metadata"]["name"]]
-    maps = {v["configMap"]["name"] for p in pod_specs(d) for v in p["volumes"] if "configMap" in v}
+    maps = {v["configMap"]["name"] for p in pod_specs(d) for v in p.get("volumes", []) if "configMap" in v}
     assert maps == {d["configmap.yaml"]["metadata"]["name"]}
 
 
 def test_rayjob_runs_the_study_on_that_cluster(rendered):
     _, _, d = rendered
     job = d["rayjob.yaml"]["spec"]
-    assert job["entrypoint"] == RUN_ENTRYPOINT == "autotune run /config/space.yaml --resume"
+    assert job["entrypoint"] == RUN_ENTRYPOINT == "autotune run /config/space.yaml --continue --plain"
     assert job["clusterSelector"] == {"ray.io/cluster": d["raycluster.yaml"]["metadata"]["name"]}
     assert "rayClusterSpec" not in job and not job.get("shutdownAfterJobFinishes")  # KubeRay: not with a selector
 
@@ -134,7 +135,7 @@ def test_cronjob_submits_nightly_with_the_token_from_the_secret(rendered):
     (container,) = pod["containers"]
     cluster = d["raycluster.yaml"]["metadata"]["name"]
     assert container["command"] == ["autotune", "submit", "/config/space.yaml", "--address",
-                                    f"http://{cluster}-head-svc.tuning.svc:8265"]
+                                    f"http://{cluster}-head-svc.tuning.svc:8265", "--wait"]
     env = {e["name"]: e for e in container["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"] == {"name": "RAY_AUTH_TOKEN", "valueFrom": {
@@ -212,7 +213,39 @@ def test_gpus_per_worker_on_a_cpu_space_and_conflicting_tracking_uri():
     with pytest.raises(K8sError, match="the space already sets tracking.uri 'http://mlflow-a:5000'"):
         render_manifests(spec, text, schedule="0 2 * * *", image="img:1", mlflow_uri="http://mlflow-b:5000")
     files = render_manifests(spec, text, schedule="0 2 * * *", image="img:1")
-    assert "MLFLOW_TRACKING_URI" not in files["raycluster.yaml"]
+    head = docs(files)["raycluster.yaml"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in head["env"]}
+    assert env == {"AUTOTUNE_RUNS_DIR": "/data", "MLFLOW_TRACKING_URI": "http://mlflow-a:5000"}
+    head = docs(render(QUICK))["raycluster.yaml"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e["value"] for e in head["env"]} == {"AUTOTUNE_RUNS_DIR": "/data",
+                                                           "MLFLOW_TRACKING_URI": "sqlite:////data/mlflow.db"}
+
+
+def test_every_pod_runs_as_the_image_user_with_writable_volumes_and_every_container_has_a_memory_limit(rendered):
+    _, _, d = rendered
+    pods = pod_specs(d)
+    assert len(pods) == 4  # head, workers, the CronJob's submitter, the RayJob's submitter
+    for pod in pods:
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == sc["fsGroup"] == 1000
+        for c in pod["containers"]:
+            assert c["resources"]["limits"]["memory"], c["name"]
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("extra,field", [
+    ("study:\n  name: s\n  storage: postgresql+psycopg://optuna:hunter2@db/optuna\n", "study.storage"),
+    ("study:\n  name: s\n  storage: postgresql://:hunter2@db/optuna\n", "study.storage"),
+    ("study:\n  name: s\n  storage: postgresql://db/optuna?password=hunter2\n", "study.storage"),
+    ("study:\n  name: s\ntracking:\n  uri: http://hunter2@mlflow:5000\n", "tracking.uri"),
+])
+def test_a_space_with_a_secret_is_refused_not_written(extra, field):
+    base = QUICK.read_text().split("tracking:")[0]
+    text = base + extra
+    spec = spec_from_data(parse_yaml(text, "space"))
+    with pytest.raises(K8sError) as err:
+        render_manifests(spec, text, schedule="0 2 * * *", image="img:1")
+    assert str(err.value).startswith(field) and "hunter2" not in str(err.value)
 
 
 @pytest.mark.parametrize("study", ["My_Study.v2", "x" * 100, "9lives", "a--b"])

@@ -148,7 +148,10 @@ def test_scheduler_submits_on_a_cron_schedule():
     schedule = interpolate(cmd[cmd.index("--schedule") + 1], {})
     assert schedule == "0 2 * * *" and parse_cron(schedule)
     assert cmd[cmd.index("--") + 1:] == ["autotune", "submit", "/config/space.yaml", "--address",
-                                          "http://ray-head:8265"]
+                                          "http://ray-head:8265", "--wait"]  # one run at a time
+    # the driver (on the head) writes its state and reports into the runs volume
+    assert env_of("ray-head")["AUTOTUNE_RUNS_DIR"] == "/home/autotune/runs"
+    assert "runs:/home/autotune/runs" in SERVICES["ray-head"]["volumes"]
     assert SERVICES["scheduler"]["volumes"] == [
         "${AUTOTUNE_SPACE:-../search_spaces/quickstart-cpu.yaml}:/config/space.yaml:ro"]
     assert (DOCKER / "../search_spaces/quickstart-cpu.yaml").resolve().is_file()
@@ -213,3 +216,35 @@ def test_cuda_image_names_its_base_to_adapt():
     base = re.search(r"^ARG BASE=(\S+)$", text, re.M).group(1)
     assert base.startswith("pytorch/pytorch:2.13") and "cuda" in base
     assert "FROM ${BASE}" in text and "base is the one to adapt" in text
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_images_have_wget_for_kuberay_probes(name):
+    runs = [line for line in _instructions(DOCKER / name) if line.startswith("RUN ")]
+    assert any("apt-get install" in r and " wget" in r for r in runs)
+
+
+def test_cuda_image_frees_uid_1000_before_creating_its_user(tmp_path):
+    """Ubuntu 24.04 bases ship a uid-1000 user: the image's user step must not clash with it. The
+    step's shell is run here against fake passwd/group tools that hold an `ubuntu` user."""
+    run = next(line for line in _instructions(DOCKER / "Dockerfile.cuda") if "useradd" in line)
+    script = run[len("RUN "):]
+    assert script.index("userdel") < script.index("useradd --create-home --uid 1000")
+    log = tmp_path / "log"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fakes = {
+        "getent": 'case "$1 $2" in "passwd 1000") echo "ubuntu:x:1000:1000::/home/ubuntu:/bin/bash";; '
+                  '"group 1000") echo "ubuntu:x:1000:";; *) exit 2;; esac',
+        "userdel": f'echo "userdel $*" >> {log}', "groupdel": f'echo "groupdel $*" >> {log}',
+        "useradd": f'echo "useradd $*" >> {log}', "mkdir": f'echo "mkdir $*" >> {log}',
+        "chown": f'echo "chown $*" >> {log}',
+    }
+    for tool, body in fakes.items():
+        (bindir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bindir / tool).chmod(0o755)
+    out = subprocess.run(["sh", "-c", script], env={"PATH": f"{bindir}:/usr/bin:/bin"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    steps = log.read_text().splitlines()
+    assert steps[0] == "userdel --remove ubuntu" and steps[1] == "groupdel ubuntu"
+    assert steps[2].startswith("useradd --create-home --uid 1000")

@@ -1,0 +1,71 @@
+"""Secrets never leave in text: passwords and tokens in URLs are masked before anything is shown
+or written (MLflow, Optuna, reports, job files, manifests, logs, the console).
+
+Database URLs go through SQLAlchemy's own rendering (`URL.render_as_string(hide_password=True)`),
+which knows its URL grammar; free text (an error message that quotes a URL) is masked by pattern:
+`user:secret@`, `:secret@` (no user), a bare `token@` in an http(s) URL, and `password=` /
+`token=`-like query parameters.
+"""
+
+from __future__ import annotations
+
+import re
+
+from autotune.spec import Spec
+
+MASK = "***"
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]*)@")
+_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&;](?:password|passwd|pwd|pass|token|access_token|secret|api_key|apikey)=)"
+                           r"[^&;#\s'\"]+")
+_WEB = ("http://", "https://")
+
+
+def _userinfo(m: re.Match) -> str:
+    scheme, info = m["scheme"], m["info"]
+    user, colon, secret = info.partition(":")
+    if colon:
+        return f"{scheme}{user}:{MASK}@" if secret else m.group(0)
+    if scheme.lower() in _WEB and info:  # http://TOKEN@host: the user part is the credential
+        return f"{scheme}{MASK}@"
+    return m.group(0)  # postgresql://user@host: a user name, nothing secret
+
+
+def redact(text: str) -> str:
+    """Every URL credential in `text` masked (`postgresql://u:***@h`, `http://***@h`, `?password=***`)."""
+    return _QUERY_SECRET.sub(lambda m: m["key"] + MASK, _USERINFO.sub(_userinfo, text))
+
+
+def redact_url(url: str) -> str:
+    """One URL as it may be shown: SQLAlchemy's rendering for database URLs, the patterns for the rest."""
+    if "://" in url and not url.lower().startswith(_WEB + ("file:",)):
+        try:
+            from sqlalchemy.engine import make_url
+
+            return redact(make_url(url).render_as_string(hide_password=True))
+        except Exception:  # not a URL SQLAlchemy reads: the patterns still apply
+            pass
+    return redact(url)
+
+
+def has_secret(url: str | None) -> bool:
+    return bool(url) and redact(url) != url
+
+
+def written_secrets(spec: Spec) -> str | None:
+    """Why this space cannot be written into a job or a manifest as it is (None: it can).
+
+    A job's working folder and a ConfigMap are readable by whoever can list jobs or read the
+    namespace, and the job needs the real values: a masked copy would not run. So values travel
+    only by the environment of the cluster's nodes.
+    """
+    if has_secret(spec.study.storage):
+        return ("study.storage: the URL holds a password, which would be written into the job; drop it from the "
+                "URL and give it to the cluster's nodes by the environment (PGPASSWORD, or AUTOTUNE_STORAGE)")
+    if has_secret(spec.tracking.uri):
+        return ("tracking.uri: the URL holds a credential, which would be written into the job; drop it and set "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD on the cluster's nodes")
+    if spec.trainable is not None and spec.trainable.env:
+        names = ", ".join(sorted(spec.trainable.env))
+        return (f"trainable.env: values in the space file ({names}) would be written into the job; list the names in "
+                f"trainable.env_from instead and set them in the cluster's environment (a Kubernetes Secret, docker/.env)")
+    return None
