@@ -40,6 +40,7 @@ PROGRAM_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".git", ".venv",
                                         "autotune-runs", "mlruns", "mlflow.db", ".env")
 JOB_ENV = "AUTOTUNE_JOB"  # set in a submitted job's environment: the driver checks its state outlives it
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 180  # how long a submission waits for a just-started head's job agent
 
 
 class JobError(RuntimeError):
@@ -129,14 +130,20 @@ def submit(space: Path, spec: Spec, address: str, *, python: str = "python", rem
         args += ["--remeasure-top", str(remeasure_top)]
     with tempfile.TemporaryDirectory(prefix="autotune-job-") as tmp:
         working_dir = stage(space, Path(tmp), spec)
-        try:
-            return client.submit_job(
-                entrypoint=shlex.join(args), submission_id=submission_id,
-                runtime_env={"working_dir": str(working_dir), "env_vars": {JOB_ENV: "1"}},
-                metadata={"autotune_study": spec.study.name},
-            )
-        except Exception as exc:
-            raise JobError(_explain(address, exc)) from None
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return client.submit_job(
+                    entrypoint=shlex.join(args), submission_id=submission_id,
+                    runtime_env={"working_dir": str(working_dir), "env_vars": {JOB_ENV: "1"}},
+                    metadata={"autotune_study": spec.study.name},
+                )
+            except Exception as exc:
+                # A head that has just started answers before its job agent is up (HTTP 500, "No
+                # available agent"): a scheduler firing then waits for it rather than missing a night.
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise JobError(_explain(address, exc)) from None
+                time.sleep(3)
 
 
 def status(address: str, job_id: str) -> JobStatus:
