@@ -1,0 +1,427 @@
+"""The shipped scheduled path, run for real: every service of docker/docker-compose.yml started
+from its own command and environment as a local process (no Docker daemon here), then the
+nights the scheduler runs, a concurrent run refused, a killed run taken over, the RayJob's and
+the CronJob's commands from the rendered manifests, and a scan for secrets in everything written.
+
+What is mapped, as Docker would: the compose names (`ray-head`, `mlflow`, `postgres`) and ports to
+127.0.0.1 and free ports; the volumes (`runs`, `/config/space.yaml`, `/mlflow`) to folders of the
+test; `postgres:16`'s entrypoint (POSTGRES_USER / PASSWORD / DB) to Debian's binaries. The cron
+schedule is AUTOTUNE_SCHEDULE="* * * * *" so that nights come a minute apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+
+from tests.docker.test_compose import COMPOSE, interpolate
+from tests.faults import Cluster, free_port, wait_gone
+from tests.services import postgres_bindir, start_postgres
+
+pytestmark = [
+    pytest.mark.slow,
+    # Nights start on minute boundaries and each runs a real job: about 5 minutes on a quiet 2-core
+    # machine for the whole module, over 10 under heavy load.
+    pytest.mark.timeout(1800),
+    pytest.mark.skipif(postgres_bindir() is None, reason="PostgreSQL server binaries (initdb, pg_ctl) are not "
+                                                         "installed: install Debian's postgresql package"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = str(Path(sys.executable).parent)
+STUDY = "nightly"
+SECRETS = {  # docker/.env of this deployment; the last one is the program's own secret (trainable.env_from)
+    "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"],  # tests/conftest.py: the session's token
+    "POSTGRES_PASSWORD": "pgpw" + os.urandom(8).hex(),
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "adminpw" + os.urandom(8).hex(),
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask" + os.urandom(8).hex(),
+    "TOY_API_TOKEN": "toytok" + os.urandom(8).hex(),
+}
+COMMAND = ["{python}", "toy_train.py", "--ep", "{ep}", "--tp", "{tp}", "--pp", "{pp}", "--dp", "{dp}",
+           "--micro-batch-size", "{micro_batch_size}", "--global-batch-size", "{global_batch_size}",
+           "--seq-len", "{seq_len}", "--precision", "{precision}", "--recompute", "{recompute}", "--steps", "3",
+           "--warmup-steps", "1", "--metrics-file", "{metrics_file}", "--require-env", "TOY_API_TOKEN"]
+
+
+def space_text(name: str, cwd: str | None = None) -> str:
+    """A tiny study of the toy program, written as a user would: no storage, runs folder or tracking
+    store in it (the deployment's environment says where), the program's secret by name only."""
+    trainable: dict = {"command": [c.replace("{python}", sys.executable) for c in COMMAND],
+                       "env_from": ["TOY_API_TOKEN"]}
+    if cwd:
+        trainable["cwd"] = cwd
+    return yaml.safe_dump({
+        "model": {"preset": "tiny"},
+        "cluster": {"ranks": 2, "device": "cpu", "memory_gb": 1.0, "cpus_per_rank": 1},
+        "search": {"ep": [1, 2], "tp": [1, 2], "world_sizes": [1, 2], "micro_batch_size": [2, 4],
+                   "global_batch_size": 8, "seq_len": 32, "precision": ["fp32"], "recompute": ["none", "full"]},
+        "budget": {"trials": 2, "warmup_steps": 1, "measure_steps": 3, "max_concurrent": 1, "trial_timeout_s": 120,
+                   "remeasure_share": 0},  # night 2 re-runs nothing: no tied leaders re-measured
+        "tracking": {"experiment": "scheduled"},
+        "study": {"name": name, "seed": 4, "lease_timeout_s": 15},
+        "trainable": trainable,
+    }, sort_keys=False)
+
+
+class Stack:
+    """The compose services as processes; `env(service)` is a service's environment, mapped."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ray_root = Path(tempfile.mkdtemp(prefix="atc", dir="/tmp"))  # short: socket paths
+        self.gcs_port, self.dash_port, self.mlflow_port = free_port(), free_port(), free_port()
+        self.runs = tmp / "runs"
+        self.space = tmp / "config" / "space.yaml"
+        self.program = tmp / "config"  # the program beside the space: `submit` ships that folder
+        self.logs = tmp / "console"
+        for d in (self.runs, self.space.parent, self.logs, tmp / "mlflow"):
+            d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "trainables" / "examples" / "toy_train.py", self.program / "toy_train.py")
+        self.space.write_text(space_text(STUDY))
+        self.procs: list[subprocess.Popen] = []
+        self.pg = None
+        self.head_ip = ""
+
+    # -- mapping compose onto this machine ---------------------------------------------------------
+    def mapping(self) -> dict[str, str]:
+        m = {"http://ray-head:8265": self.dashboard, "ray-head:6379": f"{self.head_ip}:{self.gcs_port}",
+             "--port=6379": f"--port={self.gcs_port}", "--dashboard-port=8265": f"--dashboard-port={self.dash_port}",
+             "--dashboard-host=0.0.0.0": "--dashboard-host=127.0.0.1", "--host=0.0.0.0": "--host=127.0.0.1",
+             "--port=5000": f"--port={self.mlflow_port}", "http://mlflow:5000": f"http://127.0.0.1:{self.mlflow_port}",
+             "/mlflow/artifacts": str(self.tmp / "mlflow" / "artifacts"), "/home/autotune/runs": str(self.runs),
+             "/config/space.yaml": str(self.space), "/opt/autotune/scheduler.py": str(REPO / "docker" / "scheduler.py")}
+        if self.pg is not None:
+            m["postgres:5432"] = f"127.0.0.1:{self.pg.port}"
+        return m
+
+    def _map(self, value: str) -> str:
+        for old, new in sorted(self.mapping().items(), key=lambda kv: -len(kv[0])):
+            value = value.replace(old, new)
+        return value
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dash_port}"
+
+    def compose_env(self) -> dict[str, str]:
+        return {**SECRETS, "AUTOTUNE_SCHEDULE": "* * * * *"}
+
+    def env(self, service: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        svc = interpolate(COMPOSE["services"][service], self.compose_env())
+        # this process's environment without its Ray, MLflow and autotune settings: the service's own follow
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AUTOTUNE_"))}
+        env.update(PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO), HOME=str(self.tmp))
+        env.update({k: self._map(str(v)) for k, v in svc.get("environment", {}).items()})
+        env.update(extra or {})
+        return env
+
+    def argv(self, service: str) -> list[str]:
+        command = interpolate(COMPOSE["services"][service]["command"], self.compose_env())
+        items = command.split() if isinstance(command, str) else command
+        return [self._map(item) for item in items]
+
+    def start(self, service: str, extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None,
+              cwd: Path | None = None, log: str | None = None) -> subprocess.Popen:
+        out = open(self.logs / f"{log or service}.log", "a")
+        proc = subprocess.Popen(self.argv(service) + (extra_args or []), env=self.env(service, extra_env),
+                                cwd=cwd or self.tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    # -- services ----------------------------------------------------------------------------------
+    def start_postgres(self) -> None:
+        """postgres:16's entrypoint: POSTGRES_USER with POSTGRES_PASSWORD owns POSTGRES_DB."""
+        import psycopg
+
+        self.pg = start_postgres()
+        env = self.env("postgres")
+        user, db = env["POSTGRES_USER"], env["POSTGRES_DB"]
+        with psycopg.connect(f"host=127.0.0.1 port={self.pg.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{user}" LOGIN PASSWORD %s'.replace("%s", "'" + env["POSTGRES_PASSWORD"] + "'"))
+            conn.execute(f'CREATE DATABASE "{db}" OWNER "{user}"')
+
+    def start_ray(self, attempts: int = 5) -> None:
+        """The head, then a worker; a loaded machine sometimes fails a node's start (a slow GCS): then
+        both are stopped and started again on fresh ports, as tests/faults.py does."""
+        from ray._private.services import get_node_ip_address
+
+        self.head_ip = get_node_ip_address()
+        for attempt in range(attempts):
+            try:
+                self._start_ray_once(attempt)
+                return
+            except RuntimeError:
+                for proc in self.procs[-2:]:
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                Cluster(root=self.ray_root, port=self.gcs_port, env={}).stop()
+                self.ray_root = Path(tempfile.mkdtemp(prefix="atc", dir="/tmp"))
+                self.gcs_port, self.dash_port = free_port(), free_port()
+                if attempt == attempts - 1:
+                    raise
+
+    def _start_ray_once(self, attempt: int) -> None:
+        head = self.start("ray-head", [f"--temp-dir={self.ray_root}"], {"TOY_API_TOKEN": SECRETS["TOY_API_TOKEN"]},
+                          cwd=self.runs, log=f"ray-head-{attempt}")
+        self._wait_log(f"ray-head-{attempt}", head, "Ray runtime started", 300)
+        worker = self.start("ray-worker", [f"--temp-dir={self.ray_root / 'w'}"], log=f"ray-worker-{attempt}")
+        self._wait_log(f"ray-worker-{attempt}", worker, "Ray runtime started", 300)
+        self._wait_http(f"{self.dashboard}/api/version", head, f"ray-head-{attempt}")
+
+    def _wait_log(self, name: str, proc: subprocess.Popen, text: str, timeout: float) -> None:
+        log = self.logs / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if log.exists() and text in log.read_text():
+                return
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
+            time.sleep(1)
+        raise RuntimeError(f"{name} did not start in {timeout:.0f} s")
+
+    def start_mlflow(self) -> None:
+        proc = self.start("mlflow", cwd=self.tmp / "mlflow")
+        self._wait_http(f"http://127.0.0.1:{self.mlflow_port}/health", proc, "mlflow")
+
+    def _wait_http(self, url: str, proc: subprocess.Popen, name: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {(self.logs / f'{name}.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=3)
+                return
+            except urllib.error.HTTPError:
+                return  # it answers (401 without the token)
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"{name} did not answer at {url}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        Cluster(root=self.ray_root, port=self.gcs_port, env={}).stop()
+        if self.pg is not None:
+            self.pg.stop()
+
+    # -- reading what the study did ----------------------------------------------------------------
+    def cli(self, service: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "autotune.cli", *args], env=self.env(service), cwd=self.tmp,
+                             capture_output=True, text=True, timeout=timeout)
+        with open(self.logs / "cli.log", "a") as log:  # the console, for the secret scan
+            log.write(f"$ autotune {shlex.join(args)}\n{out.stdout}{out.stderr}")
+        return out
+
+    def trials(self, study: str = STUDY) -> list:
+        from autotune.study import load_result
+
+        return list(load_result(study, self.runs).trials)
+
+    def holder(self, study: str = STUDY) -> dict | None:
+        path = self.runs / study / f"optuna.journal.{study}.lease"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def launched(trials) -> list:
+    from autotune.schema import Status
+
+    return [t for t in trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)]
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(what)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("compose"))
+    try:
+        s.start_postgres()
+        s.start_mlflow()
+        s.start_ray()
+        yield s
+    finally:
+        s.stop()
+
+
+def mlflow_runs(stack: Stack) -> list:
+    from mlflow import MlflowClient
+
+    env = stack.env("scheduler")
+    credentials = {k: env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    with mock.patch.dict(os.environ, credentials):
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        exp = client.get_experiment_by_name("scheduled")
+        return client.search_runs([exp.experiment_id], "", max_results=1000) if exp else []
+
+
+def test_nights_one_writer_and_takeover(stack):
+    log = stack.logs / "scheduler.log"
+    scheduler = stack.start("scheduler")
+    finished = lambda n: log.exists() and log.read_text().count("finished with exit code") >= n  # noqa: E731
+
+    # Night 1 starts the study.
+    wait_for(lambda: finished(1), 900, f"night 1 did not finish: {log.read_text()[-3000:] if log.exists() else ''}")
+    assert "finished with exit code 0" in log.read_text(), log.read_text()[-3000:]
+    night1 = launched(stack.trials())
+    assert len(night1) == 2 and all(t.ok for t in night1), [(t.status, t.reason) for t in night1]
+    report = json.loads((stack.runs / STUDY / "report" / "report.json").read_text())
+    assert report and (stack.runs / STUDY / "report" / "report.md").exists()
+    for t in night1:
+        assert (stack.runs / STUDY / "trials" / f"{t.number:04d}" / "node0" / "command.log").exists()
+
+    # Night 2 holds the lease: a third run (a person's `submit --wait`) waits 0 s and exits 3.
+    wait_for(lambda: log.read_text().count("starting") >= 2 and stack.holder(), 300, "night 2 did not start")
+    holder = stack.holder()
+    third = stack.cli("scheduler", "submit", str(stack.space), "--address", stack.dashboard, "--wait")
+    assert third.returncode == 3, third.stdout[-3000:] + third.stderr[-2000:]
+    assert f"is being run by host {holder['host']} pid {holder['pid']}, started " in third.stdout
+    wait_for(lambda: finished(2), 900, f"night 2 did not finish: {log.read_text()[-3000:]}")
+    os.killpg(scheduler.pid, signal.SIGTERM)
+    scheduler.wait(30)
+    assert log.read_text().count("finished with exit code 0") == 2, log.read_text()[-3000:]
+    night2 = launched(stack.trials())
+    assert len(night2) == 4 and all(t.ok for t in night2), [(t.status, t.reason) for t in night2]
+    assert len({t.layout.key for t in night2}) == 4  # night 2 re-ran none of night 1's layouts
+    assert json.loads((stack.runs / STUDY / "report" / "report.json").read_text()) != report
+    runs = mlflow_runs(stack)
+    children = [r for r in runs if "autotune.trial" in r.data.tags]
+    assert len(children) == len(stack.trials())  # the third run added no MLflow run
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
+    parent = next(r for r in runs if "autotune.study" in r.data.tags)
+    assert (stack.tmp / "mlflow" / "artifacts").exists()
+    reported = [p.name for p in (stack.tmp / "mlflow" / "artifacts").rglob("report.md")]
+    assert reported, "the report is logged to the MLflow parent run " + parent.info.run_id
+
+    # A run killed by SIGKILL holds a lease no one renews: the next one takes it over and completes.
+    victim = subprocess.Popen([sys.executable, "-m", "autotune.cli", "submit", str(stack.space), "--address",
+                               stack.dashboard, "--wait"], env=stack.env("scheduler"), cwd=stack.tmp,
+                              stdout=open(stack.logs / "killed.log", "w"), stderr=subprocess.STDOUT)
+    before = len(stack.trials())
+    wait_for(lambda: (h := stack.holder()) and h["pid"] != holder["pid"] and len(stack.trials()) >= before, 300,
+             "the run to kill did not take the lease")
+    wait_for(lambda: any(int(p.name) >= before for p in (stack.runs / STUDY / "trials").iterdir()), 300,
+             "the run to kill started no trial")
+    dead = stack.holder()
+    os.kill(dead["pid"], signal.SIGKILL)
+    wait_gone([dead["pid"]], 10)
+    assert victim.wait(300) != 0
+    time.sleep(16)  # past study.lease_timeout_s (15 s) without a heartbeat: the holder is dead
+    after = stack.cli("scheduler", "submit", str(stack.space), "--address", stack.dashboard, "--wait")
+    assert after.returncode == 0, after.stdout[-4000:] + after.stderr[-2000:]
+    assert f"took over the lease of study 'nightly' from host {dead['host']} pid {dead['pid']}," in after.stdout
+    final = launched(stack.trials())
+    assert sum(1 for t in final if t.ok) >= 6, [(t.status, t.reason) for t in final]
+    runs = mlflow_runs(stack)
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
+    assert stack.holder() is None  # released at the end
+
+
+def test_the_manifests_entrypoints_run_on_the_same_cluster(stack):
+    """The RayJob's entrypoint (as KubeRay's submitter runs it) and the CronJob's command, on a new study."""
+    space = stack.tmp / "k8s-space.yaml"
+    space.write_text(space_text("k8s-check", cwd=str(stack.program)))
+    out_dir = stack.tmp / "manifests"
+    rendered = stack.cli("scheduler", "k8s", str(space), "--schedule", "0 2 * * *", "--image", "autotune:cpu",
+                         "--out", str(out_dir), "--namespace", "tuning", "--mlflow-uri",
+                         "http://mlflow.tuning.svc:5000", "--mlflow-secret", "mlflow-auth")
+    assert rendered.returncode == 0, rendered.stderr
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in out_dir.glob("*.yaml")}
+    # the ConfigMap is what the pods mount at /config/space.yaml
+    mounted = stack.tmp / "k8s-config" / "space.yaml"
+    mounted.parent.mkdir()
+    mounted.write_text(docs["configmap.yaml"]["data"]["space.yaml"])
+    secrets = {("ray-auth-token", "auth_token"): SECRETS["RAY_AUTH_TOKEN"],
+               ("mlflow-auth", "username"): "admin", ("mlflow-auth", "password"): SECRETS["MLFLOW_AUTH_ADMIN_PASSWORD"]}
+    local = {"/config/space.yaml": str(mounted),
+             "http://autotune-k8s-check-head-svc.tuning.svc:8265": stack.dashboard,
+             "http://mlflow.tuning.svc:5000": f"http://127.0.0.1:{stack.mlflow_port}"}
+
+    def mapped(text: str) -> str:
+        for old, new in local.items():
+            text = text.replace(old, new)
+        return text
+
+    # RayJob: KubeRay's submitter runs `ray job submit --address HEAD -- ENTRYPOINT`.
+    entrypoint = docs["rayjob.yaml"]["spec"]["entrypoint"]
+    assert entrypoint == "autotune run /config/space.yaml --continue --plain"
+    job = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", stack.dashboard, "--submission-id",
+                          "rayjob-check", "--", *[mapped(a) for a in shlex.split(entrypoint)]],
+                         env=stack.env("scheduler"), capture_output=True, text=True, timeout=600)
+    with open(stack.logs / "rayjob.log", "w") as f:
+        f.write(job.stdout + job.stderr)
+    status = stack.cli("scheduler", "jobs", "status", "rayjob-check", "--address", stack.dashboard)
+    assert "SUCCEEDED" in status.stdout, job.stdout[-4000:] + job.stderr[-2000:]
+    assert len(launched(stack.trials("k8s-check"))) == 2
+
+    # CronJob: its container's command with its environment (Secrets resolved as the kubelet would).
+    container = docs["cronjob.yaml"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    env = {k: v for k, v in stack.env("scheduler").items() if not k.startswith(("MLFLOW_", "RAY_AUTH"))}
+    for e in container["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        env[e["name"]] = secrets[(ref["name"], ref["key"])] if ref else mapped(e["value"])
+    command = [mapped(a) for a in container["command"]]
+    assert command[0] == "autotune" and "--wait" in command
+    cron = subprocess.run(command, env=env, cwd=stack.tmp, capture_output=True, text=True, timeout=600)
+    with open(stack.logs / "cronjob.log", "w") as f:
+        f.write(cron.stdout + cron.stderr)
+    assert cron.returncode == 0, cron.stdout[-4000:] + cron.stderr[-2000:]
+    trials = launched(stack.trials("k8s-check"))
+    assert len(trials) == 4 and all(t.ok for t in trials), [(t.status, t.reason) for t in trials]
+    assert (stack.runs / "k8s-check" / "report" / "report.md").exists()
+
+
+def test_no_secret_is_written_anywhere(stack):
+    """Runs folder, Ray's session folders, manifests, MLflow's artifacts and database, the Optuna
+    journal, every console: none holds a secret value of the deployment or of the program."""
+    pg_dump = subprocess.run(stack.pg.as_user + [str(stack.pg.bindir / "pg_dump"), "-h", "127.0.0.1", "-p",
+                                                 str(stack.pg.port), "-U", "postgres", "mlflow"],
+                             capture_output=True, text=True, timeout=120)
+    assert pg_dump.returncode == 0 and "CREATE TABLE public.runs" in pg_dump.stdout, pg_dump.stderr
+    (stack.logs / "mlflow-database.sql").write_text(pg_dump.stdout)
+    checked = 0
+    found = []
+    for root in (stack.runs, stack.ray_root, stack.tmp / "manifests", stack.tmp / "mlflow", stack.logs,
+                 stack.tmp / "k8s-config"):
+        for path in root.rglob("*"):
+            if not path.is_file() or path.is_symlink():
+                continue
+            data = path.read_bytes()
+            checked += 1
+            for name, value in SECRETS.items():
+                if value.encode() in data:
+                    found.append((name, str(path)))
+    assert checked > 100
+    assert not found, found
