@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import pytest
@@ -38,14 +37,14 @@ def test_presets_exist_with_the_seed_scale():
         assert cfg.problems() == []
 
 
-def test_tiny_forward_backward_is_fast_and_shaped():
+def test_tiny_forward_backward_is_shaped():
+    # Speed is a benchmark's business (benchmarks/trial_overhead.py), not a unit test's: a timed
+    # assertion here only measured how busy the shared machine was.
     cfg = PRESETS["tiny"]
     model = materialized(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 64))
-    t0 = time.perf_counter()
     logits = model(tokens)
     F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tokens.reshape(-1)).backward()
-    assert time.perf_counter() - t0 < 5.0  # "runs in a second"; generous for a loaded CI machine
     assert logits.shape == (2, 64, cfg.vocab_size)
     assert all(p.grad is not None for p in model.parameters())
 
