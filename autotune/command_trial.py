@@ -20,7 +20,6 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError
-from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from autotune.layout import Layout
@@ -149,16 +148,19 @@ _node_task = ray.remote(max_retries=0)(_node_main)
 
 
 def run_command_trial(trial: CommandTrial, placement: CommandPlacement, timeout_s: float,
-                      placement_wait_s: float | None = None):
-    """Reserve the trial's nodes, run the command on each, and always give them back."""
+                      placement_wait_s: float | None = None, owner: str | None = None, number: int = -1):
+    """Reserve the trial's nodes, run the command on each, and always give them back (with
+    `owner`, the study's `autotune.owner` removes the placement group however the trial ends)."""
     from autotune.executor import TrialOutcome, wait_for_placement
+    from autotune.owner import give_back, owner_handle, reserve
 
     start = time.monotonic()
     outcome = TrialOutcome(Status.OK)
-    pg = placement_group(placement.bundles(), strategy=placement.strategy)
+    handle = owner_handle(owner)
+    pg = reserve(handle, number, placement.bundles(), placement.strategy)
     refs: list[Any] = []
     try:
-        unplaced = wait_for_placement(pg, timeout_s, placement_wait_s)
+        unplaced = wait_for_placement(pg, timeout_s, placement_wait_s, outcome)
         if unplaced is not None:
             outcome.status = Status.CRASHED
             outcome.reason = (f"the cluster could not place {placement.nnodes} node(s) of {placement.nproc} ranks "
@@ -203,5 +205,5 @@ def run_command_trial(trial: CommandTrial, placement: CommandPlacement, timeout_
                 ray.cancel(ref, force=True)
             except Exception:
                 pass
-        remove_placement_group(pg)
+        give_back(handle, number, pg)
         outcome.duration_s = time.monotonic() - start

@@ -5,9 +5,10 @@ step (FACTS.md). Here every rank is a plain Ray task scheduled into the trial's 
 group bundle; Ray's worker pool hands it a process that already ran an earlier rank, so torch
 is imported once per worker, not once per trial, and a trial only pays for a new process
 group (TCPStore on rank 0's node, on a port the OS picks) and for building its model. The
-placement group is created and removed by the trial itself, so trials of any world size keep
-Tune's coordinator actor reusable, and it works across nodes: rank 0 reports its node's
-address, the other ranks dial it.
+placement group is asked for by the trial itself, so trials of any world size keep Tune's
+coordinator actor reusable, and it works across nodes: rank 0 reports its node's address, the
+other ranks dial it. Within a study the placement group and every rank process belong to the
+study's owner (`autotune.owner`), which frees them however the trial ends.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any, Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, NodeDiedError, RayError, RayTaskError, TaskCancelledError
-from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from autotune.owner import give_back, owner_handle, reserve, start_time
 from autotune.placement import Placement, single
 from autotune.schema import Status
 from trainables.moe.run_config import RunConfig
@@ -76,8 +77,10 @@ def task_environment(threads: int) -> tuple[dict[str, str], dict[str, list[str]]
     return env, ids
 
 
-def _rank_main(cfg: RunConfig, rank: int, world: int, addr: str, port: int, threads: int):
-    """One rank as a streaming Ray task: fork the rank's process, relay its items, reap it."""
+def _rank_main(cfg: RunConfig, rank: int, world: int, addr: str, port: int, threads: int,
+               owner: str | None = None, number: int = -1):
+    """One rank as a streaming Ray task: fork the rank's process, tell the study's owner about it,
+    relay its items, reap it."""
     from autotune.rank_process import rank_process
 
     ip = ray.util.get_node_ip_address()
@@ -88,6 +91,8 @@ def _rank_main(cfg: RunConfig, rank: int, world: int, addr: str, port: int, thre
     proc = ctx.Process(target=rank_process, args=(cfg, rank, world, addr, port, threads, send, ip, env), daemon=True)
     proc.start()
     send.close()
+    if owner is not None:  # a trial the study already released gets its process killed here
+        ray.get(owner_handle(owner).rank_started.remote(number, rank, node, proc.pid, start_time(proc.pid)))
     yield {"type": "started", "rank": rank, "pid": proc.pid, "node": node, "ip": ip, "worker_pid": os.getpid(),
            "accelerators": {k: v for k, v in accelerators.items() if v}}
     try:
@@ -123,6 +128,7 @@ class TrialOutcome:
     ranks: list[dict[str, Any]] = field(default_factory=list)  # rank, node, ip, pid, memory
     steps: list[dict[str, Any]] = field(default_factory=list)
     duration_s: float = 0.0
+    placement_wait_s: float | None = None  # from asking for the placement group to holding it
 
 
 CANCEL_GRACE_S = 5.0
@@ -182,21 +188,31 @@ def _classify(rank: int, exc: BaseException, node_id: str | None) -> tuple[Statu
     return Status.CRASHED, f"rank {rank}: its Ray worker died ({type(exc).__name__}: {first})"
 
 
-def wait_for_placement(pg: Any, timeout_s: float, placement_wait_s: float | None) -> float | None:
+def wait_for_placement(pg: Any, timeout_s: float, placement_wait_s: float | None,
+                       outcome: "TrialOutcome | None" = None) -> float | None:
     """Wait for a trial's placement group; None once placed, else the seconds waited in vain.
 
     Waiting for another trial to free the resources is queueing, not the trial's cost: it may
-    last `placement_wait_s` (default: the trial's own budget)."""
+    last `placement_wait_s` (default: the trial's own budget). The wait is kept in `outcome`."""
     wait = placement_wait_s if placement_wait_s is not None else timeout_s
-    return None if pg.wait(timeout_seconds=wait) else wait
+    if pg is None:  # the study released this trial before it was placed
+        return 0.0
+    start = time.monotonic()
+    placed = pg.wait(timeout_seconds=wait)
+    if outcome is not None:
+        outcome.placement_wait_s = time.monotonic() - start
+    return None if placed else wait
 
 
 def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy: str = "PACK",
               timeout_s: float = 600.0, on_step: Callable[[dict[str, Any]], None] | None = None,
               placement_wait_s: float | None = None,
-              on_event: Callable[[dict[str, Any]], None] | None = None) -> TrialOutcome:
+              on_event: Callable[[dict[str, Any]], None] | None = None,
+              owner: str | None = None, number: int = -1) -> TrialOutcome:
     """Reserve the ranks (a placement, or one bundle of these resources per rank), run each in
-    its bundle, and always give them back.
+    its bundle, and always give them back. With `owner` (the study's `autotune.owner` actor) the
+    placement group and rank processes are the owner's, which frees them even if this never
+    returns.
 
     The time budget starts once the ranks are reserved: waiting for another trial to free
     them is queueing, not this trial's cost (it may last `placement_wait_s`). Whatever ends the
@@ -208,12 +224,15 @@ def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy:
     if not isinstance(placement, Placement):
         placement = single(placement, strategy)
     bundle, strategy = placement.rank, placement.strategy
-    pg = placement_group(placement.bundles(world), strategy=placement.strategy)
+    handle = owner_handle(owner)
+    pg = reserve(handle, number, placement.bundles(world), placement.strategy)
     gens: dict[int, Any] = {}
     finished: set[int] = set()
     started: dict[int, dict[str, Any]] = {}
     try:
-        unplaced = wait_for_placement(pg, timeout_s, placement_wait_s)
+        unplaced = wait_for_placement(pg, timeout_s, placement_wait_s, outcome)
+        if on_event is not None:
+            on_event({"type": "reserved", "wait_s": outcome.placement_wait_s})
         if unplaced is not None:
             outcome.status = Status.CRASHED
             outcome.reason = (f"the cluster could not place {world} ranks of {bundle} in groups of {placement.group} "
@@ -227,7 +246,7 @@ def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy:
                 num_returns="streaming", num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=placement.bundle_of(rank)),
-            ).remote(cfg, rank, world, addr, port, threads)
+            ).remote(cfg, rank, world, addr, port, threads, owner, number)
 
         gens[0] = launch(0, "", 0)
         errors: list[tuple[Status, str]] = []
@@ -288,7 +307,7 @@ def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy:
     finally:
         outcome.ranks = [started[r] for r in sorted(started)]
         _stop(gens, finished)
-        remove_placement_group(pg)
+        give_back(handle, number, pg)
         outcome.duration_s = time.monotonic() - start
 
 
@@ -330,23 +349,31 @@ def tune_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     measured = 0
+    waited: dict[str, float | None] = {"s": None}
+
+    def on_event(item: dict[str, Any]) -> None:
+        if item.get("type") == "reserved":  # the trial's placement group is held
+            waited["s"] = item["wait_s"]
 
     def on_step(step: dict[str, Any]) -> None:
         nonlocal measured
         if step["phase"] == "measure":
             measured += 1
             tune.report({"tokens_per_s": step["tokens_per_s"], "step_time_s": step["step_time_s"],
-                         "loss": step["loss"], "step": step["step"], "measured_steps": measured})
+                         "loss": step["loss"], "step": step["step"], "measured_steps": measured,
+                         "placement_wait_s": waited["s"]})
 
     def attempt() -> TrialOutcome:
         if config.get("command") is not None:  # the user's own program (autotune.command_trial)
             from autotune.command_trial import run_command_trial
 
             return run_command_trial(config["command"], config["placement"], timeout_s=config["timeout_s"],
-                                     placement_wait_s=config.get("placement_wait_s"))
+                                     placement_wait_s=config.get("placement_wait_s"), owner=config.get("owner"),
+                                     number=config.get("number", -1))
         placement = config.get("placement") or single(config["bundle"], config.get("strategy", "PACK"))
         return run_trial(config["run"], placement, timeout_s=config["timeout_s"], on_step=on_step,
-                         placement_wait_s=config.get("placement_wait_s"))
+                         placement_wait_s=config.get("placement_wait_s"), on_event=on_event,
+                         owner=config.get("owner"), number=config.get("number", -1))
 
     outcome, attempts = attempt(), 1
     if outcome.status == Status.NODE_LOST:  # once more, on what remains of the cluster
@@ -360,5 +387,6 @@ def tune_trial(config: dict[str, Any]) -> None:
         "tokens_per_s": outcome.summary["tokens_per_s"] if outcome.summary is not None else 0.0,
         "outcome": json.dumps({"status": outcome.status.value, "reason": outcome.reason,
                                "summary": outcome.summary, "ranks": outcome.ranks, "steps": outcome.steps,
-                               "duration_s": outcome.duration_s, "attempts": attempts}),
+                               "duration_s": outcome.duration_s, "attempts": attempts,
+                               "placement_wait_s": outcome.placement_wait_s}),
     })

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -18,8 +18,13 @@ from autotune.tracking import Tracker, redact
 
 
 def record_from_result(number: int, layout: Layout, prediction: dict[str, int], result: dict | None,
-                       error: bool, steps: list[dict[str, Any]]) -> TrialRecord:
-    """A trial's record from its last Tune result (the final one, or the last step it reported)."""
+                       error: bool, steps: list[dict[str, Any]], freed: list[dict[str, Any]] = (),
+                       stop_reason: str | None = None) -> TrialRecord:
+    """A trial's record from its last Tune result (the final one, or the last step it reported).
+
+    `freed` are the rank processes the study's owner freed for it (rank, node, pid): a trial
+    stopped before its final report still names them. `stop_reason` is the scheduler's own
+    account of why it stopped the trial."""
     result = result or {}
     if result.get("autotune_final"):
         outcome = json.loads(result["outcome"])
@@ -37,17 +42,24 @@ def record_from_result(number: int, layout: Layout, prediction: dict[str, int], 
                            losses=tuple(summary.get("losses", [s["loss"] for s in outcome.get("steps", [])
                                                                  if s.get("loss") is not None])),
                            step_times=tuple(step_times),
-                           duration_s=outcome.get("duration_s"), attempts=int(outcome.get("attempts", 1)))
+                           duration_s=outcome.get("duration_s"), attempts=int(outcome.get("attempts", 1)),
+                           placement_wait_s=outcome.get("placement_wait_s"))
+    ranks = tuple({"rank": r["rank"], "node": r["node"], "pid": r["pid"]} for r in freed)
+    waits = [s["placement_wait_s"] for s in steps if s.get("placement_wait_s") is not None]
     if error:
         return TrialRecord(number=number, layout=layout, status=Status.CRASHED, prediction=prediction,
-                           reason="the trial's coordinator failed; see the Ray logs of this study")
+                           reason="the trial's coordinator failed; see the Ray logs of this study", ranks=ranks,
+                           placement_wait_s=waits[0] if waits else None)
+    # Partial figures: the median of the steps measured before the stop (kept, and reported).
+    times = sorted(s["step_time_s"] for s in steps)
     tps = sorted(s["tokens_per_s"] for s in steps)
-    metrics = {"tokens_per_s": tps[len(tps) // 2]} if tps else {}
+    metrics = {"tokens_per_s": tps[len(tps) // 2], "step_time_s": times[len(times) // 2]} if steps else {}
     metrics.update(step_time_interval(s["step_time_s"] for s in steps).as_metrics())
     return TrialRecord(number=number, layout=layout, status=Status.EARLY_STOPPED, prediction=prediction,
-                       reason=f"stopped by the scheduler after {len(steps)} measured steps (slower than its peers)",
+                       reason=stop_reason or f"stopped by the scheduler after {len(steps)} measured steps",
                        metrics=metrics, losses=tuple(s["loss"] for s in steps),
-                       step_times=tuple(s["step_time_s"] for s in steps))
+                       step_times=tuple(s["step_time_s"] for s in steps), ranks=ranks,
+                       placement_wait_s=waits[0] if waits else None)
 
 
 class Recorder(Callback):
@@ -59,10 +71,14 @@ class Recorder(Callback):
     """
 
     def __init__(self, spec: Spec, tracker: Tracker, parent: str, progress: Progress, session: int = 0,
-                 settling: bool = False) -> None:
+                 settling: bool = False,
+                 release: Callable[[int, bool], list[dict[str, Any]]] | None = None,
+                 stop_reasons: dict[str, str] | None = None) -> None:
         self.spec, self.tracker, self.parent, self.progress = spec, tracker, parent, progress
         self.session = session
         self.settling = settling  # the trials re-measure leaders tied with the best
+        self.release = release  # frees a trial's placement group and rank processes (autotune.owner)
+        self.stop_reasons = stop_reasons if stop_reasons is not None else {}  # trial id -> the scheduler's why
         self.trials: dict[str, dict[str, Any]] = {}
         self.tracking_error: str | None = None
 
@@ -100,11 +116,17 @@ class Recorder(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._entry(trial.trial_id, trial.config)
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        # Its coordinator failed and Tune runs it again: free what the failed attempt held.
+        if self.release is not None and trial.trial_id in self.trials:
+            self.release(self.trials[trial.trial_id]["number"], False)
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         entry = self._entry(trial.trial_id, trial.config)
         if result.get("autotune_final"):
             return
-        entry["steps"].append({k: result[k] for k in ("tokens_per_s", "step_time_s", "loss", "step")})
+        entry["steps"].append({k: result.get(k) for k in ("tokens_per_s", "step_time_s", "loss", "step",
+                                                           "placement_wait_s")})
         if entry["run_id"]:
             self._track("log_step", entry["run_id"], int(result["step"]),
                         {k: result[k] for k in ("tokens_per_s", "step_time_s", "loss")})
@@ -119,8 +141,10 @@ class Recorder(Callback):
 
     def complete(self, trial_id: str, result: dict | None, error: bool) -> TrialRecord:
         entry = self.trials.get(trial_id) or self._entry(trial_id, (result or {})["autotune_config"])
+        # Whatever way the trial ended, its resources go first: the next trial may be waiting.
+        freed = self.release(entry["number"], True) if self.release is not None else []
         record = record_from_result(entry["number"], entry["layout"], entry["prediction"], result, error,
-                                    entry["steps"])
+                                    entry["steps"], freed, self.stop_reasons.get(trial_id))
         record = replace(record, mlflow_run_id=entry["run_id"], session=self.session,
                          remeasure_of=entry["remeasure_of"])
         if record.remeasure_of is not None and not record.reason:

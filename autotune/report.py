@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.layout import rule_of
+from autotune.report_front import front_blocks, front_data, stopped_blocks, stopped_data
 from autotune.results import StudyResult, TrialRecord, launch_command
 from autotune.schema import MEMORY_CATEGORIES, Status, pred_name
 
@@ -312,6 +313,23 @@ def _tie_line(standing: dict[str, Any] | None) -> list[str]:
 
 def _verdict(result: StudyResult, best: TrialRecord | None, checks: list[dict[str, Any]],
              by_reason: dict[str, int], standing: dict[str, Any] | None = None) -> dict[str, Any]:
+    if result.spec.objective.minimize:  # a Pareto study: the pick is by its rule, not the fastest
+        standing = None
+    verdict = _verdict_of_checks(result, best, checks, by_reason, standing)
+    if result.spec.objective.minimize:  # say which rule chose the layout
+        pick = result.deploy_pick()
+        verdict["rule"] = pick.rule
+        chosen = f"trial #{pick.trial.number} ({pick.trial.layout.key})" if pick.trial else "no layout"
+        verdict["reasons"].insert(0, f"deployment pick: {chosen}, by the rule: {pick.rule}")
+        if pick.trial is not None and not pick.met:
+            verdict["warnings"].insert(0, f"no layout on the Pareto front leaves "
+                                          f"{result.spec.objective.deploy_headroom:.0%} of the rank memory free: "
+                                          f"picked the one with the most headroom within the cap")
+    return verdict
+
+
+def _verdict_of_checks(result: StudyResult, best: TrialRecord | None, checks: list[dict[str, Any]],
+                       by_reason: dict[str, int], standing: dict[str, Any] | None) -> dict[str, Any]:
     if best is None:
         n, ran = len(result.trials), len(result.ok_trials())
         head = (f"no feasible layout: none of the {n} trials ran successfully" if ran == 0 else
@@ -423,6 +441,8 @@ def build_report(result: StudyResult) -> dict[str, Any]:
                        for t in result.ok_trials() if "peak_mem_bytes" in t.metrics],
         },
         "memory_bars": [{"number": t.number, "label": _label(t), **_memory(t)} for t in bar_trials],
+        "front": front_data(result),
+        "stopped": stopped_data(result),
         "changes": result.changes(),
         "tracking_error": result.tracking_error,
     }
@@ -463,10 +483,14 @@ def plot_pareto(report: dict[str, Any]) -> bytes:
     if front:
         ax.plot([p["peak_mem_bytes"] / scale for p in front], [p["tokens_per_s"] for p in front], "o-",
                 color="#c44e52", label="Pareto front", zorder=3)
+        for p in front:
+            ax.annotate(f"#{p['number']}", (p["peak_mem_bytes"] / scale, p["tokens_per_s"]), fontsize=7,
+                        color="#c44e52", xytext=(-4, -11), textcoords="offset points")
     for p in points:
         if p["best"]:
             ax.scatter([p["peak_mem_bytes"] / scale], [p["tokens_per_s"]], s=160, facecolors="none",
-                       edgecolors="black", linewidths=1.5, label="best", zorder=4)
+                       edgecolors="black", linewidths=1.5, zorder=4,
+                       label="deployment pick" if report["front"]["pareto_study"] else "best")
             ax.annotate(p["label"], (p["peak_mem_bytes"] / scale, p["tokens_per_s"]), fontsize=7,
                         xytext=(6, 6), textcoords="offset points")
     ax.axvline(study["cap_bytes"] / scale, color="black", linestyle="--",
@@ -644,6 +668,11 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
         out.append(("Validation checks", [("table", ["check", "figure", "result", "gates READY"], [
             [c["name"], c["detail"], {True: "pass", False: "FAIL", None: "not measured"}[c["passed"]],
              "yes" if c["gates"] else "no (warning)"] for c in report["checks"]])]))
+
+    if report["front"]["pareto_study"]:
+        out.append(("Pareto front", front_blocks(report["front"], mem, fmt_tokens, fmt_pct)))
+    if report["stopped"]:
+        out.append(("Stopped early", stopped_blocks(report["stopped"], fmt_ms, fmt_tokens, _short)))
 
     trials = report["trials"]
     out.append((f"Top {len(trials['top'])} of {trials['total']} trials", [("table", [

@@ -32,6 +32,7 @@ class TrialRecord:
     mlflow_run_id: str | None = None
     session: int = 0  # which run of the study (0 = the first) decided it
     remeasure_of: int | None = None  # the earlier trial of the same layout this one measured again
+    placement_wait_s: float | None = None  # from asking for its ranks to holding them
 
     @property
     def ok(self) -> bool:
@@ -52,7 +53,8 @@ class TrialRecord:
                 "status": self.status.value, "reason": self.reason, "metrics": dict(self.metrics),
                 "prediction": dict(self.prediction), "ranks": list(self.ranks), "losses": list(self.losses),
                 "step_times": list(self.step_times), "duration_s": self.duration_s, "attempts": self.attempts,
-                "mlflow_run_id": self.mlflow_run_id, "session": self.session, "remeasure_of": self.remeasure_of}
+                "mlflow_run_id": self.mlflow_run_id, "session": self.session, "remeasure_of": self.remeasure_of,
+                "placement_wait_s": self.placement_wait_s}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialRecord":
@@ -62,7 +64,7 @@ class TrialRecord:
                    losses=tuple(d.get("losses", ())), step_times=tuple(d.get("step_times", ())),
                    duration_s=d.get("duration_s"), attempts=int(d.get("attempts", 1)),
                    mlflow_run_id=d.get("mlflow_run_id"), session=int(d.get("session", 0)),
-                   remeasure_of=d.get("remeasure_of"))
+                   remeasure_of=d.get("remeasure_of"), placement_wait_s=d.get("placement_wait_s"))
 
 
 TIE_REMEASURE = "measured again to separate the leaders"
@@ -135,7 +137,10 @@ class StudyResult:
         return [t for t in self.ok_trials() if (t.held_bytes or 0) <= cap]
 
     def best(self) -> TrialRecord | None:
-        """Fastest trial that ran and stayed within the memory cap."""
+        """The layout to deploy: the fastest trial that ran within the memory cap or, in a Pareto
+        study (`objective.minimize`), the one `deploy_pick` chooses from the front."""
+        if self.spec.objective.minimize:
+            return self.deploy_pick().trial
         return max(self.fitting(), key=lambda t: t.tokens_per_s, default=None)
 
     def intervals(self) -> dict[str, Interval]:
@@ -163,6 +168,23 @@ class StudyResult:
                 "confidence": intervals[key].confidence,
                 "remeasures": sum(1 for t in self.trials if t.remeasure_of is not None
                                   and t.reason.startswith(TIE_REMEASURE))}
+
+    def deploy_pick(self) -> "DeployPick":
+        """A Pareto study's deployment choice, by a stated rule: the fastest layout on the front
+        whose peak (on CUDA the device's used memory, `held_bytes`) leaves `objective.deploy_headroom`
+        of the rank memory free (and is within the memory cap). When none does, the front's layout with the most headroom within the cap,
+        and the pick says the rule was not met."""
+        rank = self.spec.cluster.memory_bytes
+        h, cap = self.spec.objective.deploy_headroom, self.spec.objective.memory_cap * rank
+        rule = (f"the fastest layout on the Pareto front (tokens/s vs peak memory) that leaves at least "
+                f"{h:.0%} of the rank memory free (objective.deploy_headroom = {h:g}) and is within the "
+                f"memory cap ({self.spec.objective.memory_cap:.0%})")
+        within = [t for t in self.pareto() if (t.held_bytes or 0) <= cap]
+        roomy = [t for t in within if rank - (t.held_bytes or 0) >= h * rank]
+        if roomy:
+            return DeployPick(max(roomy, key=lambda t: t.tokens_per_s), rule, True)
+        fallback = min(within, key=lambda t: t.held_bytes or 0, default=None)
+        return DeployPick(fallback, rule, False)
 
     def sessions(self) -> int:
         return 1 + max((t.session for t in self.trials), default=0)
@@ -212,6 +234,13 @@ class StudyResult:
             if not dominated:
                 front.append(t)
         return sorted(front, key=lambda t: t.metrics["peak_mem_bytes"])
+
+
+@dataclass(frozen=True)
+class DeployPick:
+    trial: TrialRecord | None
+    rule: str  # the rule in words, as the verdict states it
+    met: bool  # False: no layout on the front met the rule; `trial` is the closest one within the cap
 
 
 def run_config_for(spec: Spec, layout: Layout, **extra: Any):

@@ -227,7 +227,8 @@ class LayoutSearcher(Searcher):
                  make_config: Callable[[int, Layout, Candidate], dict[str, Any]],
                  on_decided: Callable[[TrialRecord], TrialRecord], on_complete: Callable[[str, dict | None, bool], TrialRecord],
                  launches: int, session: int = 0, remeasure: list[TrialRecord] | None = None,
-                 speed: SpeedModel | None = None) -> None:
+                 speed: SpeedModel | None = None,
+                 admit: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None) -> None:
         super().__init__(metric="tokens_per_s", mode="max")
         self.spec, self.screening, self.study = spec, screening, study
         self.space = distributions(spec)
@@ -237,6 +238,10 @@ class LayoutSearcher(Searcher):
         self.remeasure = list(remeasure or [])  # measured layouts to launch again first
         self.cap = screening.cap_bytes
         self.pending: dict[str, tuple[optuna.trial.Trial, Layout, dict[str, Any]]] = {}
+        # admit(config, running configs): whether the cluster can place the trial now. A proposal
+        # that cannot is held back (Tune asks again) rather than started to wait for placement.
+        self.admit = admit
+        self.held: tuple[optuna.trial.Trial, Layout, dict[str, Any]] | None = None
         self.in_flight: set[str] = set()
         self.known: dict[str, TrialRecord] = {}
         self.decided_without_run: set[str] = set()
@@ -291,12 +296,22 @@ class LayoutSearcher(Searcher):
         config = {**self.make_config(trial.number, layout, cand), **extra}
         # The step-time prediction as the model stood when the trial was chosen, beside memory's.
         config["prediction"] = {**config.get("prediction", {}), **self.speed.prediction_metrics(layout)}
-        self.pending[trial_id] = (trial, layout, config)
         self.in_flight.add(layout.key)
         self.launches_left -= 1
+        self.held = (trial, layout, config)
+        return self._start_held(trial_id)
+
+    def _start_held(self, trial_id: str) -> dict[str, Any] | None:
+        assert self.held is not None
+        config = self.held[2]
+        if self.admit is not None and not self.admit(config, [c for _, _, c in self.pending.values()]):
+            return None
+        self.pending[trial_id], self.held = self.held, None
         return config
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.held is not None:
+            return self._start_held(trial_id)
         if self.launches_left <= 0:
             return Searcher.FINISHED
         while self.remeasure:

@@ -336,6 +336,9 @@ class ObjectiveSpec(_Strict):
     maximize: Literal["tokens_per_s"] = "tokens_per_s"
     minimize: Literal["peak_mem_bytes"] | None = None  # a second objective: the Pareto front
     memory_cap: float = Field(default=0.9, gt=0, le=1)  # of the rank memory
+    # Pareto studies: deploy the fastest layout on the front that leaves this fraction of the
+    # rank memory free (room for a longer sequence, a fragmenting allocator, a neighbour).
+    deploy_headroom: float = Field(default=0.2, ge=0, lt=1)
     # Skip layouts the memory model predicts over the cap (false: launch them and let the real
     # per-rank memory limit decide).
     prune_over_cap: bool = True
@@ -348,7 +351,7 @@ class BudgetSpec(_Strict):
     max_concurrent: int = Field(default=1, ge=1)
     trial_timeout_s: float = Field(default=600, gt=0)
     wall_clock_s: float | None = Field(default=None, gt=0)
-    early_stop: bool = False  # ASHA on per-step throughput
+    early_stop: bool = False  # stop a layout once a peer is faster beyond noise (autotune.early_stop)
     # When a study continues (a scheduled run), first measure again the best K layouts known,
     # so that drift (a new driver, a busy cluster) shows up in the report.
     remeasure_top: int = Field(default=0, ge=0)
@@ -763,6 +766,8 @@ def _describe(err: dict[str, Any]) -> str:
         problem, fix = _bounds(ctx)
         if path == "objective.memory_cap":
             fix += " (a fraction of cluster.memory_gb, e.g. 0.9)"
+        elif path == "objective.deploy_headroom":
+            fix += " (the fraction of cluster.memory_gb the deployed layout leaves free, e.g. 0.2)"
         return f"{path}: {shown} is {problem}; {fix}"
     if kind == "literal_error":
         allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))

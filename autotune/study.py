@@ -302,6 +302,9 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
         write_report(result, report_dir)
     if tracking_error is None:
         try:
+            if spec.objective.minimize:
+                pick = result.deploy_pick()
+                tracker.tag_front(parent, result.pareto(), pick.trial, pick.rule)
             tracker.finish_study(parent, report_dir if options.report else None)
         except Exception as exc:
             result = replace(result, tracking_error=f"closing the study's MLflow run failed: {exc}")
@@ -403,26 +406,46 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     # Only the JSON logger (Tune's result grid reads it); CSV and TensorBoard files are not needed.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from autotune.owner import TrialOwner, admits, demand
+
     progress = Progress(spec.study.name + (" (re-measuring tied leaders)" if settling else ""), launches,
                         spec.budget.wall_clock_s, live=options.live)
-    recorder = Recorder(spec, tracker, parent, progress, session, settling=settling)
-    speed = speed_model_for(spec, study)
+    owners: list[TrialOwner] = []  # the study's owner of every placement group and rank process
+
+    def release(number: int, close: bool) -> list[dict[str, Any]]:
+        return owners[0].release(number, close) if owners else []
+
+    stop_reasons: dict[str, str] = {}  # trial id -> why the early stopper stopped it
+    recorder = Recorder(spec, tracker, parent, progress, session, settling=settling, release=release,
+                        stop_reasons=stop_reasons)
     holder: list[Any] = []  # the program's environment values, when a user command has any
-    searcher = LayoutSearcher(spec, screening, study,
-                              lambda n, lay, c: make_trial_config(spec, n, lay, c, holder[0].name if holder else None),
-                              recorder.decided, recorder.complete, launches, session=session, remeasure=remeasure,
-                              speed=speed)
+
+    def trial_config(number: int, layout: Layout, cand: Candidate) -> dict[str, Any]:
+        config = make_trial_config(spec, number, layout, cand, holder[0].name if holder else None)
+        config["owner"] = owners[0].name
+        placement = config["placement"]
+        config["demand"] = demand(placement.bundles(layout.world_size) if spec.trainable is None
+                                  else placement.bundles())
+        return config
+
+    capacity: dict[str, float] = {}
+
+    def admit(config: dict[str, Any], running: list[dict[str, Any]]) -> bool:
+        return admits(config["demand"], [c["demand"] for c in running], capacity)
+
+    speed = speed_model_for(spec, study)
+    searcher = LayoutSearcher(spec, screening, study, trial_config, recorder.decided, recorder.complete, launches,
+                              session=session, remeasure=remeasure, speed=speed, admit=admit)
     scheduler = None
     if spec.budget.early_stop and not settling:  # re-measures run to the end: their steps all count
-        from ray.tune.schedulers import ASHAScheduler
+        from autotune.early_stop import NoiseAwareStopper
+        from autotune.searcher import stored_records
 
-        # max_t is one past the last step: ASHA stops a trial that reaches max_t, and a trial that
-        # measured every step must still deliver its final report.
-        scheduler = ASHAScheduler(time_attr="measured_steps", metric="tokens_per_s", mode="max",
-                                  max_t=spec.budget.measure_steps + 1,
-                                  grace_period=max(1, spec.budget.measure_steps // 2), reduction_factor=2)
+        scheduler = NoiseAwareStopper(spec, stored_records(study), stop_reasons)
     started_ray = _ray_init(spec, options.address)
     try:
+        owners.append(TrialOwner())
+        capacity.update({k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
         if env:
             from autotune.command_trial import EnvHolder
 
@@ -446,6 +469,11 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
         raise StudyError(f"the study could not write its state ({exc.strerror or exc}: {exc.filename or ''}); "
                          f"trials recorded so far are kept; free space or fix the folder, then run with --resume")
     finally:
+        for o in owners:  # whatever ended the study (Ctrl-C included), nothing a trial held survives it
+            try:
+                o.close()
+            except Exception:  # Ray already gone: the placement groups went with it
+                pass
         for h in holder:
             try:
                 h.close()

@@ -23,6 +23,7 @@ from autotune.spec import Spec
 STUDY_TAG = "autotune.study"
 TRIAL_TAG = "autotune.trial"
 PARENT_TAG = "mlflow.parentRunId"
+FRONT_TAG = "autotune.pareto_front"
 
 
 class TrackingError(RuntimeError):
@@ -114,6 +115,22 @@ class Tracker:
         if report_dir is not None and report_dir.exists():
             self.client.log_artifacts(parent_run_id, str(report_dir), "report")
         self.client.set_terminated(parent_run_id, status=status)
+
+    def tag_front(self, parent_run_id: str, front: list[TrialRecord], pick: TrialRecord | None, rule: str) -> None:
+        """A Pareto study's front on its parent run (trial numbers, layouts, the pick and its rule),
+        and `autotune.pareto_front=true` on each member's own run (false on former members)."""
+        self.client.set_tag(parent_run_id, FRONT_TAG, ",".join(str(t.number) for t in front))
+        self.client.set_tag(parent_run_id, FRONT_TAG + "_layouts", "; ".join(t.layout.key for t in front)[:5000])
+        self.client.set_tag(parent_run_id, "autotune.deploy_pick", "" if pick is None else str(pick.number))
+        self.client.set_tag(parent_run_id, "autotune.deploy_rule", rule[:5000])
+        members = {t.mlflow_run_id for t in front if t.mlflow_run_id}
+        former = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                                                               f"tags.`{FRONT_TAG}` = 'true'")
+        for run in former:
+            if run.info.run_id not in members:
+                self.client.set_tag(run.info.run_id, FRONT_TAG, "false")
+        for run_id in members:
+            self.client.set_tag(run_id, FRONT_TAG, "true")
 
     def close_stale(self, parent_run_id: str) -> list[str]:
         """Child runs a killed driver left RUNNING are marked KILLED; returns their ids."""

@@ -1,0 +1,201 @@
+"""The study's owner of every trial's resources: placement groups and rank processes.
+
+A trial's own `finally` is not enough to free what it holds. When Tune's scheduler stops a
+function trial, the trial's thread keeps running until its next report and the coordinator
+actor may be killed without running any cleanup (ray 2.60 `FunctionTrainable.reset_config`
+gives the thread 2 s); a placement group made by that coordinator belongs to the job, so it
+outlives the trial and later trials wait for resources nobody uses (ray#54305).
+
+Here one actor per study, started by the driver on the head node, makes every trial's
+placement group and is told every rank process as it starts. The driver releases a trial as
+soon as Tune reports it ended, whatever the way (finished, failed, timed out, stopped by the
+scheduler), and releases everything when the study ends or is interrupted. A released trial
+is closed: a rank or a placement request that arrives late for it is refused and killed.
+Placement groups made by this actor die with it, and it dies with the driver's job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+# Between killing a trial's rank processes and removing its placement group: long enough for
+# each rank's task to see its process gone and return (it polls every 0.2 s), so that the warm
+# worker hosting it is not killed with the group, and short against a trial's own start.
+REMOVE_DELAY_S = 0.5
+# Trial coordinators and the owner run on the head node, beside the driver.
+HEAD = {"node:__internal_head__": 0.001}
+
+
+def start_time(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22), or None if it is
+    gone: with its pid, it names the process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _kill(pid: int, started: str | None) -> bool:
+    """SIGKILL the process `pid` that started at `started`; never another one that reuses its pid."""
+    if started is None or start_time(pid) != started:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+_kill_task = ray.remote(num_cpus=0, max_retries=0)(_kill)
+
+
+@ray.remote(num_cpus=0, max_concurrency=16)
+class _Owner:
+    def __init__(self) -> None:
+        self.node = ray.get_runtime_context().get_node_id()
+        self.lock = threading.Lock()
+        self.pgs: dict[int, list[PlacementGroup]] = {}
+        self.ranks: dict[int, list[dict[str, Any]]] = {}
+        self.closed: set[int] = set()
+        self.freed: dict[int, list[dict[str, Any]]] = {}  # every rank process a trial ever had
+
+    def reserve(self, number: int, bundles: list[dict[str, float]], strategy: str) -> PlacementGroup | None:
+        """A placement group for trial `number`, or None when the trial was already released."""
+        with self.lock:
+            if number in self.closed:
+                return None
+            pg = placement_group(bundles, strategy=strategy)
+            self.pgs.setdefault(number, []).append(pg)
+            return pg
+
+    def rank_started(self, number: int, rank: int, node: str, pid: int, started: str | None) -> bool:
+        """Record a rank's process; False (and the process is killed) if its trial was released."""
+        entry = {"rank": rank, "node": node, "pid": pid, "started": started}
+        with self.lock:
+            self.freed.setdefault(number, []).append(entry)
+            if number not in self.closed:
+                self.ranks.setdefault(number, []).append(entry)
+                return True
+        self._kill_ranks([entry])
+        return False
+
+    def finish(self, number: int, close: bool = False) -> list[dict[str, Any]]:
+        """Free trial `number`'s ranks and placement groups now; `close` refuses it anything later.
+        Returns every rank process the trial had (rank, node, pid)."""
+        with self.lock:
+            pgs, ranks = self.pgs.pop(number, []), self.ranks.pop(number, [])
+            if close:
+                self.closed.add(number)
+            had = list(self.freed.get(number, []))
+        self._kill_ranks(ranks)
+        if pgs and close and ranks:  # ranks may still be running: let their tasks return first
+            timer = threading.Timer(REMOVE_DELAY_S, self._remove, (pgs,))
+            timer.daemon = True
+            timer.start()
+        elif pgs:  # the trial's own end: its ranks are already stopped
+            self._remove(pgs)
+        return had
+
+    def finish_all(self) -> int:
+        """Free everything still held (the study ends or is interrupted); returns how many trials."""
+        with self.lock:
+            numbers = set(self.pgs) | set(self.ranks)
+        for n in numbers:
+            self.finish(n, close=True)
+        time.sleep(REMOVE_DELAY_S + 0.1)  # the delayed removals above run before this returns
+        return len(numbers)
+
+    def held(self) -> dict[int, dict[str, int]]:
+        """What each trial holds now: placement groups and live rank processes (for tests)."""
+        with self.lock:
+            return {n: {"placement_groups": len(self.pgs.get(n, [])), "ranks": len(self.ranks.get(n, []))}
+                    for n in set(self.pgs) | set(self.ranks)}
+
+    def _remove(self, pgs: list[PlacementGroup]) -> None:
+        for pg in pgs:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # already removed
+                pass
+
+    def _kill_ranks(self, ranks: list[dict[str, Any]]) -> None:
+        for r in ranks:
+            if r["node"] == self.node:
+                _kill(r["pid"], r["started"])
+            else:  # a rank on another node: kill it there
+                _kill_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(r["node"], soft=False)
+                                   ).remote(r["pid"], r["started"])
+
+
+def demand(bundles: list[dict[str, float]]) -> dict[str, float]:
+    """What a trial's placement group holds in all, by resource."""
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def admits(need: dict[str, float], running: list[dict[str, float]], capacity: dict[str, float]) -> bool:
+    """Whether a trial needing `need` can be placed now beside the `running` ones on a cluster of
+    `capacity`. A trial larger than the whole cluster is admitted: its placement then fails with
+    its own message instead of waiting forever. Starting a trial only when it fits is what keeps
+    its wait for placement near zero: queueing happens before a trial starts, not inside it."""
+    if any(v > capacity.get(k, 0.0) + 1e-9 for k, v in need.items()):
+        return True
+    return all(v + sum(r.get(k, 0.0) for r in running) <= capacity.get(k, 0.0) + 1e-9 for k, v in need.items())
+
+
+class TrialOwner:
+    """The driver's handle on the study's owner actor; trials find it by `name`."""
+
+    def __init__(self) -> None:
+        self.name = f"autotune-owner-{uuid.uuid4().hex[:12]}"
+        self.actor = _Owner.options(name=self.name, resources=HEAD).remote()
+        ray.get(self.actor.held.remote())  # started before any trial asks for it
+
+    def release(self, number: int, close: bool = True) -> list[dict[str, Any]]:
+        """Trial `number` ended (any way): kill its ranks, remove its placement groups and, with
+        `close`, refuse it anything later (without: Tune runs it again after a failure)."""
+        return ray.get(self.actor.finish.remote(number, close))
+
+    def held(self) -> dict[int, dict[str, int]]:
+        return ray.get(self.actor.held.remote())
+
+    def close(self) -> None:
+        """Free everything and end the actor (its placement groups would go with it anyway)."""
+        try:
+            ray.get(self.actor.finish_all.remote(), timeout=30)
+        finally:
+            ray.kill(self.actor)
+
+
+def owner_handle(name: str | None) -> Any:
+    """The owner actor a trial was given, or None (a trial run on its own, outside a study)."""
+    return ray.get_actor(name) if name else None
+
+
+def reserve(owner: Any, number: int, bundles: list[dict[str, float]], strategy: str) -> PlacementGroup | None:
+    """The trial's placement group: made by the study's owner when there is one, else here."""
+    if owner is None:
+        return placement_group(bundles, strategy=strategy)
+    return ray.get(owner.reserve.remote(number, bundles, strategy))
+
+
+def give_back(owner: Any, number: int, pg: PlacementGroup | None) -> None:
+    """The trial's own end: free what it holds (the owner still frees it if this never runs)."""
+    if owner is None:
+        if pg is not None:
+            remove_placement_group(pg)
+        return
+    ray.get(owner.finish.remote(number))
