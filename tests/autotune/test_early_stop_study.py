@@ -66,10 +66,15 @@ def test_stopped_trials_leave_no_placement_group_and_no_rank_process(stopped_stu
 def test_no_trial_waits_for_placement_after_it_starts(stopped_study):
     result, _ = stopped_study
     launched = [t for t in result.trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)]
-    assert len(launched) == 6
+    assert len(launched) >= 6  # the budget, plus any re-measures of leaders tied with the best
     assert not [t.reason for t in launched if "could not place" in t.reason]
-    waits = {t.number: t.placement_wait_s for t in launched}
-    assert all(w is not None and w < 1.0 for w in waits.values()), waits
+    waits = {t.number: t.placement_wait_s for t in sorted(launched, key=lambda t: t.number)}
+    assert all(w is not None for w in waits.values()), waits
+    first, *later = waits.values()
+    assert first < 5.0, waits  # the very first placement group of a fresh Ray cluster: its start-up
+    # A stopped trial's group goes 0.5 s after its ranks are killed (owner.REMOVE_DELAY_S), so that
+    # their warm workers survive; on this shared 2-core machine Ray's placement adds up to ~1 s more.
+    assert all(w < 2.0 for w in later), waits
 
 
 def test_the_parent_run_tags_the_front_and_its_members(tmp_path):
