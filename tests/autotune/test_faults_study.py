@@ -64,7 +64,7 @@ def launched(result) -> list:
 def test_a_third_of_trials_failing_still_gives_a_correct_report(tmp_path):
     """Real out-of-memory failures (the per-rank limit, not the model: pruning is off) and a rank
     SIGKILLed mid-trial; the study goes on and reports the successful trials correctly."""
-    data = space(tmp_path, "third", cluster={"memory_gb": 0.0125},
+    data = space(tmp_path, "third", cluster={"memory_gb": 0.0135},
                  objective={"prune_over_cap": False}, budget={"trials": 6})
     import ray
 
@@ -103,7 +103,9 @@ def test_a_third_of_trials_failing_still_gives_a_correct_report(tmp_path):
 
     report = json.loads((Path(data["study"]["output_dir"]) / "third" / "report" / "report.json").read_text())
     md = (Path(data["study"]["output_dir"]) / "third" / "report" / "report.md").read_text()
-    best = max(ok, key=lambda t: t.tokens_per_s)
+    # The deployable best is the fastest successful trial that also ran within the memory cap.
+    cap = result.spec.objective.memory_cap * result.spec.cluster.memory_bytes
+    best = max((t for t in ok if t.metrics["peak_mem_bytes"] <= cap), key=lambda t: t.tokens_per_s)
     assert result.best().number == best.number and best.layout.name in md
     for status in ("oom", "crashed", "ok"):
         assert status in md
