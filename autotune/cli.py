@@ -230,8 +230,17 @@ def run(
         if routing is not None:
             routing.close()
             if code != 2:  # a study that ran (bad input stops before anything is worth reading)
-                out.print(f"log: {routing.path} (Ray, MLflow and Optuna messages"
+                out.print(f"log: {_shown(routing.path)} (Ray, MLflow and Optuna messages"
                           f"{'' if verbose else '; --verbose shows them here'})", markup=False)
+
+
+def _shown(path: Path) -> Path:
+    """A path as the user can type it: relative to the working folder when it lies inside it
+    (the runs folder is resolved to an absolute path once, in settings)."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path(path)
 
 
 def _run(space: Path, spec: Spec, options: dict) -> None:
@@ -249,7 +258,7 @@ def _run(space: Path, spec: Spec, options: dict) -> None:
     best = result.best()
     out.print(f"study {result.name}: {len(result.trials)} trials; by status: "
               + ", ".join(f"{k} {v}" for k, v in sorted(result.counts_by_status().items())))
-    out.print(f"report: {report / 'report.md'} (also .html, .json); MLflow: autotune ui")
+    out.print(f"report: {_shown(report / 'report.md')} (also .html, .json); MLflow: autotune ui")
     if best is None:
         _fail("no feasible layout: every trial failed or was pruned; see the report's counts by reason", 1)
     out.print(f"best: {best.layout.key} at {best.tokens_per_s:,.0f} tokens/s")
