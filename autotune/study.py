@@ -162,8 +162,19 @@ def _ray_init(spec: Spec, address: str | None) -> bool:
                               "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
-    else:  # the ranks' CPUs; trial coordinators only hold a sliver of the head node's own resource
-        ray.init(num_cpus=max(1, math.ceil(spec.cluster.total_ranks * spec.cluster.cpus_per_rank)), **kwargs)
+        return True
+    # The ranks' CPUs; trial coordinators only hold a sliver of the head node's own resource.
+    num_cpus = max(1, math.ceil(spec.cluster.total_ranks * spec.cluster.cpus_per_rank))
+    try:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    except Exception as exc:
+        # Ray gives a new local node a fixed 30 s to register with its GCS (ray/_private/node.py);
+        # a heavily loaded machine can miss that window. Nothing of the study has run yet, so
+        # start a fresh node once more rather than fail the study.
+        if "timed out during startup" not in str(exc):
+            raise
+        ray.shutdown()
+        ray.init(num_cpus=num_cpus, **kwargs)
     return True
 
 

@@ -63,7 +63,6 @@ BUDGET_S = {"cuda": 480.0, "cpu": 1200.0}
 LIMITS_S = {"cuda": {"device": 60.0, "small": 100.0, "moe64e": 150.0, "study": 200.0},
             "cpu": {"device": 120.0, "small": 300.0, "moe64e": 300.0, "study": 480.0}}
 TUNER_MODULES = ("ray", "optuna", "mlflow", "pydantic")
-RAY_SLOW_START = "timed out during startup"  # Ray's own message when its node misses its start window
 CSV_FIELDS = ("part", "status", "model", "n_layers", "precision", "micro_batch_size", "global_batch_size",
               "seq_len", "tokens_per_s", "step_time_s", "mfu", "mfu_vs_matmul", "pred_alloc_bytes",
               "alloc_bytes", "pred_reserved_bytes", "reserved_bytes", "pred_device_bytes", "device_bytes",
@@ -354,12 +353,6 @@ def study_part(device: str, out: Path, limit_s: float, probe: dict[str, Any]) ->
     cmd = [sys.executable, "-m", "autotune.cli", "run", "space.yaml", "--plain"]
     code, tail, took = run_child(cmd, limit_s, "study", cwd=work)
     row: dict[str, Any] = {"part": "study", "model": space["model"]["preset"]}
-    if code == 1 and RAY_SLOW_START in tail and limit_s - took > 60:
-        # Ray gives its local node a fixed 30 s to register; a heavily loaded machine can miss it.
-        say("study: Ray's local node did not start in time (a busy machine); once more with --resume")
-        row["retried"] = "Ray's local node timed out during startup"
-        code, tail, again = run_child([*cmd, "--resume"], limit_s - took, "study", cwd=work)
-        took += again
     row["duration_s"] = round(took, 1)
     report = work / "autotune-runs" / space["study"]["name"] / "report"
     for suffix in ("md", "json"):
