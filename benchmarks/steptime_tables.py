@@ -65,7 +65,7 @@ def published() -> list[dict[str, Any]]:
         meta = yaml.safe_load(meta_path.read_text())
         out.append({"name": meta_path.stem, "rows": _ok_rows(meta_path.with_suffix(".csv")),
                     "model": ModelConfig(**meta["model"]), "gbs": int(meta["global_batch_size"]),
-                    "seq": int(meta["seq_len"]), "profile": devices.get(meta["profile"]),
+                    "seq": int(meta["seq_len"]), "profile": devices.resolve(meta["profile"], "cuda"),
                     "topology": Topology(meta.get("ranks_per_node")), "source": " ".join(meta["source"].split())})
     return out
 
