@@ -1,7 +1,7 @@
 """The report's Pareto front (with the deployment pick and its rule) and its early-stopped trials.
 
-Plain data for report.json first, then the blocks report.py renders as markdown or HTML; kept
-apart from report.py so that each stays one size of thing to read.
+Plain data for report.json first, then the blocks report_text.py renders as markdown or HTML;
+kept apart from the rest of the report so that each module stays one size of thing to read.
 """
 
 from __future__ import annotations
