@@ -119,8 +119,17 @@ def _free_port() -> tuple[str, int]:
 
 
 def _node_main(trial: CommandTrial, node_rank: int, nnodes: int, nproc: int, master_addr: str, master_port: int,
-               timeout_s: float) -> dict[str, Any]:
+               timeout_s: float, owner: str | None = None, number: int = -1) -> dict[str, Any]:
+    from autotune.owner import owner_handle, start_time
     from trainables.command import RunShape, render_argv, run_command
+
+    handle = owner_handle(owner)
+    node = ray.get_runtime_context().get_node_id()
+
+    def started(pid: int) -> None:
+        """The study's owner holds the command's process group: a stopped trial loses all of it."""
+        if handle is not None:
+            ray.get(handle.rank_started.remote(number, node_rank, node, pid, start_time(pid), True))
 
     node_dir = Path(trial.trial_dir) / f"node{node_rank}"
     node_dir.mkdir(parents=True, exist_ok=True)
@@ -133,13 +142,14 @@ def _node_main(trial: CommandTrial, node_rank: int, nnodes: int, nproc: int, mas
     out = run_command(argv, env=env, cwd=trial.cwd, metrics_file=None if printed else values["metrics_file"],
                       metrics_regex=trial.metrics_regex, metrics_preset=trial.metrics_preset, timeout_s=timeout_s,
                       log_path=node_dir / "command.log", warmup_steps=trial.warmup_steps,
-                      tokens_per_step=trial.tokens_per_step, shape=RunShape(*trial.shape) if trial.shape else None)
+                      tokens_per_step=trial.tokens_per_step, shape=RunShape(*trial.shape) if trial.shape else None,
+                      on_start=started)
     reason = out.reason
     if out.status == Status.OK and out.derived:  # the report says which figures autotune computed, from what
         how = f" (metrics_preset {trial.metrics_preset})" if trial.metrics_preset else ""
         reason = f"derived{how}: " + "; ".join(f"{k} = {v}" for k, v in sorted(out.derived.items()))
     return {"status": out.status.value, "reason": reason, "summary": out.summary, "steps": out.steps,
-            "node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+            "node": node, "ip": ray.util.get_node_ip_address(),
             "log": str(out.log_path)}
 
 
@@ -174,7 +184,7 @@ def run_command_trial(trial: CommandTrial, placement: CommandPlacement, timeout_
         cpus = placement.rank.get("CPU", 0) * placement.nproc
         gpus = placement.rank.get("GPU", 0) * placement.nproc
         refs = [_node_task.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=where(i))
-                .remote(trial, i, placement.nnodes, placement.nproc, addr, port, timeout_s)
+                .remote(trial, i, placement.nnodes, placement.nproc, addr, port, timeout_s, owner, number)
                 for i in range(placement.nnodes)]
         try:
             results = ray.get(refs, timeout=timeout_s + GRACE_S)

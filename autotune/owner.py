@@ -29,8 +29,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # Between killing a trial's rank processes and removing its placement group: long enough for
 # each rank's task to see its process gone and return (it polls every 0.2 s), so that the warm
-# worker hosting it is not killed with the group, and short against a trial's own start.
+# worker hosting it is not killed with the group. The driver waits it out before admitting the
+# next trial.
 REMOVE_DELAY_S = 0.5
+# The longest the study's start waits for its warm-up placement (a busy shared cluster may not
+# place it at once; the first trial then pays the first placement itself).
+WARM_WAIT_S = 5.0
 # Trial coordinators and the owner run on the head node, beside the driver.
 HEAD = {"node:__internal_head__": 0.001}
 
@@ -38,22 +42,45 @@ HEAD = {"node:__internal_head__": 0.001}
 def start_time(pid: int) -> str | None:
     """When a process started (clock ticks since boot, /proc/PID/stat field 22), or None if it is
     gone: with its pid, it names the process even after the pid is reused."""
+    f = _stat(pid)
+    return f[19] if f is not None and len(f) > 19 else None
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, pgrp, ... starttime at 19)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
-def _kill(pid: int, started: str | None) -> bool:
-    """SIGKILL the process `pid` that started at `started`; never another one that reuses its pid."""
-    if started is None or start_time(pid) != started:
+def group_members(pgid: int, started: str) -> list[int]:
+    """The processes of the group `pgid` whose leader started at `started`: every process in that
+    group that started no earlier than the leader (a later group of a reused pid started later
+    than all of them only if the whole first group was gone, and then none is ours)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat(int(entry))
+            if f is not None and int(f[2]) == pgid and int(f[19]) >= int(started):
+                out.append(int(entry))
+    return out
+
+
+def _kill(pid: int, started: str | None, group: bool = False) -> bool:
+    """SIGKILL the process `pid` that started at `started`; never another one that reuses its pid.
+    With `group`, `pid` leads its own process group (a user command run in a new session) and
+    every process of that group goes too, also when the leader itself has already exited."""
+    if started is None:
         return False
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    victims = group_members(pid, started) if group else ([pid] if start_time(pid) == started else [])
+    for v in victims:
+        try:
+            os.kill(v, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return bool(victims)
 
 
 _kill_task = ray.remote(num_cpus=0, max_retries=0)(_kill)
@@ -78,9 +105,11 @@ class _Owner:
             self.pgs.setdefault(number, []).append(pg)
             return pg
 
-    def rank_started(self, number: int, rank: int, node: str, pid: int, started: str | None) -> bool:
-        """Record a rank's process; False (and the process is killed) if its trial was released."""
-        entry = {"rank": rank, "node": node, "pid": pid, "started": started}
+    def rank_started(self, number: int, rank: int, node: str, pid: int, started: str | None,
+                     group: bool = False) -> bool:
+        """Record a rank's process (with `group`: a process group it leads, e.g. a user command and
+        every process it starts); False (and it is killed) if its trial was released."""
+        entry = {"rank": rank, "node": node, "pid": pid, "started": started, "group": group}
         with self.lock:
             self.freed.setdefault(number, []).append(entry)
             if number not in self.closed:
@@ -92,28 +121,46 @@ class _Owner:
     def finish(self, number: int, close: bool = False) -> list[dict[str, Any]]:
         """Free trial `number`'s ranks and placement groups now; `close` refuses it anything later.
         Returns every rank process the trial had (rank, node, pid)."""
-        with self.lock:
-            pgs, ranks = self.pgs.pop(number, []), self.ranks.pop(number, [])
-            if close:
-                self.closed.add(number)
-            had = list(self.freed.get(number, []))
-        self._kill_ranks(ranks)
-        if pgs and close and ranks:  # ranks may still be running: let their tasks return first
-            timer = threading.Timer(REMOVE_DELAY_S, self._remove, (pgs,))
-            timer.daemon = True
-            timer.start()
-        elif pgs:  # the trial's own end: its ranks are already stopped
-            self._remove(pgs)
-        return had
+        return self._free([number], close)[number]
 
     def finish_all(self) -> int:
         """Free everything still held (the study ends or is interrupted); returns how many trials."""
         with self.lock:
-            numbers = set(self.pgs) | set(self.ranks)
-        for n in numbers:
-            self.finish(n, close=True)
-        time.sleep(REMOVE_DELAY_S + 0.1)  # the delayed removals above run before this returns
+            numbers = sorted(set(self.pgs) | set(self.ranks))
+        self._free(numbers, True)
         return len(numbers)
+
+    def _free(self, numbers: list[int], close: bool) -> dict[int, list[dict[str, Any]]]:
+        """Kill the trials' ranks, then remove their groups, and only then return: the driver admits
+        the next trial once this returns, so the wait for a freed group is the driver's, before
+        that trial starts, and never inside it. Ranks still running get REMOVE_DELAY_S to let their
+        tasks return, so that the warm workers hosting them are not killed with the group."""
+        pgs: list[PlacementGroup] = []
+        ranks: list[dict[str, Any]] = []
+        had: dict[int, list[dict[str, Any]]] = {}
+        with self.lock:
+            for n in numbers:
+                pgs += self.pgs.pop(n, [])
+                ranks += self.ranks.pop(n, [])
+                if close:
+                    self.closed.add(n)
+                had[n] = list(self.freed.get(n, []))
+        self._kill_ranks(ranks)
+        if pgs and ranks:
+            time.sleep(REMOVE_DELAY_S)
+        self._remove(pgs)
+        return had
+
+    def warm(self) -> float:
+        """Place and remove one tiny group: a fresh cluster's first placement is its slowest (over
+        a second here), and this pays it at study start instead of inside the first trial."""
+        start = time.monotonic()
+        pg = placement_group([{"CPU": 0.001}], strategy="PACK")
+        try:
+            pg.wait(timeout_seconds=WARM_WAIT_S)
+        finally:
+            self._remove([pg])
+        return time.monotonic() - start
 
     def held(self) -> dict[int, dict[str, int]]:
         """What each trial holds now: placement groups and live rank processes (for tests)."""
@@ -131,10 +178,10 @@ class _Owner:
     def _kill_ranks(self, ranks: list[dict[str, Any]]) -> None:
         for r in ranks:
             if r["node"] == self.node:
-                _kill(r["pid"], r["started"])
+                _kill(r["pid"], r["started"], r.get("group", False))
             else:  # a rank on another node: kill it there
                 _kill_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(r["node"], soft=False)
-                                   ).remote(r["pid"], r["started"])
+                                   ).remote(r["pid"], r["started"], r.get("group", False))
 
 
 def demand(bundles: list[dict[str, float]]) -> dict[str, float]:
@@ -162,7 +209,7 @@ class TrialOwner:
     def __init__(self) -> None:
         self.name = f"autotune-owner-{uuid.uuid4().hex[:12]}"
         self.actor = _Owner.options(name=self.name, resources=HEAD).remote()
-        ray.get(self.actor.held.remote())  # started before any trial asks for it
+        self.warm_s = ray.get(self.actor.warm.remote())  # started (and placing) before any trial asks
 
     def release(self, number: int, close: bool = True) -> list[dict[str, Any]]:
         """Trial `number` ended (any way): kill its ranks, remove its placement groups and, with

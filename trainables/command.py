@@ -239,6 +239,7 @@ def run_command(
     shape: RunShape | None = None,
     grace_s: float = DEFAULT_GRACE_S,
     poll_s: float = 0.05,
+    on_start: Callable[[int], None] | None = None,
 ) -> CommandOutcome:
     """Run one trial's command to its end (or its time limit) and say how it went.
 
@@ -258,6 +259,8 @@ def run_command(
     * `shape`: the trial's sequence length, world size and global batch, to turn printed figures in
       other units (samples/s, steps/s, tokens/s per device, ms) into autotune's metrics.
     * `grace_s`: between SIGTERM and SIGKILL when the process group is stopped.
+    * `on_start(pid)`: called once the command runs, with its pid (the leader of its process
+      group), so that whoever owns the trial can stop the whole group even if this never returns.
 
     A command that cannot start returns `crashed` with the reason; nothing here raises for a
     failed run. Bad arguments (neither or both metric sources, a bad regex) raise ValueError.
@@ -315,6 +318,13 @@ def run_command(
                                               f"(the program) and PATH", {}, [], None,
                               time.monotonic() - start, log)
 
+    if on_start is not None:
+        try:
+            on_start(proc.pid)
+        except BaseException:
+            _stop_group(proc, 0.0)
+            log_file.close()
+            raise
     lock = threading.Lock()
     out_pump = _Pump(proc.stdout, log_file, lock, parse_stdout if patterns is not None else None)
     err_pump = _Pump(proc.stderr, log_file, lock, None)

@@ -70,12 +70,10 @@ def test_no_trial_waits_for_placement_after_it_starts(stopped_study):
     assert not [t.reason for t in launched if "could not place" in t.reason]
     waits = {t.number: t.placement_wait_s for t in sorted(launched, key=lambda t: t.number)}
     assert all(w is not None for w in waits.values()), waits
-    first, *later = waits.values()
-    assert first < 5.0, waits  # the very first placement group of a fresh Ray cluster: its start-up
-    # A stopped trial's group goes 0.5 s after its ranks are killed (owner.REMOVE_DELAY_S), so that
-    # their warm workers survive; on this shared 2-core machine Ray's placement adds up to ~1 s more.
-    assert all(w < 2.0 for w in later), waits
-
+    # The study's start places (and removes) one tiny group, so that even the first trial does not
+    # pay a fresh cluster's first placement; a stopped trial's group is removed before the driver
+    # admits the next trial (autotune.owner), so none waits for another's leftovers.
+    assert all(w < 1.0 for w in waits.values()), waits
 
 def test_the_parent_run_tags_the_front_and_its_members(tmp_path):
     spec = pareto_spec()

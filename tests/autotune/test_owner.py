@@ -51,19 +51,17 @@ def test_release_kills_ranks_and_removes_the_placement_group_the_trial_never_fre
         assert pg.id.hex() in _live_groups()
 
         freed = owner.release(7)  # what the driver does when Tune says the trial ended
-
-        assert [r["pid"] for r in freed] == [proc.pid]
-        assert wait_gone([proc.pid], timeout=5) == []
-        deadline = time.monotonic() + 5
-        while pg.id.hex() in _live_groups() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert pg.id.hex() not in _live_groups()
-        assert owner.held() == {}
-        # Its resources are free at once: a whole-cluster group places within a second.
+        # Its resources are free once release returns (the driver admits the next trial then): a
+        # whole-cluster group asked for at once places within a second.
         t0 = time.monotonic()
         other = reserve(handle, 8, [{"CPU": 2.0}], "PACK")
         assert other.wait(timeout_seconds=5)
         assert time.monotonic() - t0 < 1.0
+
+        assert [r["pid"] for r in freed] == [proc.pid]
+        assert wait_gone([proc.pid], timeout=5) == []
+        assert pg.id.hex() not in _live_groups()
+        assert owner.held() == {8: {"placement_groups": 1, "ranks": 0}}
     finally:
         owner.close()
     assert _live_groups() == []
@@ -98,3 +96,31 @@ def test_closing_the_owner_frees_every_trial_and_spares_a_reused_pid():
     assert _live_groups() == []
     assert alive(bystander.pid)
     bystander.kill()
+
+
+def test_a_user_commands_whole_process_group_goes_even_after_its_leader_exited():
+    """A command trial's program runs in its own session and may start processes of its own
+    (torchrun's workers): the owner kills every process of that group, not only the one it saw."""
+    import subprocess
+
+    owner = TrialOwner()
+    # The leader starts two workers in its group, then exits at once (as a launcher may).
+    leader = subprocess.Popen(["sh", "-c", "sleep 120 & sleep 120 & echo started"], start_new_session=True,
+                              stdout=subprocess.PIPE, text=True)
+    started = start_time(leader.pid)
+    outsider = _sleeper()  # not in the group
+    try:
+        assert leader.stdout.readline().strip() == "started"
+        leader.wait(timeout=10)
+        members = [int(p) for p in subprocess.run(["pgrep", "-g", str(leader.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert len(members) == 2 and leader.pid not in members
+        node = ray.get_runtime_context().get_node_id()
+        assert ray.get(owner_handle(owner.name).rank_started.remote(4, 0, node, leader.pid, started, True))
+        freed = owner.release(4)
+        assert [(r["pid"], r["group"]) for r in freed] == [(leader.pid, True)]
+        assert wait_gone(members, timeout=5) == []
+        assert alive(outsider.pid)
+    finally:
+        owner.close()
+        outsider.kill()
