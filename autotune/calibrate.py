@@ -39,7 +39,8 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
         w = d["weights"]
-        return cls(tuple(float(w[t]) for t in TERMS), int(d.get("points", 0)), d.get("loo_median_rel_err"),
+        prior = dict(zip(TERMS, prior_weights()))  # a term newer than the stored fit keeps its prior
+        return cls(tuple(float(w.get(t, prior[t])) for t in TERMS), int(d.get("points", 0)), d.get("loo_median_rel_err"),
                    d.get("loo_max_rel_err"))
 
     @classmethod

@@ -66,7 +66,8 @@ def validate(
     table = Table(title=f"{len(sc.candidates)} candidates for {spec.study.name} "
                         f"(cap {_gb(sc.cap_bytes)} GB per rank; fastest predicted first)", show_lines=False)
     short = {"dense_compute": "dense", "expert_compute": "expert", "tp_comm": "tp", "ep_a2a": "ep a2a",
-             "pp_send": "pp send", "dp_grad": "dp grad", "optimizer": "optim", "overhead": "ovh"}
+             "pp_send": "pp send", "dp_grad": "dp grad", "optimizer": "optim", "overhead": "ovh",
+             "latency": "lat"}
     for col in ("layout", "world", "mb", "prec", "recompute", "sched", "total GB", "pred tok/s", "step ms",
                 *(short[t] for t in TERMS), "bubble", "verdict"):
         table.add_column(col, justify="left" if col in ("layout", "prec", "recompute", "sched", "verdict") else "right")

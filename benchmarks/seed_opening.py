@@ -37,7 +37,8 @@ from autotune.steptime import TERMS  # noqa: E402
 
 SPACE = ROOT / "search_spaces" / "seed-16x80gb.yaml"
 SHORT = {"dense_compute": "dense", "expert_compute": "expert", "tp_comm": "tp", "ep_a2a": "ep a2a",
-         "pp_send": "pp send", "dp_grad": "dp grad", "optimizer": "optim", "overhead": "ovh"}
+         "pp_send": "pp send", "dp_grad": "dp grad", "optimizer": "optim", "overhead": "ovh",
+         "latency": "lat"}
 
 
 def _rows(kind: str, layouts, speed: SpeedModel) -> list[dict]:
