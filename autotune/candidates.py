@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 from autotune.layout import Layout, product, rule_of, structural_problems
 from autotune.device_memory import DeviceOverhead, overhead_of
-from autotune.memory import MemoryPrediction, predict, predict_plain
+from autotune.memory import MemoryPrediction, predict
+from autotune.memory_batch import predict_many
 from autotune.spec import Spec
 from trainables.moe.config import ModelConfig
 
@@ -80,18 +81,23 @@ def _by_memory(spec: Spec, layout: Layout, pred: MemoryPrediction, cap: int) -> 
     # On CUDA the device-level prediction (allocator slack, CUDA context, NCCL buffers) is what
     # runs out; on CPU the extras are zero and `device` is the allocated peak.
     if pred.device > cap and spec.objective.prune_over_cap:
-        what = "predicted device memory" if pred.device_extra else "predicted peak"
-        return Candidate(layout, OVER_MEMORY, f"{what} {pred.device / 1e9:.3f} GB > cap {cap / 1e9:.3f} GB "
-                         f"({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)", pred)
+        return Candidate(layout, OVER_MEMORY, _over_cap(spec, pred, cap), pred)
     return Candidate(layout, FITS, "", pred)
+
+
+def _over_cap(spec: Spec, pred: MemoryPrediction, cap: int) -> str:
+    what = "predicted device memory" if pred.device_extra else "predicted peak"
+    return (f"{what} {pred.device / 1e9:.3f} GB > cap {cap / 1e9:.3f} GB "
+            f"({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)")
 
 
 def screen(spec: Spec) -> Screening:
     """Judge every layout of the space (the same verdicts as `judge`, one by one).
 
     Fast enough for spaces of 100,000 candidates (benchmarks/screening.py): the model is built
-    once, and the structural rules, which do not look at precision or recompute (both already
-    validated by the spec), are checked once per (ep, tp, pp, dp, micro-batch, schedule).
+    once, the structural rules, which do not look at precision or recompute (both already
+    validated by the spec), are checked once per (ep, tp, pp, dp, micro-batch, schedule), and the
+    memory of every valid layout is predicted at once (`autotune.memory_batch`).
     """
     # Screening allocates hundreds of thousands of small tuples and no reference cycles: the cycle
     # collector would only rescan them, over and over (a third of the time of a large space).
@@ -109,7 +115,8 @@ def _screen(spec: Spec) -> Screening:
     gbs, seq, worlds = spec.search.global_batch_size, spec.search.seq_len, spec.world_sizes
     device, cap, overhead = spec.cluster.device, _cap(spec), device_overhead(spec)
     problems_of: dict[tuple, list[str]] = {}
-    out: list[Candidate] = []
+    out: list = []
+    valid: list[int] = []  # where the structurally valid layouts sit in `out`
     for layout in layouts_of(spec):
         ep, tp, pp, dp, mb, precision, recompute, schedule = layout
         key = (ep, tp, pp, dp, mb, schedule)
@@ -118,10 +125,15 @@ def _screen(spec: Spec) -> Screening:
             problems = problems_of[key] = structural_problems(model, layout, gbs, seq, worlds)
         if problems:
             out.append(Candidate(layout, INVALID, problems[0]))
-            continue
-        pred = predict_plain(model, ep, tp, pp, dp, mb, gbs, seq, precision, recompute, schedule, device,
-                             overhead=overhead)
-        out.append(_by_memory(spec, layout, pred, cap))
+        else:
+            valid.append(len(out))
+            out.append(layout)
+    # Every valid layout's memory at once (numpy over candidates; the same figures as `predict`).
+    preds, device_bytes = predict_many(model, [out[i] for i in valid], gbs, seq, device, overhead)
+    over = (device_bytes > cap).tolist() if spec.objective.prune_over_cap else [False] * len(valid)
+    for i, pred, pruned in zip(valid, preds, over):
+        out[i] = Candidate(out[i], OVER_MEMORY, _over_cap(spec, pred, cap), pred) if pruned else \
+            Candidate(out[i], FITS, "", pred)
     candidates = tuple(out)
     rule = lru_cache(maxsize=None)(rule_of)
     counts = Counter(c.verdict for c in candidates)
