@@ -7,6 +7,7 @@ calibrated on a study's trials (--from) or asked about another cluster or device
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 from pathlib import Path
@@ -44,6 +45,9 @@ def validate(
         spec = _what_if(spec, space, ranks, profile)
         extrapolated = [f"--ranks {ranks}"] * (ranks is not None) + [f"--profile {profile}"] * (profile is not None)
     sc = screen(spec)
+    # The candidates live until the command ends and hold no cycles: leave them out of every
+    # later collection (each would rescan 100,000 of them in a large space).
+    gc.freeze()
     speed, model_note = _speed_model(spec, from_study, directory, storage)
     fitting = [c for c in sc.candidates if c.fits]
     times = speed.predict([c.layout for c in fitting])
