@@ -9,6 +9,7 @@ import gc
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import itemgetter
 from typing import NamedTuple
 
 from autotune.layout import Layout, product, rule_of, structural_problems
@@ -81,14 +82,18 @@ def _by_memory(spec: Spec, layout: Layout, pred: MemoryPrediction, cap: int) -> 
     # On CUDA the device-level prediction (allocator slack, CUDA context, NCCL buffers) is what
     # runs out; on CPU the extras are zero and `device` is the allocated peak.
     if pred.device > cap and spec.objective.prune_over_cap:
-        return Candidate(layout, OVER_MEMORY, _over_cap(spec, pred, cap), pred)
+        return Candidate(layout, OVER_MEMORY, _over_cap(pred.device, pred.device_extra, _cap_text(spec, cap)), pred)
     return Candidate(layout, FITS, "", pred)
 
 
-def _over_cap(spec: Spec, pred: MemoryPrediction, cap: int) -> str:
-    what = "predicted device memory" if pred.device_extra else "predicted peak"
-    return (f"{what} {pred.device / 1e9:.3f} GB > cap {cap / 1e9:.3f} GB "
-            f"({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)")
+def _cap_text(spec: Spec, cap: int) -> str:
+    return f"> cap {cap / 1e9:.3f} GB ({spec.objective.memory_cap:.0%} of {spec.cluster.memory_gb:g} GB)"
+
+
+def _over_cap(device_bytes: int, device_extra: int, cap_text: str) -> str:
+    """Why a layout is pruned: its predicted memory against the cap (`_cap_text`)."""
+    what = "predicted device memory" if device_extra else "predicted peak"
+    return f"{what} {device_bytes / 1e9:.3f} GB {cap_text}"
 
 
 def screen(spec: Spec) -> Screening:
@@ -131,12 +136,14 @@ def _screen(spec: Spec) -> Screening:
     # Every valid layout's memory at once (numpy over candidates; the same figures as `predict`).
     preds, device_bytes = predict_many(model, [out[i] for i in valid], gbs, seq, device, overhead)
     over = (device_bytes > cap).tolist() if spec.objective.prune_over_cap else [False] * len(valid)
-    for i, pred, pruned in zip(valid, preds, over):
-        out[i] = Candidate(out[i], OVER_MEMORY, _over_cap(spec, pred, cap), pred) if pruned else \
-            Candidate(out[i], FITS, "", pred)
+    cap_text = _cap_text(spec, cap)
+    for i, pred, used, pruned in zip(valid, preds, device_bytes.tolist(), over):
+        if pruned:
+            out[i] = Candidate(out[i], OVER_MEMORY, _over_cap(used, pred.device_extra, cap_text), pred)
+        else:
+            out[i] = Candidate(out[i], FITS, "", pred)
     candidates = tuple(out)
     rule = lru_cache(maxsize=None)(rule_of)
-    counts = Counter(c.verdict for c in candidates)
-    reasons = Counter(rule(c.reason) if c.verdict == INVALID else OVER_MEMORY
-                      for c in candidates if not c.fits)
+    counts = Counter(map(itemgetter(1), candidates))  # by verdict
+    reasons = Counter(rule(c[2]) if c[1] == INVALID else OVER_MEMORY for c in candidates if c[1] != FITS)
     return Screening(candidates, cap, dict(counts), dict(reasons))

@@ -82,7 +82,9 @@ def product(ep: Iterable[int], tp: Iterable[int], pp: Iterable[int], dp: Iterabl
         dps = [w // base for w in worlds if w % base == 0] if dp is None else ordered(dp)
         out += itertools.product((e,), (t,), (p,), dps, mbs, precisions, recomputes,
                                  schedules if p > 1 else first_schedule)
-    return list(map(Layout._make, out))
+    # tuple.__new__(Layout, t) is what Layout._make does, less a length check these 8-tuples
+    # pass by construction, and without a Python call per layout.
+    return list(map(tuple.__new__, itertools.repeat(Layout), out))
 
 
 def structural_problems(model: ModelConfig, layout: Layout, global_batch_size: int, seq_len: int,

@@ -51,8 +51,8 @@ step's timeline), this one (predictions, the device's overhead, caches) and `mem
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import NamedTuple
 
 from autotune.device_memory import DeviceOverhead, overhead_for
 from autotune.memory_activations import Unit, kept_assignments, unit
@@ -65,9 +65,11 @@ __all__ = ["BOOL", "FP32", "INT64", "LOW", "MemoryPrediction", "StageParams", "S
            "predict", "predict_plain", "stage_params", "state_memory"]
 
 
-@dataclass(frozen=True)
-class MemoryPrediction:
-    """Predicted bytes on the worst rank (the pipeline stage with the largest total)."""
+class MemoryPrediction(NamedTuple):
+    """Predicted bytes on the worst rank (the pipeline stage with the largest total).
+
+    A named tuple, like Layout and Candidate: screening makes one for each of tens of thousands
+    of candidates, and a tuple is built in C."""
 
     params: int
     grads: int
@@ -192,5 +194,5 @@ def _with_device_overhead(pred: MemoryPrediction, has_peers: bool, o: DeviceOver
     """Add a device profile's slack, context and NCCL terms to an allocated-peak prediction."""
     total = pred.total
     reserved = o.reserved(total)
-    return replace(pred, reserved_extra=reserved - total,
-                   device_extra=o.device(total, 2 if has_peers else 1) - reserved)
+    return pred._replace(reserved_extra=reserved - total,
+                         device_extra=o.device(total, 2 if has_peers else 1) - reserved)

@@ -10,6 +10,7 @@ the one-candidate prediction exactly (tests/autotune/test_candidates.py).
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -93,6 +94,7 @@ def predict_many(model: ModelConfig, layouts: Sequence[Layout], global_batch_siz
         reserved_extra = np.ceil(total.astype(np.float64) * o.fragmentation).astype(np.int64)
         peers = tp * pp * dp * ep > 1
         device_extra = o.context_bytes + np.where(peers, o.nccl_bytes, 0)
-    preds = list(map(MemoryPrediction, params.tolist(), grads.tolist(), optimizer.tolist(), activations.tolist(),
-                     other.tolist(), stage.tolist(), reserved_extra.tolist(), device_extra.tolist()))
+    rows = zip(params.tolist(), grads.tolist(), optimizer.tolist(), activations.tolist(), other.tolist(),
+               stage.tolist(), reserved_extra.tolist(), device_extra.tolist())
+    preds = list(map(tuple.__new__, repeat(MemoryPrediction), rows))  # MemoryPrediction._make, in C
     return Predictions(preds, total + reserved_extra + device_extra)

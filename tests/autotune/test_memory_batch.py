@@ -48,6 +48,7 @@ def test_predictions_of_many_candidates_equal_predictions_one_by_one(name, devic
     alone = [predict(model, lay.dims, replace(lay.shape(gbs, 64), grad_sync=grad_sync), device, overhead)
              for lay in layouts]
     assert many.predictions == alone  # every field, the worst stage and the CUDA extras included
+    assert {type(v) for p in many.predictions for v in p} == {int}  # plain ints, as one by one
     assert many.device_bytes.tolist() == [p.device for p in alone]
     assert len({p.stage for p in alone}) > 1 and len({p.total for p in alone}) > 100  # a varied sample
     if device == "cuda":
