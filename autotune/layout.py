@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from functools import lru_cache
 from typing import Any, Iterable, NamedTuple
 
 from trainables.moe.config import ModelConfig, ParallelDims, RunShape, layout_problems
@@ -30,7 +31,7 @@ class Layout(NamedTuple):
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(pp=self.pp, dp=self.dp, ep=self.ep, tp=self.tp)
+        return _dims(self.ep, self.tp, self.pp, self.dp)
 
     @property
     def name(self) -> str:
@@ -54,8 +55,27 @@ class Layout(NamedTuple):
                    recompute=str(p["recompute"]), schedule=str(p.get("schedule", "1f1b")))
 
     def shape(self, global_batch_size: int, seq_len: int) -> RunShape:
-        return RunShape(self.micro_batch_size, global_batch_size, seq_len, self.precision, self.recompute,
-                        self.schedule)
+        return _shape(self.micro_batch_size, global_batch_size, seq_len, self.precision, self.recompute,
+                      self.schedule)
+
+
+# Frozen, so one object serves every layout with these values: screening asks for them once per
+# degree set of a space of 100,000 candidates, and building a frozen dataclass costs five times more.
+@lru_cache(maxsize=1 << 12)
+def _dims(ep: int, tp: int, pp: int, dp: int) -> ParallelDims:
+    return ParallelDims(pp=pp, dp=dp, ep=ep, tp=tp)
+
+
+def clear_caches() -> None:
+    """Forget the shared dims and shapes (benchmarks time screening from a cold start)."""
+    _dims.cache_clear()
+    _shape.cache_clear()
+
+
+@lru_cache(maxsize=1 << 12)
+def _shape(micro_batch_size: int, global_batch_size: int, seq_len: int, precision: str, recompute: str,
+           schedule: str) -> RunShape:
+    return RunShape(micro_batch_size, global_batch_size, seq_len, precision, recompute, schedule)
 
 
 def product(ep: Iterable[int], tp: Iterable[int], pp: Iterable[int], dp: Iterable[int] | None,

@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     say(f"autotune validate (fresh process): best {min(cli):.3f} s, median {statistics.median(cli):.3f} s")
 
     screen_s, baseline_s = [], []
-    from autotune.memory import clear_caches
+    from autotune.layout import clear_caches as clear_layout_caches
+    from autotune.memory import clear_caches as clear_memory_caches
+
+    def clear_caches() -> None:
+        clear_memory_caches()
+        clear_layout_caches()
 
     for _ in range(runs_inproc):  # each from a cold start, as in a fresh `autotune validate`
         clear_caches()
