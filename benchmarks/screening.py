@@ -8,7 +8,8 @@ Figures, all measured in this run:
 * `autotune.candidates.screen(spec)` alone, in this process.
 * Baseline: the same verdicts by `autotune.candidates.judge(spec, layout)` one layout at a time,
   the straightforward path (the model rebuilt and every rule checked per candidate). The ratio
-  baseline / screen says what screen's sharing buys. Both must give identical verdicts.
+  baseline / screen says what screen's sharing buys. Both must give identical verdicts and
+  identical memory predictions.
 
     python -m benchmarks.screening           # 5 CLI runs, 3 in-process runs of each
     python -m benchmarks.screening --quick   # 1 run of each on a 1/16 slice of the space
@@ -93,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         baseline_s.append(time.perf_counter() - t0)
     same = [(c.layout, c.verdict, c.reason) for c in sc.candidates] == \
         [(c.layout, c.verdict, c.reason) for c in one_by_one]
+    same_predictions = [c.prediction for c in sc.candidates] == [c.prediction for c in one_by_one]
     ratio = statistics.median(baseline_s) / statistics.median(screen_s)
     say(f"screen() in process: median {statistics.median(screen_s):.3f} s; one-by-one judge() baseline: "
-        f"median {statistics.median(baseline_s):.3f} s; ratio {ratio:.1f}x; identical verdicts: {same}")
+        f"median {statistics.median(baseline_s):.3f} s; ratio {ratio:.1f}x; identical verdicts: {same}, "
+        f"identical predictions: {same_predictions}")
     say(f"counts: {sc.counts}")
     met = min(cli) < GOAL_S
     say(f"goal: validate under {GOAL_S:.0f} s on {n} candidates: {'met' if met else 'NOT met'} "
@@ -111,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "counts": sc.counts, "validate_cli_best_s": min(cli),
         "validate_cli_median_s": statistics.median(cli), "screen_median_s": statistics.median(screen_s),
         "judge_one_by_one_median_s": statistics.median(baseline_s), "ratio_baseline_over_screen": ratio,
-        "identical_verdicts": same, "goal_s": GOAL_S, "goal_met": met})
+        "identical_verdicts": same, "identical_predictions": same_predictions, "goal_s": GOAL_S, "goal_met": met})
     say(f"wrote {RESULTS / name}.csv and .json")
-    return 0 if same else 1
+    return 0 if same and same_predictions else 1
 
 
 if __name__ == "__main__":

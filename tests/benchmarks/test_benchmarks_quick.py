@@ -99,7 +99,7 @@ def test_fidelity_quick():
 
 def test_screening_quick():
     (data,) = _check(_run("benchmarks.screening", "--quick", timeout=180), "screening_quick")
-    assert data["identical_verdicts"] and data["candidates"] > 1000
+    assert data["identical_verdicts"] and data["identical_predictions"] and data["candidates"] > 1000
 
 
 def test_memory_model_quick():
