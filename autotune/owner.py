@@ -35,6 +35,8 @@ REMOVE_DELAY_S = 0.5
 # The longest the study's start waits for its warm-up placement (a busy shared cluster may not
 # place it at once; the first trial then pays the first placement itself).
 WARM_WAIT_S = 5.0
+# The longest a proposal that fits waits for Ray to see a freed group's resources as free.
+FREE_WAIT_S = 5.0
 # Trial coordinators and the owner run on the head node, beside the driver.
 HEAD = {"node:__internal_head__": 0.001}
 
@@ -201,6 +203,11 @@ def admits(need: dict[str, float], running: list[dict[str, float]], capacity: di
     if any(v > capacity.get(k, 0.0) + 1e-9 for k, v in need.items()):
         return True
     return all(v + sum(r.get(k, 0.0) for r in running) <= capacity.get(k, 0.0) + 1e-9 for k, v in need.items())
+
+
+def free_now(need: dict[str, float], available: dict[str, float]) -> bool:
+    """Whether Ray's current view of free resources (`ray.available_resources()`) holds `need`."""
+    return all(available.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if k in ("CPU", "GPU"))
 
 
 class TrialOwner:

@@ -24,7 +24,7 @@ from autotune.candidates import Candidate, screen
 from autotune.layout import Layout
 from autotune.placement import plan
 from autotune.progress import Progress
-from autotune.results import StudyResult, run_config_for
+from autotune.results import StudyResult, TrialRecord, run_config_for
 from autotune.schema import Status
 from autotune.settings import resolve
 from autotune.spec import Spec
@@ -242,8 +242,12 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
     top = spec.budget.remeasure_top if options.remeasure_top is None else options.remeasure_top
     remeasure = []
     if session > 0 and top > 0:
-        known = StudyResult(spec.study.name, spec, tuple(records)).ok_trials()
-        remeasure = sorted(known, key=lambda t: -t.tokens_per_s)[:min(top, launches)]
+        # The leaders a user could deploy: within the memory cap, one trial per layout (its fastest).
+        known = StudyResult(spec.study.name, spec, tuple(records)).fitting()
+        leaders: dict[str, TrialRecord] = {}
+        for t in sorted(known, key=lambda t: -t.tokens_per_s):
+            leaders.setdefault(t.layout.key, t)
+        remeasure = list(leaders.values())[:min(top, launches)]
     started = time.monotonic()
     tracking_error = None
     if launches:
@@ -331,7 +335,7 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     # Only the JSON logger (Tune's result grid reads it); CSV and TensorBoard files are not needed.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from autotune.owner import TrialOwner, admits, demand
+    from autotune.owner import FREE_WAIT_S, TrialOwner, admits, demand, free_now
 
     progress = Progress(spec.study.name + (" (re-measuring tied leaders)" if settling else ""), launches,
                         spec.budget.wall_clock_s, live=options.live)
@@ -355,8 +359,19 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
 
     capacity: dict[str, float] = {}
 
+    held_since: dict[int, float] = {}
+
     def admit(config: dict[str, Any], running: list[dict[str, Any]]) -> bool:
-        return admits(config["demand"], [c["demand"] for c in running], capacity)
+        if not admits(config["demand"], [c["demand"] for c in running], capacity):
+            return False
+        # A freed group's resources reach Ray's view a moment after its removal: wait for them
+        # here, before the trial starts, rather than inside it (at most FREE_WAIT_S: on a cluster
+        # shared with other jobs they may never all be free, and placement then waits its turn).
+        first = held_since.setdefault(config["number"], time.monotonic())
+        if time.monotonic() - first < FREE_WAIT_S and not free_now(config["demand"], ray.available_resources()):
+            return False
+        held_since.pop(config["number"], None)
+        return True
 
     speed = speed_model_for(spec, study)
     searcher = LayoutSearcher(spec, screening, study, trial_config, recorder.decided, recorder.complete, launches,

@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 
-def cli(args, cwd, env, timeout=120):
+def cli(args, cwd, env, timeout=300):
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "autotune.cli", *args], cwd=cwd, env=env, capture_output=True,

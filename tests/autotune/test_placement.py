@@ -36,3 +36,17 @@ def test_unknown_topology_packs_groups_without_forcing_one_node():
     cluster = ClusterSpec(ranks=4, device="cpu", memory_gb=1, cpus_per_rank=0.5)
     p = plan(layout(ep=2, dp=2), cluster)
     assert p.strategy == "PACK" and p.group == 2 and p.bundles(4) == [{"CPU": 1.0}, {"CPU": 1.0}]
+
+
+def test_admission_counts_running_trials_and_waits_for_freed_resources_to_show():
+    from autotune.owner import admits, demand, free_now
+
+    need = demand([{"CPU": 0.5}, {"CPU": 0.5}])
+    assert need == {"CPU": 1.0}
+    assert admits(need, [{"CPU": 1.0}], {"CPU": 2.0})
+    assert not admits(need, [{"CPU": 1.5}], {"CPU": 2.0})
+    assert admits({"CPU": 4.0}, [], {"CPU": 2.0})  # larger than the cluster: placement says so itself
+    # Ray's view still holds a removed group's CPUs: not free yet
+    assert not free_now(need, {"CPU": 0.5, "memory": 1e9})
+    assert free_now(need, {"CPU": 1.0, "node:__internal_head__": 1.0})
+    assert free_now({"CPU": 1.0, "custom": 5.0}, {"CPU": 1.0})  # only CPUs and GPUs are waited for
