@@ -153,16 +153,14 @@ class _Owner:
         self._remove(pgs)
         return had
 
-    def warm(self) -> float:
+    def warm(self) -> None:
         """Place and remove one tiny group: a fresh cluster's first placement is its slowest (over
         a second here), and this pays it at study start instead of inside the first trial."""
-        start = time.monotonic()
         pg = placement_group([{"CPU": 0.001}], strategy="PACK")
         try:
             pg.wait(timeout_seconds=WARM_WAIT_S)
         finally:
             self._remove([pg])
-        return time.monotonic() - start
 
     def held(self) -> dict[int, dict[str, int]]:
         """What each trial holds now: placement groups and live rank processes (for tests)."""
@@ -216,7 +214,7 @@ class TrialOwner:
     def __init__(self) -> None:
         self.name = f"autotune-owner-{uuid.uuid4().hex[:12]}"
         self.actor = _Owner.options(name=self.name, resources=HEAD).remote()
-        self.warm_s = ray.get(self.actor.warm.remote())  # started (and placing) before any trial asks
+        ray.get(self.actor.warm.remote())  # started (and placing) before any trial asks
 
     def release(self, number: int, close: bool = True) -> list[dict[str, Any]]:
         """Trial `number` ended (any way): kill its ranks, remove its placement groups and, with
