@@ -81,6 +81,7 @@ def _moe(top_k=2, capacity_factor=None, n_experts=8):
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_router_counts_every_assignment_and_aux_loss_is_switch_style(top_k):
     cfg, moe = _moe(top_k=top_k)
+    torch.manual_seed(0)  # the bound below holds for typical inputs, not every one: a fixed input
     x = torch.randn(3, 10, cfg.d_model)
     out = moe(x)
     assert out.shape == x.shape
