@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -126,29 +126,37 @@ def resolve(profile: str | dict[str, Any] | None, device: str) -> DeviceProfile:
 
 
 def measure_cpu(base: DeviceProfile | None = None, seconds: float = 0.3,
-                shape: tuple[int, int, int] = (256, 256, 256)) -> DeviceProfile:
+                shapes: Sequence[tuple[int, int, int]] = ((256, 256, 256),)) -> DeviceProfile:
     """This machine's fp32/bf16 matmul rate and copy bandwidth, one core's worth (a rank gets a
     core or less): the CPU profile's figures no data sheet has. About `seconds` in all.
 
-    `shape` (m, k, n): the study's own matmul (tokens of a micro-batch x width x hidden), since
-    a CPU's rate depends on the size; the low-precision rate includes autocast's casts of both
-    operands, as a training step pays them on every call."""
+    `shapes` (m, k, n): the study's own matmuls (e.g. a micro-batch's tokens x width x hidden at
+    the smallest and largest micro-batch, and an expert's share of them); each precision's rate
+    is their FLOPs over their summed time, as a step runs all of them. A CPU's low-precision rate
+    depends on the size more than fp32's: with autocast's casts of both operands (a training step
+    pays them on every call), 512x64x128 ran 1.5x faster in bf16 than in fp32 here, 128x64x128
+    2.2x slower, so one large shape alone ranked bf16 layouts first where they ran 2.5x slower."""
     import torch
 
     base = base or get("cpu")
+    shapes = [tuple(int(v) for v in s) for s in shapes] or [(256, 256, 256)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         peaks = {}
-        m, k, n_ = shape
-        a, b = torch.randn(m, k), torch.randn(k, n_)
+        operands = [(torch.randn(m, k), torch.randn(k, n_)) for m, k, n_ in shapes]
+        flops = sum(2 * m * k * n_ for m, k, n_ in shapes)
+        share = seconds / 3 / (2 * len(shapes))
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            a.to(dtype) @ b.to(dtype)
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / 3:
+            total = 0.0
+            for a, b in operands:
                 a.to(dtype) @ b.to(dtype)
-                n += 1
-            peaks[precision] = 2 * m * k * n_ * n / (time.perf_counter() - start) / 1e12
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < share:
+                    a.to(dtype) @ b.to(dtype)
+                    n += 1
+                total += (time.perf_counter() - start) / n
+            peaks[precision] = flops / total / 1e12
         peaks["fp16"] = peaks["bf16"]
         x = torch.empty(4 << 20)  # 16 MB, beyond the caches
         y = torch.empty_like(x)

@@ -148,7 +148,7 @@ class Recorder(Callback):
         record = replace(record, mlflow_run_id=entry["run_id"], session=self.session,
                          remeasure_of=entry["remeasure_of"])
         if record.remeasure_of is not None and not record.reason:
-            why = f"{TIE_REMEASURE}, tied within their intervals" if self.settling else "measured again"
+            why = f"{TIE_REMEASURE}: tied with the best, or the best measured once" if self.settling else "measured again"
             record = replace(record, reason=f"{why} (trial {record.remeasure_of} had this layout)")
         if entry["run_id"]:
             self._track("finish_trial", entry["run_id"], record, self.spec)

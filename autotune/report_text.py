@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from typing import Any
 
 from autotune.report_format import (fmt_dropped, fmt_error, fmt_loss, fmt_mem, fmt_ms, fmt_num, fmt_pct,
@@ -50,8 +51,14 @@ def _standing_blocks(standing: dict[str, Any] | None) -> list[Block]:
         blocks.append(("table", ["layout", "trial", "tokens/s", "step ms (median)", f"{conf} interval ms", "runs",
                                  "steps"], rows))
     again = standing.get("remeasures") or 0
+    spread = standing.get("run_spread") or {}
+    if spread.get("dof"):
+        seen = (f" Run-to-run spread of step time: {math.expm1(spread['sd_log']):.1%} (one standard deviation, "
+                f"from {plural(spread['dof'], 'repeat')} of layouts measured more than once).")
+    else:
+        seen = " No layout was measured twice, so the run-to-run spread is unknown and ties rest on the intervals alone."
     blocks.append(("p", f"Rule: {standing['rule']}." + (f" This study measured leaders again {plural(again, 'time')}."
-                                                       if again else "")))
+                                                       if again else "") + seen))
     return blocks
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from autotune.layout import Layout
 from autotune.schema import Status
 from autotune.spec import Spec
-from autotune.stats import Interval, rule_text, runs_interval, tied_with_best
+from autotune.stats import Interval, RunSpread, rule_text, runs_interval, tied_with_best
 
 
 @dataclass(frozen=True)
@@ -149,23 +149,34 @@ class StudyResult:
         return {t.layout.key: runs_interval([_step_times(r) for r in runs[t.layout.key]])
                 for t in self.fitting()}
 
+    def run_counts(self) -> dict[str, int]:
+        """How many runs each fitting layout's figures pool (`measurements`)."""
+        runs = self.measurements()
+        return {t.layout.key: len(runs[t.layout.key]) for t in self.fitting()}
+
+    def run_spread(self) -> RunSpread:
+        """The run-to-run spread of step time, from the fitting layouts measured more than once."""
+        runs = self.measurements()
+        return RunSpread.of({t.layout.key: [_step_times(r) for r in runs[t.layout.key]] for t in self.fitting()})
+
     def standing(self) -> dict[str, Any] | None:
         """The best layout, the layouts statistically tied with it (autotune.stats) and the rule."""
         intervals = self.intervals()
-        key, tied = tied_with_best(intervals)
+        spread, counts = self.run_spread(), self.run_counts()
+        key, tied = tied_with_best(intervals, spread, counts)
         if key is None:
             return None
-        runs = self.measurements()
         by_key = {t.layout.key: t for t in self.fitting()}
 
         def entry(k: str) -> dict[str, Any]:
-            iv = intervals[k]
+            iv = spread.widen(intervals[k], counts[k])
             return {"layout": k, "trial": by_key[k].number, "tokens_per_s": by_key[k].tokens_per_s,
                     "step_time_s": iv.median, "step_time_lo_s": iv.lo, "step_time_hi_s": iv.hi,
-                    "steps": iv.n, "runs": len(runs[k])}
+                    "steps": iv.n, "runs": counts[k]}
 
         return {"best": entry(key), "tied": [entry(k) for k in tied], "rule": rule_text(),
                 "confidence": intervals[key].confidence,
+                "run_spread": {"sd_log": spread.sd, "dof": spread.dof},
                 "remeasures": sum(1 for t in self.trials if t.remeasure_of is not None
                                   and t.reason.startswith(TIE_REMEASURE))}
 

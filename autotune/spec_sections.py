@@ -232,6 +232,12 @@ class BudgetSpec(_Strict):
     # best's are measured again, interleaved, until the best is separated or this share of
     # `trials` in extra launches is spent (0 turns it off; the rule is in autotune.stats).
     remeasure_share: float = Field(default=0.3, ge=0, le=1)
+    # Time each trial's steps while no other trial on its machine times its own (a lock per
+    # machine; start-up still overlaps). None: on CPU, where concurrent trials' ranks share cores.
+    measure_alone: bool | None = None
+
+    def measures_alone(self, device: str) -> bool:
+        return device == "cpu" if self.measure_alone is None else self.measure_alone
 
     def remeasure_launches(self) -> int:
         """Launches the end-of-study re-measuring may spend."""

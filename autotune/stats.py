@@ -4,8 +4,8 @@ A trial measures a handful of steps on a machine that other work shares; two pas
 same layouts on a 2-core machine agreed only at Kendall tau 0.76-0.79 (benchmarks/fidelity.py),
 and one layout's step time moved 1.75x between back-to-back runs. So a single median says
 little on its own: every measured layout gets a bootstrap interval on its median step time,
-and the best is named together with the layouts whose intervals overlap it (statistically
-tied). The report, early stopping and the searcher all read these functions; nothing here
+the spread between repeated runs of one layout is estimated from the study's re-measures
+(`RunSpread`), and the best is named together with the layouts statistically tied with it. The report, early stopping and the searcher all read these functions; nothing here
 knows of trials, Optuna or Ray (plain numbers in, plain data out).
 """
 
@@ -24,8 +24,10 @@ N_BOOT = 2000
 # How many leaders one re-measuring round takes at most: the best and its closest rivals.
 MAX_LEADERS = 3
 RULE = ("a layout is tied with the best when their {conf:.0%} bootstrap intervals on the median step time "
-        "overlap; tied leaders are measured again, interleaved, until the best is separated or the "
-        "re-measuring budget is spent")
+        "overlap, or when their medians differ by less than the run-to-run margin ({conf:.0%} t quantile x the "
+        "run-to-run spread of log step time, pooled over the layouts measured more than once, x "
+        "sqrt(1/runs + 1/runs)); the best measured in one run only, and the leaders tied with it, are measured "
+        "again, interleaved, until the best is separated or the re-measuring budget is spent")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,62 @@ def runs_interval(runs: Sequence[Iterable[float]], confidence: float = CONFIDENC
     return Interval(med, float(min(lo, med)), float(max(hi, med)), n, confidence)
 
 
+@dataclass(frozen=True)
+class RunSpread:
+    """How much one layout's runs differ from each other: the standard deviation of log median
+    step time between runs, pooled over the layouts measured more than once (`dof` = runs - 1
+    summed over them; 0 = nothing known yet).
+
+    A trial's bootstrap interval comes from its own steps, which share that run's conditions;
+    on a shared machine two runs of one layout differ by more than that (three long runs of the
+    quick-start's fastest layout read 7,712, 8,964 and 9,881 tokens/s). Only repeated runs show
+    it, so a study's own re-measures estimate it, and its ties account for it."""
+
+    sd: float = 0.0
+    dof: int = 0
+
+    @classmethod
+    def of(cls, runs: Mapping[K, Sequence[Iterable[float]]]) -> "RunSpread":
+        ss, dof = 0.0, 0
+        for layout_runs in runs.values():
+            medians = [math.log(m) for m in (_median(r) for r in layout_runs) if m is not None and m > 0]
+            if len(medians) >= 2:
+                mean = sum(medians) / len(medians)
+                ss += sum((m - mean) ** 2 for m in medians)
+                dof += len(medians) - 1
+        return cls(math.sqrt(ss / dof) if dof else 0.0, dof)
+
+    @property
+    def known(self) -> bool:
+        return self.dof >= 1 and self.sd > 0
+
+    def _quantile(self, confidence: float) -> float:
+        from scipy.stats import t as student_t
+
+        return float(student_t.ppf(0.5 + confidence / 2, self.dof))
+
+    def margin(self, runs_a: int, runs_b: int, confidence: float = CONFIDENCE) -> float:
+        """The largest |log step-time ratio| of two layouts (measured in `runs_a` and `runs_b`
+        runs) that the run-to-run spread explains at this confidence (Student t, `dof`)."""
+        if not self.known:
+            return 0.0
+        return self._quantile(confidence) * self.sd * math.sqrt(1.0 / max(runs_a, 1) + 1.0 / max(runs_b, 1))
+
+    def widen(self, iv: Interval, runs: int) -> Interval:
+        """`iv` widened to at least one layout's share of the run-to-run margin each side, for
+        showing: a layout measured in `runs` runs has median x exp(+-t sd / sqrt(runs))."""
+        if not (self.known and iv.known) or iv.median <= 0:
+            return iv
+        h = self._quantile(iv.confidence) * self.sd / math.sqrt(max(runs, 1))
+        return Interval(iv.median, min(iv.lo, iv.median * math.exp(-h)), max(iv.hi, iv.median * math.exp(h)), iv.n,
+                        iv.confidence)
+
+
+def _median(steps: Iterable[float]) -> float | None:
+    clean = [t for t in steps if t is not None and math.isfinite(t)]
+    return float(np.median(clean)) if clean else None
+
+
 def separated(a: Interval, b: Interval) -> bool:
     """The two intervals do not overlap (an unknown interval separates from nothing)."""
     if not (a.known and b.known):
@@ -119,8 +177,11 @@ def separated(a: Interval, b: Interval) -> bool:
     return a.hi < b.lo or b.hi < a.lo
 
 
-def tied_with_best(intervals: Mapping[K, Interval]) -> tuple[K | None, list[K]]:
-    """The best key (lowest median step time) and the keys tied with it, fastest first.
+def tied_with_best(intervals: Mapping[K, Interval], spread: RunSpread | None = None,
+                   runs: Mapping[K, int] | None = None) -> tuple[K | None, list[K]]:
+    """The best key (lowest median step time) and the keys tied with it, fastest first: their
+    intervals overlap or, given the run-to-run `spread` and each key's number of `runs`, their
+    medians differ by less than the run-to-run margin.
 
     Keys without a measured step (n == 0) take no part."""
     measured = {k: v for k, v in intervals.items() if v.n > 0 and math.isfinite(v.median)}
@@ -128,15 +189,34 @@ def tied_with_best(intervals: Mapping[K, Interval]) -> tuple[K | None, list[K]]:
         return None, []
     order = sorted(measured, key=lambda k: (measured[k].median, str(k)))
     best = order[0]
-    return best, [k for k in order[1:] if not separated(measured[best], measured[k])]
+    runs = runs or {}
+
+    def tied(k: K) -> bool:
+        if not separated(measured[best], measured[k]):
+            return True
+        if spread is None or not spread.known or measured[best].median <= 0:
+            return False
+        gap = math.log(measured[k].median / measured[best].median)
+        return gap <= spread.margin(runs.get(best, 1), runs.get(k, 1), measured[best].confidence)
+
+    return best, [k for k in order[1:] if tied(k)]
 
 
-def leaders_to_remeasure(intervals: Mapping[K, Interval], max_leaders: int = MAX_LEADERS) -> list[K]:
+def leaders_to_remeasure(intervals: Mapping[K, Interval], max_leaders: int = MAX_LEADERS,
+                         spread: RunSpread | None = None, runs: Mapping[K, int] | None = None) -> list[K]:
     """The layouts one more re-measuring round runs: the best and those tied with it (closest
-    first), at most `max_leaders`; empty once the best is separated from every other."""
-    best, tied = tied_with_best(intervals)
-    if best is None or not tied:
+    first), at most `max_leaders`. Given `runs`, a best measured in one run only also goes again
+    with its closest rivals, tied or not: one run's figure can be off by more than its steps
+    show, and the repeat is what estimates the run-to-run spread. Empty once the best is
+    separated from every other (and, given `runs`, has been measured at least twice)."""
+    best, tied = tied_with_best(intervals, spread, runs)
+    if best is None:
         return []
+    if not tied:
+        if runs is None or runs.get(best, 1) >= 2 or len(intervals) < 2:
+            return []
+        measured = {k: v for k, v in intervals.items() if v.n > 0 and math.isfinite(v.median)}
+        tied = sorted((k for k in measured if k != best), key=lambda k: (measured[k].median, str(k)))
     return [best, *tied][:max(2, max_leaders)]
 
 

@@ -24,7 +24,7 @@ from autotune.candidates import Candidate, screen
 from autotune.layout import Layout
 from autotune.placement import plan
 from autotune.progress import Progress
-from autotune.results import StudyResult, TrialRecord, run_config_for
+from autotune.results import TIE_REMEASURE, StudyResult, TrialRecord, run_config_for
 from autotune.schema import Status
 from autotune.settings import resolve
 from autotune.spec import Spec
@@ -103,7 +103,8 @@ def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate,
     # The rank's memory is limited for real to cluster.memory_gb: a layout that needs more fails
     # as out of memory, as it would on the target hardware.
     config["run"] = run_config_for(spec, layout, timeout_s=spec.budget.trial_timeout_s,
-                                   memory_limit_bytes=spec.cluster.memory_bytes)
+                                   memory_limit_bytes=spec.cluster.memory_bytes,
+                                   measure_alone=spec.budget.measures_alone(spec.cluster.device))
     config["placement"] = plan(layout, spec.cluster)
     return config
 
@@ -237,7 +238,9 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
                          f"free space or fix the folder, then run again") from None
 
     records = stored_records(study)
-    launched = sum(1 for r in records if r.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID))
+    # What the search launched: the end-of-study re-measures have a budget of their own.
+    launched = sum(1 for r in records if r.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)
+                   and not r.reason.startswith(TIE_REMEASURE))
     launches = spec.budget.trials if options.extend else max(0, spec.budget.trials - launched)
     top = spec.budget.remeasure_top if options.remeasure_top is None else options.remeasure_top
     remeasure = []
@@ -292,10 +295,11 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
 
 def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options: RunOptions, session: int,
             started: float, env: dict[str, str] | None = None) -> str | None:
-    """End of a study: measure the leaders tied with the best again, round after round (each
-    round runs the best and its closest rivals once more, interleaved, so that the machine's
-    drift hits them alike), until the best is separated or `budget.remeasure_launches()` is
-    spent. Returns why MLflow stopped taking records, if it did."""
+    """End of a study: measure the best again if one run is all it has, and the leaders tied
+    with it, round after round (each round runs the best and its closest rivals once more,
+    interleaved, so that the machine's drift hits them alike; the repeats also estimate the
+    run-to-run spread the tie rule uses), until the best is separated or
+    `budget.remeasure_launches()` is spent. Returns why MLflow stopped taking records, if it did."""
     from autotune.searcher import stored_records
     from autotune.stats import leaders_to_remeasure
 
@@ -306,7 +310,8 @@ def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options
             break
         result = StudyResult(spec.study.name, spec, tuple(stored_records(study)))
         latest = {t.layout.key: t for t in result.fitting()}
-        leaders = [latest[k] for k in leaders_to_remeasure(result.intervals())][:budget]
+        leaders = [latest[k] for k in leaders_to_remeasure(result.intervals(), spread=result.run_spread(),
+                                                            runs=result.run_counts())][:budget]
         if len(leaders) < 2:
             break
         error = _tune(spec, screening, study, tracker, parent, len(leaders), options, session, leaders,

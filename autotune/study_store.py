@@ -64,6 +64,21 @@ def read_state(directory: Path) -> dict[str, Any] | None:
         return None
 
 
+def cpu_matmul_shapes(spec: Spec) -> list[tuple[int, int, int]]:
+    """The matmuls a step of this space runs, for measuring a CPU's rate: a micro-batch's tokens
+    x width x FFN hidden at the smallest and largest micro-batch, and an expert's share of those
+    tokens (top_k / n_experts of them) where the model has experts."""
+    cfg = spec.model.config()
+    sizes = sorted({min(spec.search.micro_batch_size), max(spec.search.micro_batch_size)})
+    shapes = []
+    for mb in sizes:
+        tokens = mb * spec.search.seq_len
+        shapes.append((tokens, cfg.d_model, cfg.ffn_hidden))
+        if cfg.n_experts:
+            shapes.append((max(1, tokens * cfg.top_k // cfg.n_experts), cfg.d_model, cfg.ffn_hidden))
+    return shapes
+
+
 def speed_model_for(spec: Spec, study: Any) -> Any:
     """The study's step-time model (uncalibrated): the space's device profile, on CPU with this
     machine's matmul rate and bandwidth measured once when the study starts (kept in the study,
@@ -77,10 +92,8 @@ def speed_model_for(spec: Spec, study: Any) -> Any:
     else:
         profile = spec.cluster.device_profile()
         if spec.cluster.device == "cpu" and spec.cluster.profile is None:
-            cfg = spec.model.config()
             try:
-                profile = measure_cpu(profile, shape=(max(spec.search.micro_batch_size) * spec.search.seq_len,
-                                                      cfg.d_model, cfg.ffn_hidden))
+                profile = measure_cpu(profile, shapes=cpu_matmul_shapes(spec))
             except (RuntimeError, ValueError, ZeroDivisionError):
                 pass  # the data file's figures; calibration fits the rest
         study.set_user_attr(PROFILE_ATTR, profile.to_dict())

@@ -138,7 +138,8 @@ def test_item_in_a_list_is_named_by_index():
     ({"cluster__seq_len": 64}, "s.yaml: cluster.seq_len: unknown field; seq_len belongs in search: "
                                "move it to search.seq_len"),
     ({"budget__zzz": 1}, "s.yaml: budget.zzz: unknown field; remove it, or use one of trials, warmup_steps, "
-                         "measure_steps, max_concurrent, trial_timeout_s, wall_clock_s, early_stop, remeasure_top, remeasure_share"),
+                         "measure_steps, max_concurrent, trial_timeout_s, wall_clock_s, early_stop, remeasure_top, remeasure_share, "
+                         "measure_alone"),
 ])
 def test_unknown_keys_with_did_you_mean(changes, message):
     assert error_of(data(**changes)) == message

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from autotune.stats import (Interval, leaders_to_remeasure, runs_interval, separated, step_time_interval,
-                            tied_with_best)
+from autotune.stats import (Interval, RunSpread, leaders_to_remeasure, runs_interval, separated,
+                            step_time_interval, tied_with_best)
 
 
 def test_interval_covers_the_true_median_about_as_often_as_claimed():
@@ -90,3 +90,54 @@ def test_run_to_run_spread_widens_the_interval():
 def test_throughput_bounds_swap():
     lo, mid, hi = Interval(0.5, 0.4, 0.8, 5).throughput(1000)
     assert (lo, mid, hi) == (1250.0, 2000.0, 2500.0)
+
+
+def test_run_spread_pools_the_layouts_measured_more_than_once():
+    # Two layouts measured twice, one once: the once-measured one adds nothing.
+    runs = {"a": [[1.0, 1.0, 1.0], [1.2, 1.2, 1.2]], "b": [[2.0, 2.1], [2.0, 1.9]], "c": [[5.0, 5.0]]}
+    spread = RunSpread.of(runs)
+    da, db = math.log(1.2 / 1.0), math.log(2.05 / 1.95)  # medians' log gaps; each pair's SS is gap^2 / 2
+    assert spread.dof == 2 and spread.sd == pytest.approx(math.sqrt((da * da / 2 + db * db / 2) / 2))
+    assert not RunSpread.of({"c": [[5.0, 5.0]]}).known and RunSpread.of({}).margin(1, 1) == 0.0
+
+
+def test_run_spread_estimate_is_near_the_truth_and_its_margin_covers_repeat_gaps():
+    # Runs of one layout whose level moves 15% (lognormal) from run to run, steps inside a run
+    # within 1%: the pooled estimate finds the 15%, and the margin for two single runs covers
+    # the gap between two fresh runs of one layout about as often as claimed (90%).
+    rng = np.random.default_rng(11)
+
+    def run(level: float) -> list[float]:
+        base = level * math.exp(rng.normal(0, 0.15))
+        return list(base * (1 + 0.01 * rng.standard_normal(4)))
+
+    spread = RunSpread.of({i: [run(1.0 + i), run(1.0 + i)] for i in range(40)})
+    assert spread.dof == 40 and 0.11 < spread.sd < 0.19
+    gaps = [abs(math.log(np.median(run(1.0)) / np.median(run(1.0)))) for _ in range(400)]
+    covered = sum(g <= spread.margin(1, 1) for g in gaps) / len(gaps)
+    assert 0.8 <= covered <= 0.97, covered
+    assert spread.margin(4, 4) == pytest.approx(spread.margin(1, 1) / 2)
+
+
+def test_run_spread_ties_what_the_steps_alone_call_separated():
+    # Tight steps, 10% apart: the intervals do not overlap; with a 15% run-to-run spread from
+    # 6 repeats they are a tie, and with a 1% spread they are not.
+    a, b = step_time_interval([1.0, 1.001, 0.999]), step_time_interval([1.1, 1.101, 1.099])
+    intervals, runs = {"a": a, "b": b}, {"a": 1, "b": 1}
+    assert tied_with_best(intervals) == ("a", [])
+    assert tied_with_best(intervals, RunSpread(0.15, 6), runs) == ("a", ["b"])
+    assert tied_with_best(intervals, RunSpread(0.01, 6), runs) == ("a", [])
+    wide = RunSpread(0.15, 6).widen(a, 1)
+    assert wide.lo < 0.8 < 1.25 < wide.hi and RunSpread(0.15, 6).widen(a, 4).hi < wide.hi
+
+
+def test_a_best_measured_once_goes_again_with_its_closest_rivals():
+    intervals = {"a": Interval(1.0, 0.99, 1.01, 3), "b": Interval(1.5, 1.49, 1.51, 3),
+                 "c": Interval(1.3, 1.29, 1.31, 3), "d": Interval(2.0, 1.99, 2.01, 3)}
+    assert leaders_to_remeasure(intervals) == []  # separated, and no run counts given
+    assert leaders_to_remeasure(intervals, runs={"a": 1, "b": 1, "c": 1, "d": 1}) == ["a", "c", "b"]
+    # Measured twice and still separated under a small spread: done.
+    assert leaders_to_remeasure(intervals, spread=RunSpread(0.02, 3), runs={"a": 2, "b": 2, "c": 2, "d": 1}) == []
+    # ... under a large one, the tied rivals go again with it.
+    assert leaders_to_remeasure(intervals, spread=RunSpread(0.3, 3), runs={"a": 2, "b": 2, "c": 2, "d": 1}) == [
+        "a", "c", "b"]

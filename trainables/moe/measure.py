@@ -11,7 +11,11 @@ library workspaces besides), since that is what runs out on a real card.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import os
+import tempfile
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -233,3 +237,32 @@ def device_peak_flops(device: torch.device, precision: str) -> float | None:
         if fragment in name:
             return table[precision]
     return None
+
+
+# Every trial on one machine that times its steps alone locks this file while it does.
+MEASURE_LOCK = os.path.join(tempfile.gettempdir(), "autotune-measure.lock")
+
+
+@contextlib.contextmanager
+def timed_alone(enabled: bool, rank: int, barrier: Callable[[], None], path: str = MEASURE_LOCK) -> Iterator[None]:
+    """Hold the machine's measuring lock while the timed steps run, so that trials whose ranks
+    share cores (CPU ranks; `cluster.cpus_per_rank` < 1) do not time each other's work: rank 0
+    takes the lock, then every rank passes `barrier`, so the whole trial starts timing together.
+
+    Only timing is serialised: start-up, placement and the memory probe still overlap. On this
+    2-core machine two concurrent quick-start trials slowed each other by 20-40%, which is
+    what made one layout's runs in one study differ more than its steps showed. The lock goes
+    with the process if it dies (flock)."""
+    if not enabled:
+        yield
+        return
+    handle = open(path, "a+") if rank == 0 else None
+    try:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        barrier()
+        yield
+    finally:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()

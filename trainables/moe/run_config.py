@@ -45,6 +45,7 @@ class RunConfig:
     grad_sync: str = "bucketed"  # bucketed: reduced during backward | flat: one copy after it
     bucket_mb: float = DEFAULT_BUCKET_MB  # bucket size of the bucketed gradient reduction
     optimizer: str = "adamw"  # adamw | sgd (plain SGD: what the gradient parity tests also run)
+    measure_alone: bool = False  # time the steps under the machine's measuring lock (measure.timed_alone)
 
     @property
     def dims(self) -> ParallelDims:

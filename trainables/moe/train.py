@@ -32,7 +32,8 @@ from autotune.schema import DEVICE_MEMORY_METRICS, Status
 from trainables.moe.config import PRESETS, flops_per_token
 from trainables.moe.run_config import LayoutError, RunConfig
 from trainables.moe.data import synthetic_batch
-from trainables.moe.measure import LiveMemory, device_peak_flops, measure_peak, resident_bytes, state_bytes
+from trainables.moe.measure import (LiveMemory, device_peak_flops, measure_peak, resident_bytes, state_bytes,
+                                    timed_alone)
 from trainables.moe.grad_sync import build_grad_sync
 from trainables.moe.model import build_model, reset_moe_stats, set_aux_loss_scale, set_recompute
 from trainables.moe.parallel import ParallelModel, backend_for, build_context, parallelize
@@ -217,19 +218,20 @@ def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, An
                                                    device)
         limit = None
     live = LiveMemory(resident, limit) if (cfg.memory_probe or limit is not None) else None
-    for i in range(total):
-        if i == cfg.warmup_steps:
-            reset_moe_stats(trainer.pm.module)
-        trainer.sync()
-        t0 = time.perf_counter()
-        with live if (live is not None and i == 0) else nullcontext():
-            loss = trainer.step(i)
-        trainer.sync()
-        dt = time.perf_counter() - t0
-        losses.append(loss)
-        times.append(dt)
-        yield {"type": "step", "step": i, "phase": "warmup" if i < cfg.warmup_steps else "measure",
-               "loss": loss, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+    with timed_alone(cfg.measure_alone, rank, dist.barrier):
+        for i in range(total):
+            if i == cfg.warmup_steps:
+                reset_moe_stats(trainer.pm.module)
+            trainer.sync()
+            t0 = time.perf_counter()
+            with live if (live is not None and i == 0) else nullcontext():
+                loss = trainer.step(i)
+            trainer.sync()
+            dt = time.perf_counter() - t0
+            losses.append(loss)
+            times.append(dt)
+            yield {"type": "step", "step": i, "phase": "warmup" if i < cfg.warmup_steps else "measure",
+                   "loss": loss, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
     imbalance, dropped = trainer.routing_stats()
 
     st = state_bytes(trainer.pm.module, trainer.optimizer, device)

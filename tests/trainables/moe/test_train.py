@@ -117,3 +117,32 @@ def test_argv_round_trips_through_the_parser():
     cfg = RunConfig(model="tiny", model_overrides={"n_layers": 8}, ep=2, tp=2, precision="bf16",
                     recompute="full", stage_layers=(3, 5), pp=2, peak_tflops=2.5, memory_probe=False)
     assert config_from_args(_parser().parse_args(cfg.argv())) == cfg
+
+
+def test_timed_steps_wait_for_the_machines_measuring_lock():
+    """A run that measures alone does not time a step while another holder has the machine's
+    lock, and then runs to the end; one that does not measure alone ignores the lock."""
+    import fcntl
+    import threading
+    import time
+
+    from trainables.moe.measure import MEASURE_LOCK
+
+    cfg = RunConfig(model="tiny", ep=2, micro_batch_size=2, global_batch_size=8, seq_len=32, steps=2,
+                    warmup_steps=1, memory_probe=False)
+    with open(MEASURE_LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            t0 = time.monotonic()
+            free = launch(cfg, timeout=60)  # not alone: finishes while the lock is held
+            took = time.monotonic() - t0
+            assert len(free[0].step_times) == 3
+            out: list = []
+            worker = threading.Thread(target=lambda: out.append(launch(replace(cfg, measure_alone=True), timeout=120)))
+            worker.start()
+            worker.join(max(3 * took, 5.0))
+            assert worker.is_alive() and not out  # waiting for the lock, three times as long as a whole run took
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(120)
+    assert not worker.is_alive() and len(out[0][0].step_times) == 3
