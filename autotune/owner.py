@@ -39,6 +39,8 @@ WARM_WAIT_S = 5.0
 FREE_WAIT_S = 5.0
 # Trial coordinators and the owner run on the head node, beside the driver.
 HEAD = {"node:__internal_head__": 0.001}
+# The resources trial admission counts: what ranks take (a bundle's other keys pin it to a node).
+ADMITTED = ("CPU", "GPU")
 
 
 def start_time(pid: int) -> str | None:
@@ -205,7 +207,7 @@ def admits(need: dict[str, float], running: list[dict[str, float]], capacity: di
 
 def free_now(need: dict[str, float], available: dict[str, float]) -> bool:
     """Whether Ray's current view of free resources (`ray.available_resources()`) holds `need`."""
-    return all(available.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if k in ("CPU", "GPU"))
+    return all(available.get(k, 0.0) + 1e-9 >= v for k, v in need.items() if k in ADMITTED)
 
 
 class TrialOwner:

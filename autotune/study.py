@@ -340,7 +340,7 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     # Only the JSON logger (Tune's result grid reads it); CSV and TensorBoard files are not needed.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from autotune.owner import FREE_WAIT_S, TrialOwner, admits, demand, free_now
+    from autotune.owner import ADMITTED, FREE_WAIT_S, TrialOwner, admits, demand, free_now
 
     progress = Progress(spec.study.name + (" (re-measuring tied leaders)" if settling else ""), launches,
                         spec.budget.wall_clock_s, live=options.live)
@@ -390,7 +390,7 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     started_ray = _ray_init(spec, options.address)
     try:
         owners.append(TrialOwner())
-        capacity.update({k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
+        capacity.update({k: v for k, v in ray.cluster_resources().items() if k in ADMITTED})
         if env:
             from autotune.command_trial import EnvHolder
 

@@ -124,7 +124,7 @@ def _study(data: dict[str, Any], seed: int, work: Path, quick: bool) -> dict[str
             "pick_tokens_per_s": standing["best"]["tokens_per_s"],
             "tied": [t["layout"] for t in standing["tied"]], "verdict_tie": report["verdict"].get("tie"),
             "launches": sum(1 for t in result.trials if t.status.value not in ("pruned_by_memory_model", "invalid")),
-            "remeasures": standing.get("remeasures", 0),
+            "remeasures": standing.get("remeasures", 0), "run_spread": standing.get("run_spread"),
             "measured": {t.layout.key: t.tokens_per_s for t in result.fitting()}}
 
 
@@ -144,7 +144,7 @@ def analyse(spec, long_times: dict[str, list[list[float]]], peaks: dict[str, flo
     round_tps = [[tokens / statistics.median(long_times[k][r]) for k in keys] for r in range(rounds_n)]
     floor = [kendall_tau_b(round_tps[i], round_tps[j]) for i, j in itertools.combinations(range(rounds_n), 2)]
 
-    rows = []
+    rows, details = [], []
     for s in studies:
         pick_true = true_tps.get(s["pick"])
         regret = true_tps[true_best] / pick_true - 1 if pick_true else None
@@ -160,6 +160,8 @@ def analyse(spec, long_times: dict[str, list[list[float]]], peaks: dict[str, flo
                      "tied": len(s["tied"]), "tied_layouts": " ".join(s["tied"]), "verdict_tie": s["verdict_tie"],
                      "launches": s["launches"], "remeasures": s["remeasures"], "layouts_measured": len(common),
                      "tau_vs_true": round(tau, 4), "wall_s": s["wall_s"]})
+        details.append({"seed": s["seed"], "run_spread": s.get("run_spread"),
+                        "measured_tokens_per_s": {k: round(v, 1) for k, v in s["measured"].items()}})
 
     successes = sum(r["success"] for r in rows)
     regrets = [r["regret"] for r in rows if r["regret"] is not None]
@@ -186,7 +188,7 @@ def analyse(spec, long_times: dict[str, list[list[float]]], peaks: dict[str, flo
             "true_best": {"layout": true_best, "tokens_per_s": true_tps[true_best],
                           "tokens_per_s_interval": [tokens / best_iv.hi, tokens / best_iv.lo],
                           "tied_in_long_measurement": true_tied},
-            "successes": successes, "goal_met": met, "regret_median": med_regret,
+            "successes": successes, "goal_met": met, "study_details": details, "regret_median": med_regret,
             "regret_max": max(regrets) if regrets else None, "studies": rows,
             "tau_median": statistics.median(taus) if taus else None, "tau_noise_floor_long_rounds": floor,
             "long": {k: {"tokens_per_s": true_tps[k], "peak_mem_bytes": peaks.get(k),
