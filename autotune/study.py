@@ -342,7 +342,7 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from autotune.owner import ADMITTED, FREE_WAIT_S, TrialOwner, admits, demand, free_now
 
-    progress = Progress(spec.study.name + (" (re-measuring tied leaders)" if settling else ""), launches,
+    progress = Progress(spec.study.name + (" (re-measuring the leaders)" if settling else ""), launches,
                         spec.budget.wall_clock_s, live=options.live)
     owners: list[TrialOwner] = []  # the study's owner of every placement group and rank process
 
