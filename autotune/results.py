@@ -104,6 +104,16 @@ def pool(runs: list[TrialRecord]) -> TrialRecord:
 
 
 @dataclass(frozen=True)
+class LeaderEvidence:
+    """A study's step-time evidence per fitting layout key: the bootstrap interval over its runs,
+    how many runs it pools, and the run-to-run spread pooled over the layouts run more than once."""
+
+    intervals: dict[str, Interval]
+    runs: dict[str, int]
+    spread: RunSpread
+
+
+@dataclass(frozen=True)
 class StudyResult:
     name: str
     spec: Spec
@@ -143,26 +153,18 @@ class StudyResult:
             return self.deploy_pick().trial
         return max(self.fitting(), key=lambda t: t.tokens_per_s, default=None)
 
-    def intervals(self) -> dict[str, Interval]:
-        """Bootstrap interval on the median step time of every fitting layout, over its runs."""
+    def evidence(self) -> "LeaderEvidence":
+        """What the tie rule weighs, from one pass over the fitting layouts' runs (`measurements`):
+        each one's interval and run count, and the run-to-run spread they show together."""
         runs = self.measurements()
-        return {t.layout.key: runs_interval([_step_times(r) for r in runs[t.layout.key]])
-                for t in self.fitting()}
-
-    def run_counts(self) -> dict[str, int]:
-        """How many runs each fitting layout's figures pool (`measurements`)."""
-        runs = self.measurements()
-        return {t.layout.key: len(runs[t.layout.key]) for t in self.fitting()}
-
-    def run_spread(self) -> RunSpread:
-        """The run-to-run spread of step time, from the fitting layouts measured more than once."""
-        runs = self.measurements()
-        return RunSpread.of({t.layout.key: [_step_times(r) for r in runs[t.layout.key]] for t in self.fitting()})
+        steps = {t.layout.key: [_step_times(r) for r in runs[t.layout.key]] for t in self.fitting()}
+        return LeaderEvidence(intervals={k: runs_interval(v) for k, v in steps.items()},
+                              runs={k: len(v) for k, v in steps.items()}, spread=RunSpread.of(steps))
 
     def standing(self) -> dict[str, Any] | None:
         """The best layout, the layouts statistically tied with it (autotune.stats) and the rule."""
-        intervals = self.intervals()
-        spread, counts = self.run_spread(), self.run_counts()
+        ev = self.evidence()
+        intervals, spread, counts = ev.intervals, ev.spread, ev.runs
         key, tied = tied_with_best(intervals, spread, counts)
         if key is None:
             return None

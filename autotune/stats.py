@@ -5,8 +5,9 @@ same layouts on a 2-core machine agreed only at Kendall tau 0.76-0.79 (benchmark
 and one layout's step time moved 1.75x between back-to-back runs. So a single median says
 little on its own: every measured layout gets a bootstrap interval on its median step time,
 the spread between repeated runs of one layout is estimated from the study's re-measures
-(`RunSpread`), and the best is named together with the layouts statistically tied with it. The report, early stopping and the searcher all read these functions; nothing here
-knows of trials, Optuna or Ray (plain numbers in, plain data out).
+(`RunSpread`), and the best is named together with the layouts statistically tied with it.
+The report, early stopping and the searcher all read these functions; nothing here knows
+of trials, Optuna or Ray (plain numbers in, plain data out).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def runs_interval(runs: Sequence[Iterable[float]], confidence: float = CONFIDENC
     are not independent of each other; resampling whole runs carries the run-to-run spread
     (one layout's step time moved 1.75x between back-to-back runs here) into the interval,
     where pooling every step as if independent would hide it."""
-    clean = [np.asarray([t for t in r if t is not None and math.isfinite(t)], dtype=float) for r in runs]
+    clean = [np.asarray(_finite(r), dtype=float) for r in runs]
     clean = [r for r in clean if r.size]
     n = int(sum(r.size for r in clean))
     if n == 0:
@@ -165,9 +166,21 @@ class RunSpread:
                         iv.confidence)
 
 
-def _median(steps: Iterable[float]) -> float | None:
-    clean = [t for t in steps if t is not None and math.isfinite(t)]
+def _finite(steps: Iterable[float | None]) -> list[float]:
+    """The steps that were measured: a step the run lost (None, nan, inf) says nothing."""
+    return [t for t in steps if t is not None and math.isfinite(t)]
+
+
+def _median(steps: Iterable[float | None]) -> float | None:
+    clean = _finite(steps)
     return float(np.median(clean)) if clean else None
+
+
+def _fastest_first(intervals: Mapping[K, Interval]) -> list[K]:
+    """The keys with at least one measured step, lowest median step time first (ties by key,
+    so the order never depends on the mapping's)."""
+    measured = [k for k, v in intervals.items() if v.n > 0 and math.isfinite(v.median)]
+    return sorted(measured, key=lambda k: (intervals[k].median, str(k)))
 
 
 def separated(a: Interval, b: Interval) -> bool:
@@ -184,20 +197,19 @@ def tied_with_best(intervals: Mapping[K, Interval], spread: RunSpread | None = N
     medians differ by less than the run-to-run margin.
 
     Keys without a measured step (n == 0) take no part."""
-    measured = {k: v for k, v in intervals.items() if v.n > 0 and math.isfinite(v.median)}
-    if not measured:
+    order = _fastest_first(intervals)
+    if not order:
         return None, []
-    order = sorted(measured, key=lambda k: (measured[k].median, str(k)))
     best = order[0]
     runs = runs or {}
 
     def tied(k: K) -> bool:
-        if not separated(measured[best], measured[k]):
+        if not separated(intervals[best], intervals[k]):
             return True
-        if spread is None or not spread.known or measured[best].median <= 0:
+        if spread is None or not spread.known or intervals[best].median <= 0:
             return False
-        gap = math.log(measured[k].median / measured[best].median)
-        return gap <= spread.margin(runs.get(best, 1), runs.get(k, 1), measured[best].confidence)
+        gap = math.log(intervals[k].median / intervals[best].median)
+        return gap <= spread.margin(runs.get(best, 1), runs.get(k, 1), intervals[best].confidence)
 
     return best, [k for k in order[1:] if tied(k)]
 
@@ -215,8 +227,7 @@ def leaders_to_remeasure(intervals: Mapping[K, Interval], max_leaders: int = MAX
     if not tied:
         if runs is None or runs.get(best, 1) >= 2 or len(intervals) < 2:
             return []
-        measured = {k: v for k, v in intervals.items() if v.n > 0 and math.isfinite(v.median)}
-        tied = sorted((k for k in measured if k != best), key=lambda k: (measured[k].median, str(k)))
+        tied = _fastest_first(intervals)[1:]
     return [best, *tied][:max(2, max_leaders)]
 
 

@@ -310,8 +310,8 @@ def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options
             break
         result = StudyResult(spec.study.name, spec, tuple(stored_records(study)))
         latest = {t.layout.key: t for t in result.fitting()}
-        leaders = [latest[k] for k in leaders_to_remeasure(result.intervals(), spread=result.run_spread(),
-                                                            runs=result.run_counts())][:budget]
+        ev = result.evidence()
+        leaders = [latest[k] for k in leaders_to_remeasure(ev.intervals, spread=ev.spread, runs=ev.runs)][:budget]
         if len(leaders) < 2:
             break
         error = _tune(spec, screening, study, tracker, parent, len(leaders), options, session, leaders,

@@ -18,7 +18,7 @@ import os
 import tempfile
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -244,23 +244,33 @@ MEASURE_LOCK = os.path.join(tempfile.gettempdir(), "autotune-measure.lock")
 
 
 @contextlib.contextmanager
-def timed_alone(enabled: bool, rank: int, barrier: Callable[[], None], path: str = MEASURE_LOCK) -> Iterator[None]:
-    """Hold the machine's measuring lock while the timed steps run, so that trials whose ranks
-    share cores (CPU ranks; `cluster.cpus_per_rank` < 1) do not time each other's work: rank 0
-    takes the lock, then every rank passes `barrier`, so the whole trial starts timing together.
+def timed_alone(enabled: bool, rank: int, barrier: Callable[[], None], hosts: Sequence[str] | None = None,
+                lock_for: Callable[[str], str] = lambda host: MEASURE_LOCK) -> Iterator[None]:
+    """Hold the measuring lock of every machine the trial runs on while the timed steps run, so
+    that trials whose ranks share cores (CPU ranks; `cluster.cpus_per_rank` < 1) do not time each
+    other's work. `hosts[r]` names global rank r's machine (None: one machine); the lowest rank
+    on each machine takes that machine's lock (`lock_for(host)`), machine after machine in name
+    order with a `barrier` after each, so the whole trial starts timing together.
 
+    Every trial takes the locks in the same (name) order, so two trials that share machines
+    cannot each hold one lock and wait for the other's: one of them gets them all first.
     Only timing is serialised: start-up, placement and the memory probe still overlap. On this
     2-core machine two concurrent quick-start trials slowed each other by 20-40%, which is
-    what made one layout's runs in one study differ more than its steps showed. The lock goes
+    what made one layout's runs in one study differ more than its steps showed. A lock goes
     with the process if it dies (flock)."""
     if not enabled:
         yield
         return
-    handle = open(path, "a+") if rank == 0 else None
+    hosts = list(hosts) if hosts is not None else [""] * (rank + 1)
+    mine = hosts[rank]
+    lead = hosts.index(mine) == rank  # the lowest rank on this machine
+    handle = None
     try:
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        barrier()
+        for host in sorted(set(hosts)):
+            if lead and host == mine:
+                handle = open(lock_for(host), "a+")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            barrier()
         yield
     finally:
         if handle is not None:

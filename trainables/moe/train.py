@@ -218,7 +218,11 @@ def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, An
                                                    device)
         limit = None
     live = LiveMemory(resident, limit) if (cfg.memory_probe or limit is not None) else None
-    with timed_alone(cfg.measure_alone, rank, dist.barrier):
+    hosts = None
+    if cfg.measure_alone:  # every machine of the trial is locked while it times (measure.timed_alone)
+        hosts = [""] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname())
+    with timed_alone(cfg.measure_alone, rank, dist.barrier, hosts):
         for i in range(total):
             if i == cfg.warmup_steps:
                 reset_moe_stats(trainer.pm.module)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from autotune.schema import DEVICE_MEMORY_METRICS, MEMORY_CATEGORIES, SUMMARY_METRICS
 from tests.launch import free_port, launch
+from trainables.moe.measure import timed_alone
 from trainables.moe.train import RunConfig, main
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -146,3 +148,70 @@ def test_timed_steps_wait_for_the_machines_measuring_lock():
             fcntl.flock(held, fcntl.LOCK_UN)
     worker.join(120)
     assert not worker.is_alive() and len(out[0][0].step_times) == 3
+
+
+def _ranks_timing_alone(hosts: list[str], lock_for, inside, pause: float = 0.0) -> list[threading.Thread]:
+    """One thread per rank of a trial on `hosts`, each running `inside(rank)` under timed_alone;
+    each barrier first waits `pause` s (a slow network: the window in which another trial starts)."""
+    import time
+
+    barrier = threading.Barrier(len(hosts))
+
+    def wait() -> None:
+        time.sleep(pause)
+        barrier.wait(60)
+
+    def rank_body(r: int) -> None:
+        with timed_alone(True, r, wait, hosts, lock_for):
+            inside(r)
+
+    threads = [threading.Thread(target=rank_body, args=(r,), daemon=True) for r in range(len(hosts))]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_a_trial_on_two_machines_holds_both_machines_locks_while_it_times(tmp_path):
+    import fcntl
+
+    lock_for = lambda host: str(tmp_path / f"{host}.lock")  # noqa: E731  one lock file per machine
+    entered: list[int] = []
+    held_inside: list[bool] = []
+    steps = threading.Barrier(4)  # the timed steps' collectives: no rank leaves before the others
+
+    def inside(r: int) -> None:
+        entered.append(r)
+        if r == 0:  # while timing, neither machine's lock can be taken by anyone else
+            for host in ("a", "b"):
+                with open(lock_for(host), "a+") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        held_inside.append(False)
+                        fcntl.flock(f, fcntl.LOCK_UN)
+                    except BlockingIOError:
+                        held_inside.append(True)
+        steps.wait(30)
+
+    with open(lock_for("b"), "a+") as other:  # another trial is timing on machine b
+        fcntl.flock(other, fcntl.LOCK_EX)
+        threads = _ranks_timing_alone(["a", "a", "b", "b"], lock_for, inside)
+        threads[0].join(1.0)
+        assert entered == []  # no rank times while machine b is busy, not even machine a's
+        fcntl.flock(other, fcntl.LOCK_UN)
+    for t in threads:
+        t.join(30)
+    assert sorted(entered) == [0, 1, 2, 3] and held_inside == [True, True]
+
+
+def test_two_trials_sharing_two_machines_in_opposite_rank_order_both_finish(tmp_path):
+    """Locks go by machine name, not rank: a trial whose rank 0 is on b and one whose rank 0 is
+    on a cannot each hold one machine and wait for the other."""
+    lock_for = lambda host: str(tmp_path / f"{host}.lock")  # noqa: E731
+    done: list[str] = []
+    for _ in range(5):  # each trial takes its first lock within the other's start-up window
+        threads = (_ranks_timing_alone(["a", "b"], lock_for, lambda r: done.append("ab"), pause=0.2)
+                   + _ranks_timing_alone(["b", "a"], lock_for, lambda r: done.append("ba"), pause=0.2))
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "the two trials deadlocked"
+    assert done.count("ab") == done.count("ba") == 10
