@@ -157,10 +157,29 @@ def test_scheduler_submits_on_a_cron_schedule():
     assert (DOCKER / "../search_spaces/quickstart-cpu.yaml").resolve().is_file()
 
 
-def _run_scheduler(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _run_scheduler(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, str(DOCKER / "scheduler.py"), *args], capture_output=True, text=True,
                           env=env, timeout=60)
+
+
+def test_scheduler_runs_at_start_when_asked_and_refuses_a_bad_switch(tmp_path):
+    assert env_of("scheduler")["AUTOTUNE_RUN_NOW"] == "${AUTOTUNE_RUN_NOW:-0}"  # off unless the user sets it
+    out = tmp_path / "ran.txt"
+    proc = subprocess.Popen([sys.executable, str(DOCKER / "scheduler.py"), "--schedule", "0 2 1 1 *", "--",
+                             sys.executable, "-c", f"open({str(out)!r}, 'w').write('ran')"],
+                            env={**os.environ, "PYTHONPATH": str(REPO), "AUTOTUNE_RUN_NOW": "1"},
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]  # the schedule, the run, its end
+        assert "starting" in lines[1] and "finished with exit code 0" in lines[2], lines
+        assert out.read_text() == "ran"
+        assert "next run at" in proc.stdout.readline()  # then it waits for the schedule (1 January)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = _run_scheduler("--schedule", "@daily", "--", "true", env={"AUTOTUNE_RUN_NOW": "maybe"})
+    assert bad.returncode == 2 and bad.stderr.startswith("error: AUTOTUNE_RUN_NOW must be 1 or 0"), bad.stderr
 
 
 def test_scheduler_script_plans_runs_and_refuses_bad_schedules():
