@@ -3,6 +3,7 @@ few layouts measured on real gloo ranks (benchmarks/memory_model.py runs the who
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import replace
 
@@ -134,6 +135,8 @@ def _profiled_calls(model, layouts) -> int:
         nonlocal calls
         calls += event in ("call", "c_call")
 
+    gc.collect()
+    gc.disable()  # a collection mid-count runs finalizers and callbacks that are not the model's work
     sys.setprofile(count)
     try:
         for gbs in (512, 1024, 2048, 4096):  # a new global batch: every stage is placed again
@@ -141,6 +144,7 @@ def _profiled_calls(model, layouts) -> int:
                 predict(model, dims, RunShape(mb, gbs, 4096, prec, rec, sched), "cuda")
     finally:
         sys.setprofile(None)
+        gc.enable()
     return calls
 
 
@@ -156,8 +160,9 @@ def test_prediction_is_arithmetic_whose_cost_does_not_grow_with_the_layers():
         _profiled_calls(m, layouts[:1])  # one-time work (device tables, the model's MoE layer count)
         clear_caches()
         counts.append(_profiled_calls(m, layouts))
-    # A loop over layers would make the 1,536-layer model cost 64 times as many calls.
-    assert counts[0] == counts[1], counts
+    # A loop over layers would make the 1,536-layer model cost 64 times as many calls; the 1% slack
+    # absorbs the interpreter's own incidental calls (CI once counted 31 more of 341,148).
+    assert counts[1] <= 1.01 * counts[0], counts
     per_prediction = counts[0] / (4 * len(layouts))
     assert per_prediction < 400, f"{per_prediction:.0f} calls per prediction"
 
