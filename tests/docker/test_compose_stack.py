@@ -213,17 +213,24 @@ class Stack:
         raise RuntimeError(f"{name} did not answer at {url}")
 
     def stop(self) -> None:
+        """As `docker compose down`: SIGTERM to each service's first process only, 10 s of grace, then
+        everything left of the service is killed. (SIGTERM to the whole group would stop Ray's GCS
+        under `ray start --block`, whose drain then waits out its 30 s timeout.)"""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, signal.SIGTERM)
                 except OSError:
                     pass
         for proc in self.procs:
             try:
-                proc.wait(20)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
+                pass
+            try:
                 os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         Cluster(root=self.ray_root, port=self.gcs_port, env={}).stop()
         if self.pg is not None:
             self.pg.stop()
