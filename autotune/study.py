@@ -130,6 +130,7 @@ def _ray_init(spec: Spec, address: str | None) -> bool:
         return True
     # The ranks' CPUs; trial coordinators only hold a sliver of the head node's own resource.
     num_cpus = max(1, math.ceil(spec.cluster.total_ranks * spec.cluster.cpus_per_rank))
+    kwargs["_system_config"] = {"num_workers_soft_limit": warm_workers(spec, num_cpus)}
     try:
         ray.init(num_cpus=num_cpus, **kwargs)
     except Exception as exc:
@@ -141,6 +142,18 @@ def _ray_init(spec: Spec, address: str | None) -> bool:
         ray.shutdown()
         ray.init(num_cpus=num_cpus, **kwargs)
     return True
+
+
+def warm_workers(spec: Spec, num_cpus: int) -> int:
+    """How many worker processes the local Ray keeps alive between trials (its idle-worker soft
+    limit), so that every rank of the next trial finds a worker that already imported torch.
+
+    Ray 2.60 left at its default killed idle workers between trials here: in a study of world-2
+    trials on 2 CPUs, 3 of 5 trials forked their second rank from a new worker, which imports
+    torch first (4-6 s of a 6 s trial; benchmarks/warm_workers.py measures the whole study).
+    Room for every rank of the cluster, the concurrent trials' coordinators and the study's own
+    actors keeps them all."""
+    return max(num_cpus, spec.cluster.total_ranks + spec.budget.max_concurrent + 2)
 
 
 def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) -> StudyResult:

@@ -75,6 +75,18 @@ def test_every_trial_is_recorded_with_a_status(study_run):
         assert not t.metrics and "predicted peak" in t.reason
 
 
+def test_trials_run_their_ranks_on_warm_workers(study_run):
+    """Ray kills idle workers beyond a soft limit (by default its CPU count, actors included): at
+    that default every trial here started its second rank on a new worker that imported torch
+    first (5-6 s of a 6 s trial). The study's Ray keeps one warm worker per rank."""
+    tmp, data, spec, result = study_run
+    launched = _searched(result.trials)
+    workers = [{r["worker_pid"] for r in t.ranks} for t in launched]
+    assert all(len(w) == t.layout.world_size for w, t in zip(workers, launched))
+    # at most one worker per rank of the cluster (one more for a worker handed back a moment late)
+    assert len(set().union(*workers)) <= spec.cluster.total_ranks + 1, workers
+
+
 def test_tied_leaders_are_measured_again_until_separated_or_the_budget_is_spent(study_run):
     tmp, data, spec, result = study_run
     again = [t for t in result.trials if t.reason.startswith(TIE_REMEASURE)]

@@ -42,6 +42,13 @@ def test_trial_overhead_quick():
     assert {"autotune", "torchtrainer", "ratio_median", "goals_met"} <= set(data)
 
 
+def test_warm_workers_quick():
+    (data,) = _check(_run("benchmarks.warm_workers", "--quick", timeout=600), "warm_workers_quick")
+    assert data["all_trials_ok"] and [r["side"] for r in data["studies"]] == ["default", "warm"]
+    default, warm = data["studies"]
+    assert default["soft_limit"] == -1 and warm["soft_limit"] > 0 and warm["rank_starts"] > 0
+
+
 def test_search_efficiency_quick_replays_the_committed_grid():
     assert (RESULTS / "grid_tiny_cpu.csv").exists(), "the measured grid table is part of the repository"
     (data,) = _check(_run("benchmarks.search_efficiency", "--quick", timeout=180), "search_efficiency_quick")
