@@ -414,8 +414,11 @@ def render_manifests(spec: Spec, space_text: str, *, schedule: str, image: str, 
     }
     # The driver's settings (autotune/settings.py): reports, trial logs and the journal on the volume.
     head_container["env"] = [{"name": "AUTOTUNE_RUNS_DIR", "value": DATA_DIR}, *env]
+    # Ray kills idle workers beyond a soft limit; at its default a node killed them between trials,
+    # so each trial's ranks started on new workers that import torch first (autotune.study.warm_workers).
     worker_container = {"name": "ray-worker", "image": image, "imagePullPolicy": "IfNotPresent",
                         "securityContext": CONTAINER_SECURITY,
+                        "env": [{"name": "RAY_num_workers_soft_limit", "value": str(shape.ranks + 2)}],
                         "resources": worker_resources, "volumeMounts": [shm_mount]}
     cluster = {
         "apiVersion": RAY_API, "kind": "RayCluster",

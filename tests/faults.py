@@ -152,11 +152,13 @@ class Cluster:
 
 
 def cluster_env() -> dict[str, str]:
-    """Token auth on with this session's token (tests/conftest.py), fast node-death detection."""
+    """Token auth on with this session's token (tests/conftest.py), fast node-death detection, and
+    the deployment's idle-worker limit."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16),
                RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="4",
-               RAY_health_check_initial_delay_ms="0", RAY_health_check_timeout_ms="1000")
+               RAY_health_check_initial_delay_ms="0", RAY_health_check_timeout_ms="1000",
+               RAY_num_workers_soft_limit="64")  # idle workers kept, as docker/docker-compose.yml keeps them
     return env
 
 

@@ -103,6 +103,10 @@ def test_raycluster_head_and_worker_group(rendered):
         assert group["replicas"] == 1
         assert res["limits"] == {"cpu": "3", "memory": "6G"} and "nvidia.com/gpu" not in res["limits"]
     assert group["replicas"] * (res["limits"].get("nvidia.com/gpu") or 4) >= spec.cluster.total_ranks
+    # idle workers kept for every rank of the pod and more: at Ray's default a node killed them between trials
+    env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
+    ranks_per_pod = -(-spec.cluster.total_ranks // group["replicas"])
+    assert int(env["RAY_num_workers_soft_limit"]) > ranks_per_pod
 
 
 def test_every_volume_mount_has_its_volume(rendered):

@@ -107,6 +107,10 @@ def test_workers_scale():
     gpu = SERVICES["ray-worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # every Ray node keeps its idle workers between trials (at Ray's default a node killed them)
+    for name in ("ray-head", "ray-worker", "ray-worker-gpu"):
+        env = interpolate(SERVICES[name]["environment"], {"RAY_AUTH_TOKEN": "t", "MLFLOW_AUTH_ADMIN_PASSWORD": "p"})
+        assert int(env["RAY_num_workers_soft_limit"]) >= 64, name
 
 
 def test_mlflow_on_postgres_with_allowed_hosts_and_basic_auth():
