@@ -39,6 +39,13 @@ class TrialRecord:
         return self.status == Status.OK
 
     @property
+    def searched(self) -> bool:
+        """Launched by the search: neither refused before launch nor an end-of-study re-measure of a
+        tied leader (those have a budget of their own)."""
+        return (self.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)
+                and not self.reason.startswith(TIE_REMEASURE))
+
+    @property
     def tokens_per_s(self) -> float:
         return float(self.metrics.get("tokens_per_s", 0.0))
 

@@ -24,8 +24,7 @@ from autotune.candidates import Candidate, screen
 from autotune.layout import Layout
 from autotune.placement import plan
 from autotune.progress import Progress
-from autotune.results import TIE_REMEASURE, StudyResult, TrialRecord, run_config_for
-from autotune.schema import Status
+from autotune.results import StudyResult, TrialRecord, run_config_for
 from autotune.settings import resolve
 from autotune.spec import Spec
 from autotune.study_store import (CALIBRATION_ATTR, EXPERIMENT_ATTR, PARENT_ATTR, PROFILE_ATTR, SESSIONS_ATTR,
@@ -252,8 +251,7 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
 
     records = stored_records(study)
     # What the search launched: the end-of-study re-measures have a budget of their own.
-    launched = sum(1 for r in records if r.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)
-                   and not r.reason.startswith(TIE_REMEASURE))
+    launched = sum(1 for r in records if r.searched)
     launches = spec.budget.trials if options.extend else max(0, spec.budget.trials - launched)
     top = spec.budget.remeasure_top if options.remeasure_top is None else options.remeasure_top
     remeasure = []

@@ -50,8 +50,6 @@ def one_study(side: str, trials: int, folder: Path) -> dict[str, Any]:
     import yaml
 
     import autotune.study as study_module
-    from autotune.results import TIE_REMEASURE
-    from autotune.schema import Status
     from autotune.spec import spec_from_data
     from autotune.study import RunOptions, run_study
 
@@ -67,8 +65,7 @@ def one_study(side: str, trials: int, folder: Path) -> dict[str, Any]:
     started = time.monotonic()
     result = run_study(spec, text, RunOptions(live=False))
     wall = time.monotonic() - started
-    launched = [t for t in result.trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)
-                and not t.reason.startswith(TIE_REMEASURE)]
+    launched = [t for t in result.trials if t.searched]
     seen: set[int] = set()
     cold = 0
     for t in sorted(launched, key=lambda t: t.number):

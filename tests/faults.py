@@ -82,6 +82,15 @@ def rank_processes(session_dir: str, raylet: int | None = None) -> list[int]:
     return sorted(out)
 
 
+def _signal(pids: list[int], sig: int) -> None:
+    """Signal each process that still exists (one may have gone since it was listed)."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,25 +138,15 @@ class Cluster:
         """The raylets first, then the rest: a raylet given SIGTERM while its GCS is going too waits
         out a drain timeout instead of exiting at once."""
         raylets = [pid for pid in self.pids() if "raylet/raylet" in cmdline(pid)]
-        for pid in raylets:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
+        _signal(raylets, signal.SIGTERM)
         wait_gone(raylets, 5)
         pids = self.pids()
-        for pid in pids:
-            try:
-                # the autoscaler's monitor ignores SIGTERM and would hold up the teardown 5 s
-                os.kill(pid, signal.SIGKILL if "autoscaler/_private/monitor.py" in cmdline(pid) else signal.SIGTERM)
-            except OSError:
-                pass
+        # the autoscaler's monitor ignores SIGTERM and would hold up the teardown 5 s
+        monitor = [pid for pid in pids if "autoscaler/_private/monitor.py" in cmdline(pid)]
+        _signal(monitor, signal.SIGKILL)
+        _signal([pid for pid in pids if pid not in monitor], signal.SIGTERM)
         left = wait_gone(pids, 5)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        _signal(left, signal.SIGKILL)
         wait_gone(left, 10)
 
 

@@ -53,8 +53,7 @@ def study_run(tmp_path_factory):
 
 def _searched(trials):
     """Trials the search launched (not the end-of-study re-measures of tied leaders)."""
-    return [t for t in trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)
-            and not t.reason.startswith(TIE_REMEASURE)]
+    return [t for t in trials if t.searched]
 
 
 def test_every_trial_is_recorded_with_a_status(study_run):
@@ -76,9 +75,9 @@ def test_every_trial_is_recorded_with_a_status(study_run):
 
 
 def test_trials_run_their_ranks_on_warm_workers(study_run):
-    """Ray kills idle workers beyond a soft limit (by default its CPU count, actors included): at
-    that default every trial here started its second rank on a new worker that imported torch
-    first (5-6 s of a 6 s trial). The study's Ray keeps one warm worker per rank."""
+    """Ray kills idle workers beyond a soft limit: at Ray's default, 3 of the 5 trials here started
+    their second rank on a new worker that imported torch first (4-6 s of a 6 s trial). The
+    study's Ray keeps one warm worker per rank."""
     tmp, data, spec, result = study_run
     launched = _searched(result.trials)
     workers = [{r["worker_pid"] for r in t.ranks} for t in launched]
