@@ -52,11 +52,11 @@ SUMMARY_METRICS: tuple[str, ...] = THROUGHPUT_METRICS + (
     "loss_last",
 )
 
-# Not from the trainable: autotune computes these from a trial's measured steps (autotune.stats),
+# Not from the trainable: autotune computes these from a trial's measured steps (autotune.search.stats),
 # the 90% bootstrap interval on the median step time, recorded beside `step_time_s`.
 INTERVAL_METRICS: tuple[str, ...] = ("step_time_lo_s", "step_time_hi_s")
 
-# The step-time model's prediction for a trial (autotune/steptime.py, calibrated on the trials
+# The step-time model's prediction for a trial (autotune/predict/steptime.py, calibrated on the trials
 # measured before it was chosen), recorded beside the measured tokens_per_s and step_time_s.
 PREDICTED_SPEED: tuple[str, ...] = ("pred_tokens_per_s", "pred_step_time_s")
 

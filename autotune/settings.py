@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from autotune.spec import Spec
+from autotune.space.spec import Spec
 
 RUNS_ENV = "AUTOTUNE_RUNS_DIR"
 STORAGE_ENV = "AUTOTUNE_STORAGE"

@@ -7,7 +7,7 @@ Figures:
 * measured steps run, trials stopped early, and the study's wall time in each run: the steps
   and seconds early stopping saved (ratio = with / without);
 * the best layout each run found, with its tokens/s and the 90% interval on its median step
-  time (autotune.stats): "no worse" when the early-stopping run's best is faster, or their
+  time (autotune.search.stats): "no worse" when the early-stopping run's best is faster, or their
   intervals overlap (tied within noise).
 
     python -m benchmarks.early_stop            # the quick-start budget (14 trials), ~2 x 2 min
@@ -52,9 +52,9 @@ def space(early_stop: bool, quick: bool, tmp: Path) -> dict[str, Any]:
 
 def run(early_stop: bool, quick: bool, tmp: Path) -> dict[str, Any]:
     from autotune.schema import Status
-    from autotune.spec import spec_from_data
-    from autotune.stats import step_time_interval
-    from autotune.study import RunOptions, run_study
+    from autotune.search.stats import step_time_interval
+    from autotune.space.spec import spec_from_data
+    from autotune.study.runner import RunOptions, run_study
 
     data = space(early_stop, quick, tmp)
     started = time.monotonic()
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.early_stop", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 ranks, 3 trials: checks the script works")
     args = p.parse_args(argv)
-    from autotune.stats import separated
+    from autotune.search.stats import separated
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-early-stop-") as d:

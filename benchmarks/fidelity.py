@@ -91,7 +91,7 @@ def kendall_tau_b(x: list[float], y: list[float]) -> float:
 
 def _long_run(spec, layout, warmup: int, measure: int) -> tuple[list[float], float | None]:
     """Measured step times (slowest rank) and the measured peak of one run of a layout."""
-    from autotune.results import run_config_for
+    from autotune.trials.configs import run_config_for
     from tests.launch import launch
 
     cfg = replace(run_config_for(spec, layout, timeout_s=600), warmup_steps=warmup, steps=measure)
@@ -106,8 +106,8 @@ def _study(data: dict[str, Any], seed: int, work: Path, quick: bool) -> dict[str
     """One `autotune run` of the space with this seed, in its own folder; its pick and trials."""
     import yaml
 
-    from autotune.spec import spec_from_data
-    from autotune.study import load_result
+    from autotune.space.spec import spec_from_data
+    from autotune.study.store import load_result
 
     d = json.loads(json.dumps(data))
     folder = work / f"study{seed}"
@@ -140,7 +140,7 @@ def _study(data: dict[str, Any], seed: int, work: Path, quick: bool) -> dict[str
 def analyse(spec, long_times: dict[str, list[list[float]]], peaks: dict[str, float], studies: list[dict[str, Any]],
             measure: int, quick: bool) -> dict[str, Any]:
     """Regret, ties and tau of every study against the long measurement; prints the table."""
-    from autotune.stats import runs_interval, tied_with_best
+    from autotune.search.stats import runs_interval, tied_with_best
 
     cap = spec.objective.memory_cap * spec.cluster.memory_bytes
     tokens = spec.search.global_batch_size * spec.search.seq_len
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     import tests.launch as launch_mod
-    from autotune.candidates import screen
-    from autotune.spec import spec_from_data
+    from autotune.predict.candidates import screen
+    from autotune.space.spec import spec_from_data
 
     # Ranks fork from a server that already imported these, so a run starts in milliseconds.
     launch_mod._CTX.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.pipelining",

@@ -21,9 +21,9 @@ a crash or an out-of-memory in one part keeps the others:
   pydantic; where they are missing it is skipped, and the JSON says so.
 
 The first two parts import only torch, numpy-free standard library, the trainable and
-`autotune/memory.py` (with pyyaml for the device profiles), so they run where no tuner is
+`autotune/predict/memory.py` (with pyyaml for the device profiles), so they run where no tuner is
 installed. Predictions on CUDA use the memory overhead terms of the card's device profile
-(`autotune/profiles/devices.yaml`); `calibrated` in the JSON is those terms fitted from the
+(`autotune/space/profiles/devices.yaml`); `calibrated` in the JSON is those terms fitted from the
 measured runs, ready to be written into the profile.
 
 With `--device cpu` every part runs the tiny preset on CPU (smaller shapes, a few MB of memory
@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from autotune.device_memory import Sample, calibrate, overhead_for  # noqa: E402
-from autotune.memory import predict  # noqa: E402
+from autotune.predict.device_memory import Sample, calibrate, overhead_for  # noqa: E402
+from autotune.predict.memory import predict  # noqa: E402
 from trainables.moe.config import ParallelDims, RunShape, flops_per_token, preset  # noqa: E402
 
 PARTS = ("small", "moe64e", "study")
@@ -207,7 +207,7 @@ def _train_cmd(run: dict[str, Any], device: str, n_layers: int | None, metrics: 
     return cmd
 
 
-# Device profile (autotune/profiles/devices.yaml) by a fragment of the card's name.
+# Device profile (autotune/space/profiles/devices.yaml) by a fragment of the card's name.
 CARD_PROFILES = (("H200", "H200"), ("H100", "H100-SXM"), ("A100", "A100-80GB"), ("B200", "B200"))
 
 

@@ -16,7 +16,7 @@ and nothing to overlap). The two modes alternate launch by launch, over 5 rounds
 both alike; a layout's step time is the median over its rounds' medians.
 
 At those settings the peak of a step is in backward, where the flat copy does not exist yet.
-So the memory effect is measured on a second case too, the one of `tests/autotune/test_memory.py`
+So the memory effect is measured on a second case too, the one of `tests/autotune/predict/test_memory.py`
 whose peak is the flat all-reduce: DP2, the tiny model, micro-batch 1, full recompute (memory
 is deterministic: one run per mode).
 
@@ -45,7 +45,7 @@ from trainables.moe.run_config import RunConfig  # noqa: E402
 MODEL = {"d_model": 128, "ffn_hidden": 256, "dense_ffn_hidden": 256, "vocab_size": 2048}
 LAYOUTS = {"DP2": dict(dp=2), "EP2": dict(ep=2)}
 MODES = ("flat", "bucketed")
-# Where the flat all-reduce is the peak of the step (tests/autotune/test_memory.py).
+# Where the flat all-reduce is the peak of the step (tests/autotune/predict/test_memory.py).
 MEMORY_CASE = RunConfig(model="tiny", dp=2, micro_batch_size=1, global_batch_size=4, seq_len=32,
                         recompute="full", steps=1, warmup_steps=1, device="cpu")
 

@@ -1,4 +1,4 @@
-"""How well the analytic memory model (`autotune/memory.py`) predicts measured per-rank memory.
+"""How well the analytic memory model (`autotune/predict/memory.py`) predicts measured per-rank memory.
 
 The grid: every layout of the tiny model with a world size up to 4 (the 15 valid EP/TP/PP/DP
 combinations) runs on real gloo ranks for each precision (fp32, bf16, fp16), each activation
@@ -58,7 +58,7 @@ _launch._CTX.set_forkserver_preload(["torch", "torch._dynamo", "torch.distribute
                                      "torch.distributed.fsdp.sharded_grad_scaler", "trainables.moe.train",
                                      "tests.launch"])
 
-from autotune.memory import predict, state_memory
+from autotune.predict.memory import predict, state_memory
 from tests.launch import launch
 from trainables.moe.config import PRECISIONS, RECOMPUTE_MODES, SCHEDULES, preset
 from trainables.moe.run_config import RunConfig

@@ -5,8 +5,8 @@ Figures, all measured in this run:
 * `autotune validate benchmarks/spaces/screen_100k.yaml` as a user runs it: a fresh Python
   process, wall time from start to exit (imports, YAML, validation, screening, the table);
   best and median of several runs. Goal: under 1 s.
-* `autotune.candidates.screen(spec)` alone, in this process.
-* Baseline: the same verdicts by `autotune.candidates.judge(spec, layout)` one layout at a time,
+* `autotune.predict.candidates.screen(spec)` alone, in this process.
+* Baseline: the same verdicts by `autotune.predict.candidates.judge(spec, layout)` one layout at a time,
   the straightforward path (the model rebuilt and every rule checked per candidate). The ratio
   baseline / screen says what screen's sharing buys. Both must give identical verdicts and
   identical memory predictions.
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from autotune.candidates import judge, layouts_of, screen
-    from autotune.spec import load_spec, spec_from_data
+    from autotune.predict.candidates import judge, layouts_of, screen
+    from autotune.space.spec import load_spec, spec_from_data
 
     space = SPACE
     if args.quick:  # a slice: fewer micro-batch sizes and world sizes
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"autotune validate (fresh process): best {min(cli):.3f} s, median {statistics.median(cli):.3f} s")
 
     screen_s, baseline_s = [], []
-    from autotune.layout import clear_caches as clear_layout_caches
-    from autotune.memory import clear_caches as clear_memory_caches
+    from autotune.predict.memory import clear_caches as clear_memory_caches
+    from autotune.space.layout import clear_caches as clear_layout_caches
 
     def clear_caches() -> None:
         clear_memory_caches()

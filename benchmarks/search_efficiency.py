@@ -25,7 +25,7 @@ strategy that launches it gets a failed trial.
   told directly, as fair as a user would make it: a repeated layout gets its measured result back
   without a launch, an over-cap or failed layout is told as completed and infeasible (Optuna's
   constraint), a proposal that is no layout is refused before launch; no memory model;
-* autotune: `autotune.searcher.LayoutSearcher` driven exactly as Ray Tune drives it (`suggest`,
+* autotune: `autotune.search.searcher.LayoutSearcher` driven exactly as Ray Tune drives it (`suggest`,
   then `on_trial_complete`), on an in-memory Optuna study, with the default `study.sampler: auto`:
   memory-model pruning, the opening on the step-time model's fastest predicted layouts (one per
   (ep, tp, pp) family), then the calibrated model's best unmeasured layout alternating with TPE;
@@ -74,10 +74,10 @@ if str(ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
+from autotune.predict.candidates import INVALID, Screening, screen  # noqa: E402
+from autotune.space.layout import Layout  # noqa: E402
+from autotune.space.spec import Spec, spec_from_data  # noqa: E402
 from benchmarks.common import RESULTS, SPACES, machine, say, write_csv, write_json  # noqa: E402
-from autotune.candidates import INVALID, Screening, screen  # noqa: E402
-from autotune.layout import Layout  # noqa: E402
-from autotune.spec import Spec, spec_from_data  # noqa: E402
 
 DEFAULT_SPACE = "tiny_cpu"
 SEEDS = 20
@@ -191,7 +191,7 @@ def _measure_pass(name: str, quick: bool, add_pass: bool, average: bool) -> int:
     _preload_fork_server()
     import torch
 
-    from autotune.results import run_config_for
+    from autotune.trials.configs import run_config_for
     from tests.launch import launch
 
     data = space_data(name)
@@ -358,8 +358,8 @@ def replay_plain_tpe(data: dict[str, Any], table: Table, seed: int) -> Run:
     a proposal that is no valid layout is refused before launch. No memory model."""
     import optuna
 
-    from autotune.candidates import judge
-    from autotune.searcher import distributions, layout_from_params
+    from autotune.predict.candidates import judge
+    from autotune.search.searcher import distributions, layout_from_params
 
     spec = with_study(data, seed)
     space = distributions(spec)
@@ -399,9 +399,9 @@ def replay_layout_searcher(data: dict[str, Any], table: Table, seed: int, sample
     """Ray Tune's side of a study, sequentially: suggest, then complete with the table's result."""
     from ray.tune.search import Searcher
 
-    from autotune.results import TrialRecord
     from autotune.schema import Status
-    from autotune.searcher import LayoutSearcher, create_study
+    from autotune.search.searcher import LayoutSearcher, create_study
+    from autotune.trial_record import TrialRecord
 
     spec = with_study(data, seed, sampler)
     screening = screen(spec)

@@ -2,10 +2,10 @@
 
 `search_spaces/seed-16x80gb.yaml` (64 experts, ~14B parameters, 2 nodes x 8 GPUs of 80 GB) cannot
 run here; what can be checked is what the searcher would launch first. Printed: the ten layouts
-of the opening (`autotune.searcher.opening`: the fastest predicted fitting layout of each
+of the opening (`autotune.search.searcher.opening`: the fastest predicted fitting layout of each
 (ep, tp, pp) family) with each predicted term in ms, the pipeline bubble and predicted tokens/s;
 beside them, in the same run, the first ten of the rules-of-thumb frontier order the searcher used
-before (`autotune.searcher.frontier`: fast precision, least model parallelism, largest
+before (`autotune.search.searcher.frontier`: fast precision, least model parallelism, largest
 micro-batch, most ranks, least recompute, then the layout's name), by the same model.
 
 Check (issue 13): no layout of the opening has a predicted bubble over 30% while a fitting layout
@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from autotune.predict.candidates import screen  # noqa: E402
+from autotune.predict.speedmodel import SpeedModel  # noqa: E402
+from autotune.predict.steptime import TERMS  # noqa: E402
+from autotune.search.searcher import MAX_OPENING_BUBBLE, frontier, opening  # noqa: E402
+from autotune.space.spec import load_spec  # noqa: E402
 from benchmarks.common import RESULTS, machine, say, write_csv, write_json  # noqa: E402
-from autotune.candidates import screen  # noqa: E402
-from autotune.searcher import MAX_OPENING_BUBBLE, frontier, opening  # noqa: E402
-from autotune.spec import load_spec  # noqa: E402
-from autotune.speedmodel import SpeedModel  # noqa: E402
-from autotune.steptime import TERMS  # noqa: E402
 
 SPACE = ROOT / "search_spaces" / "seed-16x80gb.yaml"
 SHORT = {"dense_compute": "dense", "expert_compute": "expert", "tp_comm": "tp", "ep_a2a": "ep a2a",

@@ -7,7 +7,7 @@ the measured CPU grids (benchmarks/results/grid_*.csv, with their space under be
 * Kendall tau between the model's predicted tokens/s and the table's, uncalibrated (the
   profile's public peak figures and the default efficiencies);
 * Kendall tau after leave-one-out calibration: each row predicted by the model calibrated on all
-  the other rows (`autotune.calibrate.leave_one_out`), and that prediction's median relative error.
+  the other rows (`autotune.predict.calibrate.leave_one_out`), and that prediction's median relative error.
 
 Baseline in the same run: the rank correlation of a model that knows only the layouts' FLOPs per
 device, i.e. tokens/s proportional to 1 / (compute terms) (what a roofline without communication
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,12 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
 
+from autotune.space import devices  # noqa: E402
+from autotune.predict.calibrate import leave_one_out  # noqa: E402
+from autotune.predict.steptime import Topology, prior_weights, raw_terms  # noqa: E402
+from autotune.space.layout import Layout  # noqa: E402
+from autotune.space.spec import load_spec  # noqa: E402
 from benchmarks.common import RESULTS, SPACES, machine, say, write_csv, write_json  # noqa: E402
-from autotune import devices  # noqa: E402
-from autotune.calibrate import leave_one_out  # noqa: E402
-from autotune.layout import Layout  # noqa: E402
-from autotune.spec import load_spec  # noqa: E402
-from autotune.steptime import Topology, prior_weights, raw_terms  # noqa: E402
 from trainables.moe.config import ModelConfig  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data"

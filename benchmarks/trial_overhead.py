@@ -3,8 +3,8 @@
 Both paths run the same tiny MoE layouts (alternating world size 1 and 2, one warm-up step and a
 few measured steps) as Ray Tune trials, one at a time, with `reuse_actors=True`:
 
-* autotune: `tune.with_resources(autotune.executor.tune_trial, COORDINATOR)`, the trainable and the
-  coordinator resources the study uses (`autotune.study.COORDINATOR_RESOURCES`, else
+* autotune: `tune.with_resources(autotune.trials.tune_trial.tune_trial, COORDINATOR)`, the trainable and the
+  coordinator resources the study uses (`autotune.study.runner.COORDINATOR_RESOURCES`, else
   `{"CPU": 0.01}`): a thin coordinator reserves a placement group and runs each rank as a Ray task
   on worker processes that stay warm across trials;
 * baseline: each Tune trial builds a `ray.train.torch.TorchTrainer` (Ray Train V2, the default in
@@ -169,9 +169,9 @@ def _measured_s(last: dict[str, Any]) -> tuple[float, str, float, float | None]:
 
 def coordinator_resources() -> dict[str, float]:
     """What a study gives each trial's coordinator."""
-    import autotune.study
+    import autotune.study.runner
 
-    return dict(getattr(autotune.study, "COORDINATOR_RESOURCES", {"CPU": 0.01}))
+    return dict(getattr(autotune.study.runner, "COORDINATOR_RESOURCES", {"CPU": 0.01}))
 
 
 def run_path(name: str, trainable, configs: list[dict[str, Any]], storage: str) -> tuple[list[dict[str, Any]], float]:
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from autotune.executor import tune_trial
+    from autotune.trials.tune_trial import tune_trial
 
     started = time.monotonic()
     ray.init(num_cpus=NUM_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)

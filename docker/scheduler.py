@@ -21,7 +21,7 @@ import time
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from autotune.k8s import K8sError, parse_cron
+from autotune.deploy.cron import ScheduleError, parse_cron
 
 MAX_SLEEP_S = 60.0  # re-read the clock at least this often (suspends, clock changes)
 TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         schedule = parse_cron(ns.schedule)
-    except K8sError as exc:
+    except ScheduleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autotune import devices
+from autotune.space import devices
 from trainables.moe.config import ModelConfig
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autotune.k8s import parse_cron
+from autotune.deploy.cron import parse_cron
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"

@@ -244,7 +244,7 @@ class Stack:
         return out
 
     def trials(self, study: str = STUDY) -> list:
-        from autotune.study import load_result
+        from autotune.study.store import load_result
 
         return list(load_result(study, self.runs).trials)
 

@@ -248,9 +248,9 @@ def test_user_patterns_beside_a_preset_replace_the_same_names(tmp_path):
 def test_each_ready_space_loads_and_fills_the_frameworks_flags(name, layout, flags):
     import yaml
 
-    from autotune.layout import Layout
-    from autotune.results import launch_command
-    from autotune.spec import spec_from_data
+    from autotune.records.results import launch_command
+    from autotune.space.layout import Layout
+    from autotune.space.spec import spec_from_data
 
     data = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces" / f"{name}.yaml").read_text())
     spec = spec_from_data(data)
@@ -264,7 +264,7 @@ def test_each_ready_space_loads_and_fills_the_frameworks_flags(name, layout, fla
 def test_a_misspelled_preset_is_refused_naming_the_field():
     import yaml
 
-    from autotune.spec import SpecError, spec_from_data
+    from autotune.space.spec import SpecError, spec_from_data
 
     data = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces" / "hf-trainer.yaml").read_text())
     data["trainable"]["metrics_preset"] = "hf_trainer"

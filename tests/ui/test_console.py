@@ -7,7 +7,7 @@ import subprocess
 
 from tests.ui.conftest import QuickStudy, autotune_command, user_env
 
-# Every line autotune itself prints during a run (autotune/progress.py, autotune/cli.py).
+# Every line autotune itself prints during a run (autotune/study/progress.py, autotune/cli/main.py).
 OWN_LINE = re.compile(r"^(study \S+( \([^)]*\))?: |trial +\d+ |\[\d+:\d\d\] done |report: |best: |log: |warning: )")
 
 

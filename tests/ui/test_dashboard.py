@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from autotune.searcher import RECORD_ATTR, open_storage
+from autotune.search.searcher import RECORD_ATTR, open_storage
 from tests.faults import free_port
 from tests.ui.browser import Browser
 from tests.ui.conftest import QuickStudy

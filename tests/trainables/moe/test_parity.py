@@ -36,7 +36,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from autotune.memory import state_memory
+from autotune.predict.memory import state_memory
 from tests.launch import launch
 from trainables.moe.parallel import ShardSpec, local_init
 from trainables.moe.train import RunConfig

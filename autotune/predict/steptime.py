@@ -1,0 +1,251 @@
+"""Analytic step-time model: how long a layout's training step takes, before it is launched.
+
+The memory model says which layouts fit; this one says which are fast. Like `memory.py` it is
+pure arithmetic on the model config (no torch), split into named terms, and vectorised over
+candidates (numpy arrays; per-degree-set quantities computed once), so that ranking 10^5
+candidates costs a fraction of a second.
+
+A step of one pipeline stage (the busiest: the last one, which also runs the LM head) is
+
+    (n + pp - 1) x [dense compute + expert compute + TP collectives + EP all-to-all + stage sends]
+    + exposed DP gradient reduction + optimizer step + per-call overheads
+
+with `n` micro-batches per step: the `pp - 1` extra micro-batch slots are the pipeline bubble
+(the same for 1F1B and GPipe; Narayanan et al. 2021, "Efficient Large-Scale Language Model
+Training on GPU Clusters", bubble fraction (p - 1) / m). Each term is a time at full device
+speed (FLOPs over peak FLOP/s, bytes over bandwidth, from `autotune.space.devices`), multiplied by
+an efficiency factor: the defaults below before any measurement, and after measurements the
+factors `autotune.predict.calibrate` fits on the study's own trials.
+
+Terms (columns of `raw_terms`, seconds per step at factor 1):
+
+* dense_compute: attention (projections and the attention core), router, dense FFNs, LM head;
+  3 passes (forward, two backward matmuls), 4 under full recompute, the attention core again
+  under selective recompute; split by tp.
+* expert_compute: top-k experts' SwiGLU over the rank's tokens (balanced routing; times the
+  measured load imbalance where the study measured it), split by tp inside each expert.
+* tp_comm: 4 all-reduces of the micro-batch's activations per layer (2 forward, 2 backward; 6
+  under full recompute), ring volume 2 (tp - 1) / tp, inside a node when tp fits one.
+* ep_a2a: dispatch and combine, forward and backward (4; 6 under full recompute), of
+  tokens x top_k x hidden per MoE layer, (ep - 1) / ep of it leaves the rank; the share that
+  leaves the node (EP groups wider than a node, as `autotune.trials.placement.plan` places them) goes
+  at the network's bandwidth.
+* pp_send: one activation and one gradient per micro-batch between stages.
+* dp_grad: fp32 gradients, dense ones all-reduced over dp x ep ranks, expert ones over dp, ring
+  volume 2 (g - 1) / g; through the network when a stage's ranks span nodes; the profile's
+  `grad_overlap` share hides behind backward.
+* optimizer: AdamW reads weights, gradients and two moments and writes three (28 bytes per
+  parameter) at memory bandwidth; fp16 adds the loss scaler's unscale and overflow check.
+* overhead: kernel launches per layer, micro-batch and pass.
+* latency: a fixed start-up time per collective call (TP all-reduces, EP all-to-alls, stage
+  sends, the gradient reduction), the alpha of the usual alpha-beta cost of a message; a term of
+  its own, so that calibration can weigh small, frequent collectives apart from kernel launches
+  (on the CPU grid, splitting it from `overhead` took the leave-one-out tau from 0.67 to 0.76).
+
+The pipeline bubble is reported on its own (`bubble`, the share of the per-micro-batch terms
+spent in the `pp - 1` extra slots), not as a separate column: it is the same work standing still.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from autotune.space.devices import DeviceProfile
+from autotune.space.layout import Layout
+from trainables.moe.config import ModelConfig
+
+TERMS: tuple[str, ...] = ("dense_compute", "expert_compute", "tp_comm", "ep_a2a", "pp_send", "dp_grad",
+                          "optimizer", "overhead", "latency")
+PER_MICRO_BATCH = (0, 1, 2, 3, 4)  # columns that run once per micro-batch slot (bubble included)
+# What share of each term's full-speed figure a real step reaches before any calibration:
+# large-GEMM training reaches about half of peak (MFU 40-55% in Megatron-LM's published runs),
+# grouped expert GEMMs less; collectives reach most of the link's bandwidth.
+DEFAULT_EFFICIENCY: dict[str, float] = {"dense_compute": 0.55, "expert_compute": 0.45, "tp_comm": 0.7,
+                                        "ep_a2a": 0.6, "pp_send": 0.7, "dp_grad": 0.7, "optimizer": 0.8,
+                                        "overhead": 1.0, "latency": 1.0}
+ADAMW_BYTES = 28  # per parameter: read weight, gradient, two moments; write weight, two moments
+GRAD_BYTES = 4  # fp32 gradients (the trainable's master weights are fp32)
+
+
+def prior_weights() -> np.ndarray:
+    """Multipliers of the raw terms before calibration: 1 / default efficiency."""
+    return np.array([1.0 / DEFAULT_EFFICIENCY[t] for t in TERMS])
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How ranks sit on nodes: None = all on one node (a single machine)."""
+
+    ranks_per_node: int | None = None
+    # CPU ranks share the machine's cores (a rank runs one thread): with more ranks than cores
+    # every rank runs that much slower. None: each rank has its own device.
+    cores: float | None = None
+
+    def contention(self, world: np.ndarray) -> np.ndarray:
+        if self.cores is None:
+            return np.ones(world.shape)
+        return np.maximum(world / self.cores, 1.0)
+
+    def spans(self, ranks: np.ndarray) -> np.ndarray:
+        """True where a group of consecutive ranks is wider than a node."""
+        if self.ranks_per_node is None:
+            return np.zeros(ranks.shape, dtype=bool)
+        return ranks > self.ranks_per_node
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Predicted step times of many layouts: terms (N x len(TERMS), seconds, weighted) and the
+    bubble share of each."""
+
+    layouts: tuple[Layout, ...]
+    terms: np.ndarray
+    bubble_s: np.ndarray
+    step_time_s: np.ndarray
+    tokens_per_s: np.ndarray
+
+    @property
+    def bubble_frac(self) -> np.ndarray:
+        return self.bubble_s / self.step_time_s
+
+    def row(self, i: int) -> dict[str, float]:
+        """One layout's prediction as plain numbers: every term, the bubble, step time, tokens/s."""
+        out = dict(zip(TERMS, self.terms[i].tolist()))
+        out["bubble"] = float(self.bubble_s[i])
+        out["pred_step_time_s"] = float(self.step_time_s[i])
+        out["pred_tokens_per_s"] = float(self.tokens_per_s[i])
+        return out
+
+    def order(self, tiebreak: np.ndarray | None = None) -> np.ndarray:
+        """Indices fastest first; equal predictions by `tiebreak` (e.g. predicted memory), then in
+        their given order."""
+        if tiebreak is None:
+            return np.argsort(self.step_time_s, kind="stable")
+        return np.lexsort((np.asarray(tiebreak), self.step_time_s))
+
+
+_PRECISION = {"fp32": 0, "bf16": 1, "fp16": 2}
+_RECOMPUTE = {"none": 0, "selective": 1, "full": 2}
+_SCHEDULE = {"1f1b": 0, "gpipe": 1}
+
+
+def _columns(layouts: Sequence[Layout]) -> tuple[np.ndarray, ...]:
+    """The layouts' fields as arrays (strings as small codes), one pass per field in C."""
+    n = len(layouts)
+    if not n:
+        return (np.zeros(0),) * 5 + (np.zeros(0, dtype=np.int64),) * 3
+    ep, tp, pp, dp, mb, precision, recompute, schedule = zip(*layouts)
+    nums = [np.array(c, dtype=np.float64) for c in (ep, tp, pp, dp, mb)]
+    codes = [np.fromiter(map(table.__getitem__, c), dtype=np.int64, count=n)
+             for table, c in ((_PRECISION, precision), (_RECOMPUTE, recompute), (_SCHEDULE, schedule))]
+    return (*nums, *codes)
+
+
+def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: int, seq_len: int,
+              profile: DeviceProfile, topology: Topology = Topology(),
+              imbalance: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(N x len(TERMS) seconds at full device speed, N bubble slots factor (pp - 1) / (n + pp - 1)).
+
+    Pure and vectorised: every array operation covers all layouts at once.
+    """
+    ep, tp, pp, dp, mb, low, rc, _gpipe = _columns(layouts)
+    n_layouts = len(layouts)
+    out = np.zeros((n_layouts, len(TERMS)))
+    if not n_layouts:
+        return out, np.zeros(0)
+    d, e, k, f, v = model.d_model, model.n_experts, model.top_k, model.ffn_hidden, model.vocab_size
+    fd = model.dense_ffn
+    n_moe_total = model.n_moe_layers
+    layers = model.n_layers / pp
+    moe = n_moe_total / pp
+    dense_l = layers - moe
+    tokens = mb * seq_len
+    micro = np.maximum(np.floor(global_batch_size / (mb * dp * ep)), 1)
+    slots = micro + pp - 1
+    ab = np.where(low >= 1, 2.0, 4.0)  # activation bytes
+    peak = np.select([low == 0, low == 1], [profile.peak_flops("fp32"), profile.peak_flops("bf16")],
+                     profile.peak_flops("fp16"))
+    full = rc == 2
+    passes = np.where(full, 4.0, 3.0)
+
+    # -- compute, per micro-batch of the busiest (last) stage --------------------------------------
+    # Forward FLOPs (2 per multiply-add) times passes: 3 in training, 4 when recomputed.
+    proj = 8.0 * tokens * d * d / tp
+    core = 4.0 * tokens * seq_len * d / tp
+    core_passes = np.where(rc >= 1, 4.0, 3.0)
+    dense_flops = layers * (proj * passes + core * core_passes)
+    dense_flops += moe * 2.0 * tokens * d * e * passes  # router (replicated over tp)
+    dense_flops += dense_l * 6.0 * tokens * d * fd / tp * passes  # dense SwiGLU layers
+    dense_flops += 3.0 * 2.0 * tokens * d * v / tp  # LM head (last stage), never recomputed
+    expert_flops = moe * 6.0 * tokens * k * d * f / tp * passes  # forward FLOPs x passes
+    out[:, 0] = dense_flops / peak
+    out[:, 1] = expert_flops / peak * imbalance
+
+    # -- communication per micro-batch ---------------------------------------------------------------
+    intra, inter = profile.intra_node_gb_s * 1e9, profile.inter_node_gb_s * 1e9
+    act = tokens * d * ab
+    tp_bw = np.where(topology.spans(tp), inter, intra)
+    tp_calls = np.where(full, 6.0, 4.0)
+    out[:, 2] = np.where(tp > 1, layers * tp_calls * 2.0 * (tp - 1) / tp * act / tp_bw, 0.0)
+    a2a_calls = np.where(full, 6.0, 4.0)
+    sent = act * k * (ep - 1) / ep * np.asarray(imbalance)
+    if topology.ranks_per_node is None:
+        off_node = np.zeros(n_layouts)
+    else:
+        # An EP x TP group wider than a node is split over nodes (autotune.trials.placement.plan): the
+        # peers on other nodes get their share through the network.
+        ep_per_node = np.maximum(np.floor(topology.ranks_per_node / tp), 1)
+        off_node = np.where(ep * tp > topology.ranks_per_node, (ep - np.minimum(ep_per_node, ep)) / np.maximum(ep - 1, 1), 0.0)
+    out[:, 3] = np.where(ep > 1, moe * a2a_calls * sent * ((1 - off_node) / intra + off_node / inter), 0.0)
+    world = ep * tp * pp * dp
+    pp_bw = np.where(topology.spans(world), inter, intra)
+    out[:, 4] = np.where(pp > 1, 2.0 * act / pp_bw, 0.0)
+    out[:, :5] *= slots[:, None]
+
+    # -- once per step -------------------------------------------------------------------------------
+    dense_params, expert_params = _params_per_rank(model, ep, tp, pp)
+    stage_ranks = ep * tp * dp
+    dp_bw = np.where(topology.spans(stage_ranks), inter, intra)
+    g1, g2 = dp * ep, dp
+    reduce = (np.where(g1 > 1, 2.0 * (g1 - 1) / g1 * dense_params, 0.0)
+              + np.where(g2 > 1, 2.0 * (g2 - 1) / g2 * expert_params, 0.0)) * GRAD_BYTES / dp_bw
+    out[:, 5] = reduce * (1.0 - profile.grad_overlap)
+    # fp16's loss scaling also unscales and checks every gradient (read and write, 8 bytes).
+    opt_bytes = ADAMW_BYTES + np.where(low == 2, 8.0, 0.0)
+    out[:, 6] = (dense_params + expert_params) * opt_bytes / (profile.hbm_gb_s * 1e9)
+    launches = slots * layers * passes * 4.0  # the matmuls of a layer's pass (elementwise ones fuse or hide)
+    collectives = (slots * (np.where(tp > 1, layers * tp_calls, 0) + np.where(ep > 1, moe * a2a_calls, 0)
+                            + np.where(pp > 1, 2, 0)) + 2)
+    out[:, 7] = launches * profile.launch_us * 1e-6
+    out[:, 8] = collectives * profile.latency_us * 1e-6
+    out *= topology.contention(world)[:, None]
+    bubble = (pp - 1) / slots
+    return out, bubble
+
+
+def _params_per_rank(model: ModelConfig, ep: np.ndarray, tp: np.ndarray,
+                     pp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dense, expert) parameter elements of the last stage's rank (see memory.stage_params)."""
+    d = model.d_model
+    layers, moe = model.n_layers / pp, model.n_moe_layers / pp
+    dense = layers * (2 * d + 4 * d * d / tp) + moe * d * model.n_experts
+    dense += (layers - moe) * 3 * d * model.dense_ffn / tp + d + model.vocab_size / tp * d
+    dense += np.where(pp == 1, model.vocab_size / tp * d + model.max_seq_len * d, 0.0)
+    expert = moe * 3 * (model.n_experts / ep) * d * (model.ffn_hidden / tp)
+    return dense, expert
+
+
+def predict(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: int, seq_len: int,
+            profile: DeviceProfile, topology: Topology = Topology(), weights: Iterable[float] | None = None,
+            imbalance: np.ndarray | float = 1.0) -> StepTimes:
+    """Every layout's predicted step, term by term (weights: the calibrated multipliers, default
+    1 / DEFAULT_EFFICIENCY)."""
+    raw, bubble = raw_terms(model, layouts, global_batch_size, seq_len, profile, topology, imbalance)
+    w = prior_weights() if weights is None else np.asarray(list(weights), dtype=float)
+    terms = raw * w
+    bubble_s = terms[:, list(PER_MICRO_BATCH)].sum(axis=1) * bubble if len(layouts) else np.zeros(0)
+    step = terms.sum(axis=1)
+    return StepTimes(tuple(layouts), terms, bubble_s, step, global_batch_size * seq_len / step)

@@ -1,0 +1,1 @@
+"""Records: what a study produced, as trial records, MLflow runs and the UIs that browse them."""

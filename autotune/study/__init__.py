@@ -1,0 +1,1 @@
+"""One study end to end: screen, search, run, record and report, under a lease on its storage."""

@@ -1,0 +1,123 @@
+"""What a running study shows: a live rich view in a terminal, plain lines in a log."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from autotune.schema import Status
+from autotune.space.layout import Layout
+from autotune.trial_record import TrialRecord
+
+
+def _fmt_s(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
+class Progress:
+    """Counts and the best layout so far; `live=None` picks rich when stdout is a terminal."""
+
+    def __init__(self, study: str, trials: int, wall_clock_s: float | None, live: bool | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.study, self.trials, self.wall_clock_s = study, trials, wall_clock_s
+        self.stream = stream or sys.stdout
+        self.live_enabled = self.stream.isatty() if live is None else live
+        self.start = time.monotonic()
+        self.running: dict[int, tuple[Layout, int]] = {}  # number -> (layout, measured steps)
+        self.done = self.failed = self.pruned = self.invalid = 0
+        self.best: TrialRecord | None = None
+        self._live: Live | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> "Progress":
+        if self.live_enabled:
+            self._live = Live(self._render(), console=Console(file=self.stream), refresh_per_second=4,
+                              transient=False)
+            self._live.__enter__()
+        else:
+            self._line(f"study {self.study}: up to {self.trials} trials")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.__exit__(*exc)
+            self._live = None
+        self._line(self.summary_line())
+
+    # -- events ------------------------------------------------------------------------------------
+    def started(self, number: int, layout: Layout) -> None:
+        self.running[number] = (layout, 0)
+        self._line(f"trial {number:>3} start  {layout.key} (world {layout.world_size})")
+
+    def step(self, number: int) -> None:
+        if number in self.running:
+            layout, n = self.running[number]
+            self.running[number] = (layout, n + 1)
+        self._refresh()
+
+    def finished(self, record: TrialRecord) -> None:
+        self.running.pop(record.number, None)
+        if record.status in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID):
+            if record.status == Status.INVALID:
+                self.invalid += 1  # a proposal that is no valid layout: refused, never launched
+            else:
+                self.pruned += 1
+            self._line(f"trial {record.number:>3} {record.status.value}  {record.layout.key}: {record.reason}")
+            return
+        if record.ok or record.status == Status.EARLY_STOPPED:
+            self.done += 1
+            if record.ok and (self.best is None or record.tokens_per_s > self.best.tokens_per_s):
+                self.best = record
+            peak = record.metrics.get("peak_mem_bytes")
+            self._line(f"trial {record.number:>3} {record.status.value:<7} {record.layout.key}: "
+                       f"{record.tokens_per_s:,.0f} tok/s"
+                       + (f", peak {peak / 1e6:.1f} MB" if peak else ""))
+        else:
+            self.failed += 1
+            self._line(f"trial {record.number:>3} {record.status.value:<7} {record.layout.key}: {record.reason}")
+
+    def note(self, text: str) -> None:
+        self._line(text)
+
+    # -- output ------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def summary_line(self) -> str:
+        best = (f"best {self.best.layout.key} at {self.best.tokens_per_s:,.0f} tok/s" if self.best
+                else "no successful trial yet")
+        refused = f", invalid {self.invalid}" if self.invalid else ""
+        return (f"[{_fmt_s(self.elapsed())}] done {self.done}, failed {self.failed}, pruned {self.pruned}{refused}, "
+                f"running {len(self.running)}; {best}")
+
+    def _render(self) -> Group:
+        table = Table(box=None, show_header=True, pad_edge=False)
+        for col in ("trial", "layout", "world", "measured steps"):
+            table.add_column(col)
+        for number, (layout, n) in sorted(self.running.items()):
+            table.add_row(str(number), layout.key, str(layout.world_size), str(n))
+        budget = ""
+        if self.wall_clock_s:
+            budget = f", {_fmt_s(max(0.0, self.wall_clock_s - self.elapsed()))} of wall-clock budget left"
+        head = Text(f"autotune study {self.study}: {self.done + self.failed} of up to {self.trials} trials run"
+                    f"{budget}\n{self.summary_line()}")
+        return Group(head, table)
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def _line(self, text: str) -> None:
+        if self._live is not None:
+            self._live.console.print(text, markup=False, highlight=False)
+            self._live.update(self._render())
+        else:
+            print(text, file=self.stream, flush=True)

@@ -1,0 +1,26 @@
+"""Secrets masked in URLs and free text before anything is shown or written."""
+
+from __future__ import annotations
+
+import pytest
+
+from autotune.redaction import redact, redact_url
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("postgresql://user:hunter2@db/x", "postgresql://user:***@db/x"),
+    ("postgresql://:hunter2@db/x", "postgresql://:***@db/x"),
+    ("postgresql://db/x?sslmode=require&password=hunter2", "postgresql://db/x?sslmode=require&password=***"),
+    ("http://hunter2@mlflow:5000", "http://***@mlflow:5000"),
+    ("https://user:hunter2@mlflow", "https://user:***@mlflow"),
+    ("cannot reach 'postgresql+psycopg://u:hunter2@db:5432/o' (refused)", "cannot reach 'postgresql+psycopg://u:***@db:5432/o' (refused)"),
+    ("postgresql://user@db/x", "postgresql://user@db/x"),  # a user name is no secret
+    ("http://mlflow:5000", "http://mlflow:5000"),
+])
+def test_credentials_are_masked_in_urls_and_text(text, shown):
+    assert redact(text) == shown
+    assert "hunter2" not in redact_url(text)
+
+
+def test_database_urls_are_rendered_by_sqlalchemy():
+    assert redact_url("postgresql+psycopg://u:p%40ss@db:5432/optuna") == "postgresql+psycopg://u:***@db:5432/optuna"
