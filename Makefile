@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SPACE ?= search_spaces/quickstart-cpu.yaml
 
-.PHONY: setup run test validate clean
+.PHONY: setup system-deps run test validate clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,14 @@ run: setup
 validate: setup
 	$(VENV)/bin/autotune validate $(SPACE)
 
-test: setup
+# The whole suite, the browser and database tests included: tests/system_deps.sh installs Debian's
+# chromium, chromium-driver and postgresql when missing (as root or with sudo), or stops with the
+# one command to run.
+test: setup system-deps
 	$(PY) -m pytest
+
+system-deps:
+	@bash tests/system_deps.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache mlflow.db mlruns autotune-runs
