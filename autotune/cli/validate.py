@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from autotune.cli.common import _fail, _load, out
 from autotune.space.spec import Spec, SpecError
+
+
+TABLE_WIDTH = 100
 
 
 def _gb(n: int | None) -> str:
@@ -33,6 +37,7 @@ def validate(
     storage: Optional[str] = typer.Option(None, "--storage", help="the --from study's Optuna storage"),
     ranks: Optional[int] = typer.Option(None, "--ranks", min=1, help="answer for a cluster of this many ranks"),
     profile: Optional[str] = typer.Option(None, "--profile", help="answer for this device profile (e.g. H100-SXM)"),
+    terms: bool = typer.Option(False, "--terms", help="add a column per step-time term (a wider table)"),
 ) -> None:
     """Screen every candidate layout (structural rules, predicted memory) and rank the fitting
     ones by predicted tokens/s, term by term. No Ray, no GPU."""
@@ -68,32 +73,51 @@ def validate(
             _fail(_nothing_fits(sc), 1)
         return
     table = Table(title=f"{len(sc.candidates)} candidates for {spec.study.name} "
-                        f"(cap {_gb(sc.cap_bytes)} GB per rank; fastest predicted first)", show_lines=False)
+                        f"(cap {_gb(sc.cap_bytes)} GB per rank; fastest predicted first)", show_lines=False,
+                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     short = {"dense_compute": "dense", "expert_compute": "expert", "tp_comm": "tp", "ep_a2a": "ep a2a",
              "pp_send": "pp send", "dp_grad": "dp grad", "optimizer": "optim", "overhead": "ovh",
              "latency": "lat"}
-    for col in ("layout", "world", "mb", "prec", "recompute", "sched", "total GB", "pred tok/s", "step ms",
-                *(short[t] for t in TERMS), "bubble", "verdict"):
-        table.add_column(col, justify="left" if col in ("layout", "prec", "recompute", "sched", "verdict") else "right")
+    term_cols = [*(short[t] for t in TERMS), "bubble"] if terms else []
+    for col in ("layout", "world", "mb", "prec", "recompute", "sched", "GB", "pred tok/s", "step ms", *term_cols,
+                "verdict"):
+        table.add_column(col, justify="left" if col in ("layout", "prec", "recompute", "sched", "verdict") else "right",
+                         no_wrap=col == "layout")
     shown = list(itertools.islice(itertools.chain(ranked, ((c, None) for c in sc.candidates if not c.fits)), limit))
     for c, row in shown:
         p = c.prediction
         ms = (lambda v: f"{v * 1e3:.1f}")
+        term_cells = ([*(ms(row[t]) for t in TERMS), ms(row["bubble"])] if row else ["-"] * len(term_cols)) if terms \
+            else []
         table.add_row(c.layout.name, str(c.layout.world_size), str(c.layout.micro_batch_size), c.layout.precision,
                       c.layout.recompute, c.layout.schedule if c.layout.pp > 1 else "-", _gb(p.total) if p else "-",
                       f"{row['pred_tokens_per_s']:,.0f}" if row else "-", ms(row["pred_step_time_s"]) if row else "-",
-                      *((ms(row[t]) for t in TERMS) if row else ["-"] * len(TERMS)),
-                      ms(row["bubble"]) if row else "-", "fits" if c.fits else f"{c.verdict}: {c.reason}")
-    out.print(table)
+                      *term_cells, _verdict(c, terms))
+    # 100 columns by default, whatever the terminal (a CI log, a pipe): the terms make it wider.
+    out.print(table, width=out.width if terms else min(out.width, TABLE_WIDTH))
     if len(sc.candidates) > limit:
         out.print(f"({len(sc.candidates) - limit} more rows: use --json for all)")
-    out.print(f"step-time model: {speed.profile.name} profile, {note} (terms in ms per step)")
+    out.print(f"step-time model: {speed.profile.name} profile, {note}" + (" (terms in ms per step)" if terms else ""))
+    if not terms:
+        out.print("(--terms: a column per step-time term; --json: every candidate with its prediction)")
     out.print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(sc.counts.items())))
     if sc.reasons:
         out.print("excluded by reason: " + ", ".join(f"{k} {v}" for k, v in
                                                      sorted(sc.reasons.items(), key=lambda kv: -kv[1])))
     if not sc.fitting():
         _fail(_nothing_fits(sc), 1)
+
+
+def _verdict(c, full: bool) -> str:
+    """The table's verdict: the whole reason with --terms (a wide table), else the rule's short
+    name (the GB column holds the predicted peak; --json and `excluded by reason` the rest)."""
+    from autotune.space.layout import rule_of
+
+    if c.fits:
+        return "fits"
+    if full:
+        return f"{c.verdict}: {c.reason}"
+    return c.verdict if c.verdict == "over memory cap" else f"{c.verdict}: {rule_of(c.reason)}"
 
 
 def _what_if(spec: Spec, space: Path, ranks: Optional[int], profile: Optional[str]) -> Spec:

@@ -228,7 +228,8 @@ class LayoutSearcher(Searcher):
                  on_decided: Callable[[TrialRecord], TrialRecord], on_complete: Callable[[str, dict | None, bool], TrialRecord],
                  launches: int, session: int = 0, remeasure: list[TrialRecord] | None = None,
                  speed: SpeedModel | None = None,
-                 admit: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None) -> None:
+                 admit: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None,
+                 on_answered: Callable[[int, str], None] | None = None) -> None:
         super().__init__(metric="tokens_per_s", mode="max")
         self.spec, self.screening, self.study = spec, screening, study
         self.space = distributions(spec)
@@ -241,6 +242,10 @@ class LayoutSearcher(Searcher):
         # admit(config, running configs): whether the cluster can place the trial now. A proposal
         # that cannot is held back (Tune asks again) rather than started to wait for placement.
         self.admit = admit
+        # on_answered(trial number, kind): a proposal answered at once, without a run and without a
+        # record of its own ("repeat", "twin", "decided", "no layout"), so the console can account
+        # for every trial number.
+        self.on_answered = on_answered or (lambda number, kind: None)
         self.held: tuple[optuna.trial.Trial, Layout, dict[str, Any]] | None = None
         self.in_flight: set[str] = set()
         self.known: dict[str, TrialRecord] = {}
@@ -346,13 +351,16 @@ class LayoutSearcher(Searcher):
                 trial.set_user_attr("status", Status.INVALID.value)
                 trial.set_user_attr("reason", layout)
                 self.study.tell(trial, [0.0, float(self.cap) * 10] if self.spec.objective.minimize else 0.0)
+                self.on_answered(trial.number, "no layout")
                 continue
             key = layout.key
             if key in self.known:
                 self._tell(trial, self.known[key], store=False)
+                self.on_answered(trial.number, "repeat")
                 continue
             if key in self.in_flight:
                 self.study.tell(trial, state=TrialState.FAIL)  # a twin is running; constant liar covers it
+                self.on_answered(trial.number, "twin")
                 continue
             cand = judge(self.spec, layout)
             if not cand.fits:
@@ -364,6 +372,8 @@ class LayoutSearcher(Searcher):
                 if first:
                     self.decided_without_run.add(key)
                     record = self.on_decided(record)
+                else:
+                    self.on_answered(trial.number, "decided")
                 self._tell(trial, record, store=first)
                 continue
             return self._launch(trial_id, trial, layout, cand)

@@ -4,16 +4,41 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Sequence, TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from autotune.records.results import StudyResult
 from autotune.schema import Status
 from autotune.space.layout import Layout
+from autotune.space.spec import Spec
 from autotune.trial_record import TrialRecord
+
+# Proposals the searcher answers without a run (autotune/search/searcher.py), by kind: the words
+# the summary line uses for one of them and for several.
+ANSWERED = {"repeat": ("repeat of a measured layout", "repeats of a measured layout"),
+            "twin": ("twin of a running trial", "twins of a running trial"),
+            "decided": ("repeat of a layout already refused", "repeats of a layout already refused"),
+            "no layout": ("proposal that is no layout", "proposals that are no layout")}
+
+
+def numbers_text(numbers: Sequence[int]) -> str:
+    """7, 9, 14-16: trial numbers with runs of consecutive ones as ranges."""
+    out: list[str] = []
+    run: list[int] = []
+    for n in sorted(numbers):
+        if run and n == run[-1] + 1:
+            run.append(n)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [n]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ", ".join(out)
 
 
 def _fmt_s(seconds: float) -> str:
@@ -22,17 +47,25 @@ def _fmt_s(seconds: float) -> str:
 
 
 class Progress:
-    """Counts and the best layout so far; `live=None` picks rich when stdout is a terminal."""
+    """Counts and the best layout so far; `live=None` picks rich when stdout is a terminal.
+
+    With the study's `spec`, the best is the study's answer as its report gives it
+    (`StudyResult.best`: within the memory cap, each layout's runs pooled, `known` trials of
+    earlier rounds and runs included), so no line names a best that the final answer contradicts."""
 
     def __init__(self, study: str, trials: int, wall_clock_s: float | None, live: bool | None = None,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, spec: Spec | None = None,
+                 known: Sequence[TrialRecord] = ()) -> None:
         self.study, self.trials, self.wall_clock_s = study, trials, wall_clock_s
+        self.spec = spec
+        self.records: list[TrialRecord] = list(known)
+        self.answered: dict[str, list[int]] = {}
         self.stream = stream or sys.stdout
         self.live_enabled = self.stream.isatty() if live is None else live
         self.start = time.monotonic()
         self.running: dict[int, tuple[Layout, int]] = {}  # number -> (layout, measured steps)
         self.done = self.failed = self.pruned = self.invalid = 0
-        self.best: TrialRecord | None = None
+        self.best: TrialRecord | None = self._study_best()
         self._live: Live | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -50,6 +83,8 @@ class Progress:
             self._live.update(self._render())
             self._live.__exit__(*exc)
             self._live = None
+        if self.answered:
+            self._line(self.answered_line())
         self._line(self.summary_line())
 
     # -- events ------------------------------------------------------------------------------------
@@ -63,8 +98,19 @@ class Progress:
             self.running[number] = (layout, n + 1)
         self._refresh()
 
+    def _study_best(self) -> TrialRecord | None:
+        if self.spec is None:
+            return None
+        return StudyResult(self.spec.study.name, self.spec, tuple(self.records)).best()
+
+    def answered_without_run(self, number: int, kind: str) -> None:
+        """A proposal the searcher answered at once (a repeat, a twin of a running trial...):
+        counted, and listed in one line when the round ends."""
+        self.answered.setdefault(kind, []).append(number)
+
     def finished(self, record: TrialRecord) -> None:
         self.running.pop(record.number, None)
+        self.records.append(record)
         if record.status in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID):
             if record.status == Status.INVALID:
                 self.invalid += 1  # a proposal that is no valid layout: refused, never launched
@@ -74,7 +120,9 @@ class Progress:
             return
         if record.ok or record.status == Status.EARLY_STOPPED:
             self.done += 1
-            if record.ok and (self.best is None or record.tokens_per_s > self.best.tokens_per_s):
+            if self.spec is not None:
+                self.best = self._study_best()
+            elif record.ok and (self.best is None or record.tokens_per_s > self.best.tokens_per_s):
                 self.best = record
             peak = record.metrics.get("peak_mem_bytes")
             self._line(f"trial {record.number:>3} {record.status.value:<7} {record.layout.key}: "
@@ -90,6 +138,11 @@ class Progress:
     # -- output ------------------------------------------------------------------------------------
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+    def answered_line(self) -> str:
+        parts = [f"{len(nums)} {ANSWERED.get(kind, (kind, kind))[len(nums) > 1]} "
+                 f"(trial{'s' if len(nums) > 1 else ''} {numbers_text(nums)})" for kind, nums in self.answered.items()]
+        return "proposals answered without a run: " + "; ".join(parts)
 
     def summary_line(self) -> str:
         best = (f"best {self.best.layout.key} at {self.best.tokens_per_s:,.0f} tok/s" if self.best

@@ -139,6 +139,10 @@ class Recorder(Callback):
         self.progress.finished(record)
         return record
 
+    def answered(self, number: int, kind: str) -> None:
+        """A proposal the searcher answered without a run: counted on the console."""
+        self.progress.answered_without_run(number, kind)
+
     def complete(self, trial_id: str, result: dict | None, error: bool) -> TrialRecord:
         entry = self.trials.get(trial_id) or self._entry(trial_id, (result or {})["autotune_config"])
         # Whatever way the trial ended, its resources go first: the next trial may be waiting.

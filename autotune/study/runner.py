@@ -339,19 +339,18 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     import ray
     from ray import tune
 
-    from autotune.search.searcher import LayoutSearcher
-    from autotune.study.recorder import Recorder
-    from autotune.trials.tune_trial import tune_trial
-
     from ray.tune.logger import JsonLoggerCallback
+
+    from autotune.search.searcher import LayoutSearcher, stored_records
+    from autotune.study.recorder import Recorder
+    from autotune.trials.owner import ADMITTED, FREE_WAIT_S, TrialOwner, admits, demand, free_now
+    from autotune.trials.tune_trial import tune_trial
 
     # Only the JSON logger (Tune's result grid reads it); CSV and TensorBoard files are not needed.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from autotune.trials.owner import ADMITTED, FREE_WAIT_S, TrialOwner, admits, demand, free_now
-
     progress = Progress(spec.study.name + (" (re-measuring the leaders)" if settling else ""), launches,
-                        spec.budget.wall_clock_s, live=options.live)
+                        spec.budget.wall_clock_s, live=options.live, spec=spec, known=stored_records(study))
     owners: list[TrialOwner] = []  # the study's owner of every placement group and rank process
 
     def release(number: int, close: bool) -> list[dict[str, Any]]:
@@ -388,11 +387,11 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
 
     speed = speed_model_for(spec, study)
     searcher = LayoutSearcher(spec, screening, study, trial_config, recorder.decided, recorder.complete, launches,
-                              session=session, remeasure=remeasure, speed=speed, admit=admit)
+                              session=session, remeasure=remeasure, speed=speed, admit=admit,
+                              on_answered=recorder.answered)
     scheduler = None
     if spec.budget.early_stop and not settling:  # re-measures run to the end: their steps all count
         from autotune.search.early_stop import NoiseAwareStopper
-        from autotune.search.searcher import stored_records
 
         scheduler = NoiseAwareStopper(spec, stored_records(study), stop_reasons)
     started_ray = _ray_init(spec, options.address)

@@ -102,6 +102,36 @@ class Browser:
             return false;""", text, tag)
         assert clicked, f"no {tag} near {text!r} on {self.driver.current_url}"
 
+    def wait_for_element(self, css: str, what: str, timeout: float = 60.0) -> None:
+        """Until an element matching `css` is on the page and has a size (a plot drawn, not its
+        loading placeholder); fails naming `what`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            drawn = self.driver.execute_script(
+                "const e = document.querySelector(arguments[0]);"
+                "if (!e) return false; const r = e.getBoundingClientRect(); return r.width > 50 && r.height > 50;",
+                css)
+            if drawn:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"the page at {self.driver.current_url} never drew {what} ({css})")
+
+    def wait_for_element_gone(self, css: str, what: str, timeout: float = 30.0) -> None:
+        """Until no element matching `css` takes room on the page (removed, or folded away)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.driver.execute_script(
+                    "return [...document.querySelectorAll(arguments[0])].some(e => {"
+                    "const r = e.getBoundingClientRect(); return r.width > 20 && r.height > 20; });", css):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"the page at {self.driver.current_url} never showed {what}: {css} is still there")
+
+    def click_if_there(self, css: str) -> bool:
+        """Click the element matching `css` (a panel's close button, say); False when there is none."""
+        return bool(self.driver.execute_script(
+            "const e = document.querySelector(arguments[0]); if (e) e.click(); return !!e;", css))
+
     def broken_images(self) -> list[str]:
         """Images that did not load (missing file, bad data URI)."""
         return self.driver.execute_script(

@@ -8,7 +8,8 @@ import subprocess
 from tests.ui.conftest import QuickStudy, autotune_command, user_env
 
 # Every line autotune itself prints during a run (autotune/study/progress.py, autotune/cli/main.py).
-OWN_LINE = re.compile(r"^(study \S+( \([^)]*\))?: |trial +\d+ |\[\d+:\d\d\] done |report: |best: |log: |warning: )")
+OWN_LINE = re.compile(r"^(study \S+( \([^)]*\))?: |trial +\d+ |\[\d+:\d\d\] done |report: |best: |log: |warning: "
+                      r"|proposals answered without a run: )")
 
 
 def foreign_lines(text: str) -> list[str]:
@@ -42,3 +43,19 @@ def test_verbose_shows_the_libraries_messages(quick_study: QuickStudy):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ExperimentalWarning" in proc.stderr
     assert "--verbose shows them" not in proc.stdout and "log: " in proc.stdout
+
+
+def test_the_console_names_one_best_and_accounts_for_every_trial(quick_study: QuickStudy):
+    """The last progress line names the best the final line names, at the same figure; every trial
+    number from 0 to the last one is on a line of its own or in the summary of proposals answered
+    without a run."""
+    out = quick_study.proc.stdout
+    final = re.search(r"(?m)^best: (\S+) at ([\d,]+) tokens/s$", out)
+    assert final, out[-3000:]
+    progress = re.findall(r"(?m)^\[\d+:\d\d\] done .*; best (\S+) at ([\d,]+) tok/s$", out)
+    assert progress and progress[-1] == final.groups(), out[-3000:]
+    numbers = {int(n) for n in re.findall(r"(?m)^trial +(\d+) ", out)}
+    for line in re.findall(r"(?m)^proposals answered without a run: (.*)$", out):
+        for first, last in re.findall(r"(\d+)(?:-(\d+))?", " ".join(re.findall(r"\(trials? ([^)]*)\)", line))):
+            numbers.update(range(int(first), int(last or first) + 1))
+    assert numbers == set(range(max(numbers) + 1)), sorted(numbers)

@@ -43,6 +43,20 @@ def test_candidates_are_ranked_by_predicted_speed_with_their_terms():
     assert table.returncode == 0 and "pred tok/s" in table.stdout and "uncalibrated" in table.stdout
 
 
+def test_the_table_fits_100_columns_and_the_terms_are_behind_a_flag():
+    """As a pipe or a CI log reads it (no terminal): every line within 100 characters, fitting and
+    excluded rows alike; --terms adds a column per step-time term."""
+    plain = _cli(str(SEED), "--limit", "2000")
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    assert any("over memory cap" in line for line in lines) and any("invalid: " in line for line in lines)
+    assert "ep a2a" not in plain.stdout and "--terms" in plain.stdout
+    wide = _cli(str(SEED), "--limit", "5", "--terms")
+    assert wide.returncode == 0 and all(t in wide.stdout for t in ("ep a2a", "dp grad", "bubble"))
+    assert max(len(line) for line in wide.stdout.splitlines()) > 100
+
+
 def test_another_cluster_is_answered_and_marked_extrapolated():
     proc = _cli(str(SEED), "--json", "--ranks", "64", "--profile", "B200")
     assert proc.returncode == 0, proc.stderr
