@@ -46,7 +46,7 @@ def space(early_stop: bool, quick: bool, tmp: Path) -> dict[str, Any]:
     if quick:  # a few short trials on 2 ranks: checks the script, not the figure
         data["cluster"]["ranks"] = 2
         data["search"].update(world_sizes=[1, 2], ep=[1, 2], tp=[1], pp=[1], seq_len=32)
-        data["budget"].update(trials=3, measure_steps=3)
+        data["budget"].update(trials=3, measure_steps=3, remeasure_share=0)
     return data
 
 

@@ -23,7 +23,7 @@ pooled) and the true ones, beside the noise floor: tau between repeated long rou
 against round j over every layout), not between halves of one run.
 
     python -m benchmarks.fidelity            # the figure (~50 min on 2 quiet cores)
-    python -m benchmarks.fidelity --quick    # 2 studies of 2 trials, 2 short rounds: checks the script
+    python -m benchmarks.fidelity --quick    # 2 studies of 1 trial, 2 short rounds: checks the script
     python -m benchmarks.fidelity --space benchmarks/spaces/fidelity_unseen.yaml --studies 6
                                              # the same method on a case the rules never saw
 
@@ -114,8 +114,8 @@ def _study(data: dict[str, Any], seed: int, work: Path, quick: bool) -> dict[str
     folder.mkdir(parents=True)
     d["study"] = {**d.get("study", {}), "name": f"fidelity-{seed}", "seed": seed, "output_dir": str(folder / "runs")}
     d["tracking"] = {**d.get("tracking", {}), "uri": f"sqlite:///{folder / 'mlflow.db'}"}
-    if quick:
-        d["budget"] = {**d["budget"], "trials": 2}
+    if quick:  # the script's path: one trial, no re-measuring round
+        d["budget"] = {**d["budget"], "trials": 1, "remeasure_share": 0}
     space = folder / "space.yaml"
     space.write_text(yaml.safe_dump(d))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -206,7 +206,7 @@ def analyse(spec, long_times: dict[str, list[list[float]]], peaks: dict[str, flo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 studies of 2 trials, 2 short long-rounds")
+    p.add_argument("--quick", action="store_true", help="2 studies of 1 trial, 2 short long-rounds")
     p.add_argument("--space", type=Path, default=QUICKSTART, help="the space file (default: the quick start's)")
     p.add_argument("--studies", type=int, default=STUDIES, help=f"how many studies (default {STUDIES})")
     args = p.parse_args(argv)

@@ -17,7 +17,7 @@ any run: `search_spaces/quickstart-cpu.yaml` with 8 trials, 2 rounds.
 Goal: the median trial at least 1.5x faster with warm workers.
 
     python -m benchmarks.warm_workers            # 2 rounds of 8-trial studies (~8 min on 2 cores)
-    python -m benchmarks.warm_workers --quick    # 1 round of 2-trial studies: checks the script works
+    python -m benchmarks.warm_workers --quick    # 1 round of 1-trial studies: checks the script works
 
 Results: benchmarks/results/warm_workers.{csv,json} (`warm_workers_quick.*` with --quick).
 """
@@ -45,7 +45,7 @@ GOAL_RATIO = 1.5
 SIDES = ("default", "warm")
 
 
-def one_study(side: str, trials: int, folder: Path) -> dict[str, Any]:
+def one_study(side: str, trials: int, folder: Path, remeasure: bool = True) -> dict[str, Any]:
     """Run the quick-start study once in this process; `side` picks Ray's idle-worker limit."""
     import yaml
 
@@ -57,6 +57,8 @@ def one_study(side: str, trials: int, folder: Path) -> dict[str, Any]:
         study_module.warm_workers = lambda spec, num_cpus: -1  # Ray's own default
     data = yaml.safe_load(SPACE.read_text())
     data["budget"]["trials"] = trials
+    if not remeasure:  # --quick: the script's path, without the end-of-study round
+        data["budget"]["remeasure_share"] = 0
     data["tracking"]["uri"] = f"sqlite:///{folder / 'mlflow.db'}"
     data["study"]["output_dir"] = str(folder / "runs")
     text = yaml.safe_dump(data)
@@ -82,12 +84,12 @@ def one_study(side: str, trials: int, folder: Path) -> dict[str, Any]:
             "workers": len(seen)}
 
 
-def _run_side(side: str, trials: int) -> dict[str, Any]:
+def _run_side(side: str, trials: int, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-warm-{side}-") as tmp:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.run([sys.executable, "-m", "benchmarks.warm_workers", "--one", side, "--trials",
-                               str(trials), "--folder", tmp], cwd=tmp, env=env, capture_output=True, text=True,
-                              timeout=1800)
+                               str(trials), "--folder", tmp, *(["--quick"] if quick else [])], cwd=tmp, env=env,
+                              capture_output=True, text=True, timeout=1800)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             raise SystemExit(f"the {side} study failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
@@ -97,16 +99,16 @@ def _run_side(side: str, trials: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.warm_workers", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 round of 2-trial studies")
+    p.add_argument("--quick", action="store_true", help="1 round of 1-trial studies, no re-measuring")
     p.add_argument("--rounds", type=int, default=2, help="rounds, each one study per side (default 2)")
     p.add_argument("--trials", type=int, default=8, help="trials per study (default 8)")
     p.add_argument("--one", choices=SIDES, help=argparse.SUPPRESS)  # one study in this process
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one_study(args.one, args.trials, Path(args.folder))), flush=True)
+        print(json.dumps(one_study(args.one, args.trials, Path(args.folder), remeasure=not args.quick)), flush=True)
         return 0
-    rounds, trials = (1, 2) if args.quick else (args.rounds, args.trials)
+    rounds, trials = (1, 1) if args.quick else (args.rounds, args.trials)
     suffix = "_quick" if args.quick else ""
     started = time.monotonic()
     say(f"warm workers: {rounds} round(s) of the quick-start study with {trials} trials, Ray's default idle-worker "
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for i in range(rounds):
         for side in (SIDES if i % 2 == 0 else SIDES[::-1]):
-            row = {"round": i + 1, **_run_side(side, trials)}
+            row = {"round": i + 1, **_run_side(side, trials, args.quick)}
             rows.append(row)
             say(f"  round {row['round']} {side:<8} limit {row['soft_limit']:>3}  study {row['study_wall_s']:7.1f} s  "
                 f"median trial {row['trial_median_s']:6.2f} s  ok {row['ok']}/{row['trials']}  "

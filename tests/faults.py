@@ -161,6 +161,12 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
+def own_ports(head: bool = False) -> list[str]:
+    """`ray start` flags giving a node free ports where Ray's defaults are fixed numbers."""
+    flags = [f"--dashboard-agent-listen-port={free_port()}"]
+    return flags + [f"--ray-client-server-port={free_port()}"] if head else flags
+
+
 def start_cluster(nodes: list[dict], dashboard: bool = False, attempts: int = 3) -> Cluster:
     """nodes[0] is the head; each is {"num_cpus": n, "resources": {...}}.
 
@@ -181,8 +187,11 @@ def _start_cluster(nodes: list[dict], dashboard: bool) -> Cluster:
     port = free_port()
     env = cluster_env()
     cluster = Cluster(root=root, port=port, env=env, nodes=nodes)
+    # Every node of a machine would take Ray's fixed default ports for its dashboard agent (52365)
+    # and a head for its client server (10001): on one machine, beside other clusters of the
+    # suite, each node gets free ones, as each would have its own on a machine of its own.
     head = [RAY, "start", "--head", f"--port={port}", f"--num-cpus={nodes[0].get('num_cpus', 1)}",
-            f"--temp-dir={root}", "--disable-usage-stats"]
+            f"--temp-dir={root}", "--disable-usage-stats", *own_ports(head=True)]
     if nodes[0].get("resources"):
         head.append(f"--resources={json.dumps(nodes[0]['resources'])}")
     if dashboard:
@@ -204,7 +213,7 @@ def _start_cluster(nodes: list[dict], dashboard: bool) -> Cluster:
             # A temp folder of its own, as on a machine of its own: nodes sharing one would also
             # share (and garbage-collect) each other's unpacked runtime environments.
             cmd = [RAY, "start", f"--address={cluster.address}", f"--num-cpus={node.get('num_cpus', 1)}",
-                   f"--temp-dir={root / f'n{i}'}", "--disable-usage-stats"]
+                   f"--temp-dir={root / f'n{i}'}", "--disable-usage-stats", *own_ports()]
             if node.get("resources"):
                 cmd.append(f"--resources={json.dumps(node['resources'])}")
             start(cmd)

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from tests.docker.test_compose import COMPOSE, interpolate
-from tests.faults import Cluster, free_port, wait_gone
+from tests.faults import Cluster, free_port, own_ports, wait_gone
 from tests.services import postgres_bindir, start_postgres
 
 pytestmark = [
@@ -176,10 +176,12 @@ class Stack:
                     raise
 
     def _start_ray_once(self, attempt: int) -> None:
-        head = self.start("ray-head", [f"--temp-dir={self.ray_root}"], {"TOY_API_TOKEN": SECRETS["TOY_API_TOKEN"]},
-                          cwd=self.runs, log=f"ray-head-{attempt}")
+        # Each service has a machine of its own under Docker: here its fixed default ports are freed.
+        head = self.start("ray-head", [f"--temp-dir={self.ray_root}", *own_ports(head=True)],
+                          {"TOY_API_TOKEN": SECRETS["TOY_API_TOKEN"]}, cwd=self.runs, log=f"ray-head-{attempt}")
         self._wait_log(f"ray-head-{attempt}", head, "Ray runtime started", 300)
-        worker = self.start("ray-worker", [f"--temp-dir={self.ray_root / 'w'}"], log=f"ray-worker-{attempt}")
+        worker = self.start("ray-worker", [f"--temp-dir={self.ray_root / 'w'}", *own_ports()],
+                            log=f"ray-worker-{attempt}")
         self._wait_log(f"ray-worker-{attempt}", worker, "Ray runtime started", 300)
         self._wait_http(f"{self.dashboard}/api/version", head, f"ray-head-{attempt}")
 

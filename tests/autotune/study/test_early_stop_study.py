@@ -18,7 +18,7 @@ from autotune.study.runner import RunOptions, run_study
 from tests.autotune.report.test_pareto import pareto_spec, trials
 from tests.faults import wait_gone
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # wall-clock bounds: nothing beside it
 
 # Layouts from 1 to 2 ranks whose step times differ by several times (bf16 autocast and full
 # recompute are slow on a CPU), 6 measured steps each: slow ones are stopped mid-run.

@@ -232,7 +232,7 @@ def test_tracking_server_dying_mid_study_loses_nothing(tmp_path):
     server = serve()
     try:
         wait_up()
-        data = space(tmp_path, "outage", tracking={"uri": f"http://127.0.0.1:{port}"}, budget={"trials": 4})
+        data = space(tmp_path, "outage", tracking={"uri": f"http://127.0.0.1:{port}"}, budget={"trials": 3})
         storage = spec_from_data(data).study.storage_url()
         down = threading.Event()
 
@@ -257,7 +257,7 @@ def test_tracking_server_dying_mid_study_loses_nothing(tmp_path):
             down.set()
             thread.join(5)
         assert result.tracking_error and "autotune sync outage" in result.tracking_error
-        assert len(launched(result)) == 4 and all(t.ok for t in launched(result))
+        assert len(launched(result)) == 3 and all(t.ok for t in launched(result))
         server.wait(10)
         server = serve()
         wait_up()

@@ -14,6 +14,7 @@ import pytest
 
 from autotune.study.lease import Lease, LeaseBusy
 
+pytestmark = pytest.mark.alone  # heartbeats and waits of a few seconds: nothing beside it
 REPO = Path(__file__).resolve().parents[3]
 HOLD = """
 import sys, time

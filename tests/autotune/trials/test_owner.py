@@ -13,7 +13,7 @@ from ray.util import placement_group_table
 from autotune.trials.owner import TrialOwner, owner_handle, reserve, start_time
 from tests.faults import alive, wait_gone
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # wall-clock bounds: nothing beside it
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -121,6 +121,7 @@ def test_argv_round_trips_through_the_parser():
     assert config_from_args(_parser().parse_args(cfg.argv())) == cfg
 
 
+@pytest.mark.alone  # holds the machine's measuring lock and times a run against it
 def test_timed_steps_wait_for_the_machines_measuring_lock():
     """A run that measures alone does not time a step while another holder has the machine's
     lock, and then runs to the end; one that does not measure alone ignores the lock."""
