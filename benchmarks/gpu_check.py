@@ -1,4 +1,5 @@
-"""One prepared device check: the trainable and a small study on one GPU, in at most 8 minutes.
+"""One prepared device check: the trainable on every GPU of a machine and a small study, in at
+most 8 minutes.
 
     python benchmarks/gpu_check.py --out DIR                 # one H100/H200 (the default device: cuda)
     python benchmarks/gpu_check.py --device cpu --out DIR    # the tiny preset on CPU (what CI runs)
@@ -8,7 +9,7 @@ Parts, each in a process of its own with its own time limit, each written to DIR
 (`gpu_check.json`, one row per run in `gpu_check.csv`; `gpu_check_cpu.*` with `--device cpu`), so
 a crash or an out-of-memory in one part keeps the others:
 
-* `device` (always first): the card, its memory, the CUDA context's own bytes, and a bf16
+* `device` (always first): the card(s), its memory, the CUDA context's own bytes, and a bf16
   8192^3 matrix product's rate: the baseline the trainable's MFU is set against, beside the
   datasheet's peak;
 * `small`: the trainable's `small` preset, bf16, world 1 (`python -m trainables.moe.train`, the
@@ -16,11 +17,20 @@ a crash or an out-of-memory in one part keeps the others:
   device's used memory (NVML);
 * `moe64e`: the `moe-64e` preset with as many layers as the memory model says fit the card
   (fewer once if that still runs out of memory), the same figures;
+* `kernels`: `benchmarks/kernel_efficiency.py`, one 64-expert MoE layer and one step, the
+  grouped expert GEMMs against the former loop over experts, with MFU against the datasheet and
+  against the measured GEMM ceiling;
+* `world` (machines with several GPUs; 4 CPU ranks with `--device cpu`): the `small` preset's
+  model over every GPU under torchrun (NCCL), in a layout with as many of EP, TP, PP and DP above
+  1 as the count allows and in plain DP, each rank's memory beside the prediction; the device
+  memory a rank with peers holds beyond a lone one is NCCL's, and `calibrated` measures
+  `mem_nccl_bytes` from it instead of keeping the profile's estimate;
 * `study`: a 6-trial `autotune run` of `benchmarks/spaces/gpu_check.yaml` over micro-batch,
   precision and recompute, with its report copied to DIR. It needs ray, optuna, mlflow and
   pydantic; where they are missing it is skipped, and the JSON says so.
 
-The first two parts import only torch, numpy-free standard library, the trainable and
+The probe records the torch build (version, git hash, CUDA, NCCL, cuDNN). The parts but the study
+import only torch, numpy-free standard library, the trainable and
 `autotune/predict/memory.py` (with pyyaml for the device profiles), so they run where no tuner is
 installed. Predictions on CUDA use the memory overhead terms of the card's device profile
 (`autotune/space/profiles/devices.yaml`); `calibrated` in the JSON is those terms fitted from the
@@ -34,16 +44,12 @@ budget for the layer count), so that the whole path, NVML and CUDA aside, is exe
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,92 +59,30 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from autotune.predict.device_memory import Sample, calibrate, overhead_for  # noqa: E402
-from autotune.predict.memory import predict  # noqa: E402
-from trainables.moe.config import ParallelDims, RunShape, flops_per_token, preset  # noqa: E402
+from benchmarks.gpu_runs import (CPU_WORLD, RUNS, _gb, kernels_part, moe_part, profile_for_card,  # noqa: E402
+                                 run_child, say, train_part, world_part)
 
-PARTS = ("small", "moe64e", "study")
+PARTS = ("small", "moe64e", "kernels", "world", "study")
 # Seconds: all parts together, and each part's own limit. On a card the whole check fits 8
 # minutes (it took 2 on an H200 without the study); a shared 2-core CI machine may be far slower.
 BUDGET_S = {"cuda": 480.0, "cpu": 1200.0}
-LIMITS_S = {"cuda": {"device": 60.0, "small": 100.0, "moe64e": 150.0, "study": 200.0},
-            "cpu": {"device": 120.0, "small": 300.0, "moe64e": 300.0, "study": 480.0}}
+LIMITS_S = {"cuda": {"device": 60.0, "small": 100.0, "moe64e": 150.0, "kernels": 120.0, "world": 240.0,
+                     "study": 200.0},
+            "cpu": {"device": 120.0, "small": 300.0, "moe64e": 300.0, "kernels": 240.0, "world": 300.0,
+                    "study": 480.0}}
 TUNER_MODULES = ("ray", "optuna", "mlflow", "pydantic")
-CSV_FIELDS = ("part", "status", "model", "n_layers", "precision", "micro_batch_size", "global_batch_size",
+CSV_FIELDS = ("part", "status", "model", "world_size", "n_layers", "precision", "micro_batch_size", "global_batch_size",
               "seq_len", "tokens_per_s", "step_time_s", "mfu", "mfu_vs_matmul", "pred_alloc_bytes",
               "alloc_bytes", "pred_reserved_bytes", "reserved_bytes", "pred_device_bytes", "device_bytes",
               "device_source", "alloc_over_pred", "device_over_pred", "duration_s", "reason")
-
-# What each part runs, by device. CPU shapes keep CI quick; CUDA shapes are chosen to keep the
-# card busy for a few seconds per step at most.
-RUNS = {
-    "cuda": {
-        "small": dict(model="small", precision="bf16", micro_batch_size=8, global_batch_size=32, seq_len=1024,
-                      warmup_steps=2, steps=5),
-        "moe64e": dict(model="moe-64e", precision="bf16", micro_batch_size=2, global_batch_size=8, seq_len=2048,
-                       warmup_steps=1, steps=3),
-    },
-    "cpu": {
-        "small": dict(model="tiny", precision="bf16", micro_batch_size=2, global_batch_size=4, seq_len=64,
-                      warmup_steps=1, steps=2),
-        "moe64e": dict(model="tiny", precision="bf16", micro_batch_size=2, global_batch_size=4, seq_len=64,
-                       warmup_steps=1, steps=2),
-    },
-}
-MEMORY_FILL = 0.9  # of the card that the moe-64e layers may fill, by the device-level prediction
-CPU_MEMORY_BUDGET = 12e6 # bytes: on CPU, the "card" the tiny model's layers are fitted into
-
-
-def say(text: str) -> None:
-    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Children: each part runs in a process of its own (a CUDA error poisons only that process)
-
-
-def _child_env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
-
-
-def run_child(cmd: list[str], limit_s: float, label: str, cwd: Path | None = None) -> tuple[int | None, str, float]:
-    """Run `cmd`, echoing its output with a prefix; (exit code or None on timeout, tail, seconds)."""
-    start = time.monotonic()
-    tail: collections.deque[str] = collections.deque(maxlen=60)
-    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=_child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            print(f"  {label}| {line.rstrip()}", flush=True)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        code: int | None = proc.wait(timeout=max(1.0, limit_s))
-    except subprocess.TimeoutExpired:
-        code = None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-    reader.join(5)
-    return code, "\n".join(tail), time.monotonic() - start
-
 
 def device_probe(device: str) -> dict[str, Any]:
     """Runs in a child: what the card is, what a bare CUDA context costs, a matmul's rate."""
     import torch
 
-    out: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0], "device": device}
+    out: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0], "device": device,
+                           "torch_build": {"git": torch.version.git_version, "cuda": torch.version.cuda,
+                                           "debug": torch.version.debug}}
     if device == "cpu":
         a = torch.randn(1024, 1024)
         a @ a
@@ -150,6 +94,12 @@ def device_probe(device: str) -> dict[str, Any]:
         return out
     before = _nvml_used_before_context()
     dev = torch.device("cuda", 0)
+    out["gpus"] = torch.cuda.device_count()
+    try:
+        out["torch_build"]["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        out["torch_build"]["cudnn"] = torch.backends.cudnn.version()
+    except Exception:  # a build without NCCL or cuDNN
+        pass
     torch.cuda.init()
     props = torch.cuda.get_device_properties(dev)
     out.update(name=torch.cuda.get_device_name(dev), total_memory=int(props.total_memory),
@@ -195,124 +145,6 @@ def _nvml_used_before_context() -> int | None:
 
 # ---------------------------------------------------------------------------------------------
 # Parts
-
-
-def _train_cmd(run: dict[str, Any], device: str, n_layers: int | None, metrics: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "trainables.moe.train", "--model", run["model"], "--device", device,
-           "--metrics-out", str(metrics), "--timeout-s", "120"]
-    for k in ("precision", "micro_batch_size", "global_batch_size", "seq_len", "warmup_steps", "steps"):
-        cmd += ["--" + k.replace("_", "-"), str(run[k])]
-    if n_layers is not None:
-        cmd += ["--model-config", json.dumps({"n_layers": n_layers})]
-    return cmd
-
-
-# Device profile (autotune/space/profiles/devices.yaml) by a fragment of the card's name.
-CARD_PROFILES = (("H200", "H200"), ("H100", "H100-SXM"), ("A100", "A100-80GB"), ("B200", "B200"))
-
-
-def profile_for_card(name: str | None) -> str | None:
-    """The profile whose memory overhead terms describe this card; None: the default CUDA one."""
-    return next((profile for fragment, profile in CARD_PROFILES if fragment in (name or "")), None)
-
-
-def _prediction(run: dict[str, Any], device: str, n_layers: int | None, profile: str | None = None):
-    model = preset(run["model"])
-    if n_layers is not None:
-        from dataclasses import replace
-
-        model = replace(model, n_layers=n_layers)
-    shape = RunShape(run["micro_batch_size"], run["global_batch_size"], run["seq_len"], run["precision"])
-    return model, predict(model, ParallelDims(), shape, device, overhead_for(profile) if device == "cuda" else None)
-
-
-def train_part(name: str, run: dict[str, Any], device: str, out: Path, limit_s: float, probe: dict[str, Any],
-               n_layers: int | None = None) -> dict[str, Any]:
-    """One world-1 run of the trainable's own command, and its figures beside the predictions."""
-    metrics = out / f".{name}.metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    model, pred = _prediction(run, device, n_layers, probe.get("profile"))
-    row: dict[str, Any] = {"part": name, "model": run["model"], "n_layers": model.n_layers,
-                           **{k: run[k] for k in ("precision", "micro_batch_size", "global_batch_size", "seq_len")},
-                           "pred_alloc_bytes": pred.total}
-    if device == "cuda":
-        row.update(pred_reserved_bytes=pred.reserved, pred_device_bytes=pred.device)
-    say(f"{name}: {run['model']} x{model.n_layers} layers, {run['precision']}, micro-batch {run['micro_batch_size']}, "
-        f"seq {run['seq_len']}; predicted peak {pred.total / 1e9:.2f} GB allocated"
-        + (f", {pred.device / 1e9:.2f} GB on the device" if device == "cuda" else "") + f" (limit {limit_s:.0f} s)")
-    code, tail, took = run_child(_train_cmd(run, device, n_layers, metrics), limit_s, name)
-    row["duration_s"] = round(took, 1)
-    summary = None
-    if metrics.exists():
-        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        summary = next((r for r in reversed(lines) if r.get("type") == "summary"), None)
-    if code is None:
-        row.update(status="timeout", reason=f"over its {limit_s:.0f} s limit")
-    elif summary is not None and summary.get("status") != "ok":
-        row.update(status=summary.get("status", "crashed"), reason=summary.get("reason", ""))
-    elif code != 0 or summary is None:
-        oom = "out of memory" in tail.lower() or "outofmemoryerror" in tail.lower()
-        last = [line for line in tail.splitlines() if line.strip()][-3:]
-        row.update(status="oom" if oom else "crashed", reason=f"exit {code}: " + " | ".join(last)[-600:])
-    else:
-        row["status"] = "ok"
-        row.update(tokens_per_s=summary["tokens_per_s"], step_time_s=summary["step_time_s"],
-                   mfu=summary.get("mfu"), alloc_bytes=summary.get("peak_mem_bytes"),
-                   reserved_bytes=summary.get("peak_mem_reserved_bytes"),
-                   device_bytes=summary.get("peak_mem_device_bytes"),
-                   loss_first=summary["loss_first"], loss_last=summary["loss_last"],
-                   memory_breakdown={k: summary.get(k) for k in ("mem_params_bytes", "mem_grads_bytes",
-                                                                 "mem_optimizer_bytes", "mem_activations_bytes",
-                                                                 "mem_other_bytes")},
-                   predicted_breakdown=pred.as_metrics())
-        ranks = summary.get("ranks") or [{}]
-        row["device_source"] = "nvml" if device == "cuda" and _nvml_available() else (
-            "cudaMemGetInfo" if device == "cuda" else "")
-        if probe.get("matmul_flops"):
-            row["mfu_vs_matmul"] = row["tokens_per_s"] * flops_per_token(model, run["seq_len"]) / probe["matmul_flops"]
-        if row.get("alloc_bytes"):
-            row["alloc_over_pred"] = row["alloc_bytes"] / pred.total
-        if row.get("device_bytes"):
-            row["device_over_pred"] = row["device_bytes"] / pred.device
-        row["hosts"] = sorted({r.get("host", "") for r in ranks})
-    say(f"{name}: {row['status']}" + (f" ({row.get('reason')})" if row.get("reason") else "")
-        + (f"; {row['tokens_per_s']:,.0f} tokens/s, MFU {_pct(row.get('mfu'))} of datasheet, "
-           f"{_pct(row.get('mfu_vs_matmul'))} of the measured matmul; peak {_gb(row.get('alloc_bytes'))} allocated "
-           f"(predicted {_gb(pred.total)}), {_gb(row.get('reserved_bytes'))} reserved, "
-           f"{_gb(row.get('device_bytes'))} on the device" if row["status"] == "ok" else ""))
-    return row
-
-
-def _nvml_available() -> bool:
-    return importlib.util.find_spec("pynvml") is not None
-
-
-def fit_layers(run: dict[str, Any], device: str, budget: float, profile: str | None = None) -> int:
-    """The most layers of the run's preset whose device-level prediction fits `budget` bytes."""
-    best = 1
-    for n in range(1, preset(run["model"]).n_layers + 1):
-        _, pred = _prediction(run, device, n, profile)
-        if pred.device <= budget:
-            best = n
-        else:
-            break
-    return best
-
-
-def moe_part(device: str, out: Path, limit_s: float, probe: dict[str, Any], layers: int | None) -> dict[str, Any]:
-    run = RUNS[device]["moe64e"]
-    budget = MEMORY_FILL * probe["total_memory"] if device == "cuda" else CPU_MEMORY_BUDGET
-    n = layers or fit_layers(run, device, budget, probe.get("profile"))
-    deadline = time.monotonic() + limit_s
-    row = train_part("moe64e", run, device, out, limit_s, probe, n)
-    row["fit_budget_bytes"] = int(budget)
-    if row["status"] == "oom" and n > 1 and deadline - time.monotonic() > 30:
-        fewer = max(1, (n * 3) // 4)
-        say(f"moe64e: {n} layers ran out of memory; once more with {fewer}")
-        retry = train_part("moe64e", run, device, out, deadline - time.monotonic(), probe, fewer)
-        retry.update(fit_budget_bytes=int(budget), first_attempt={"n_layers": n, "reason": row.get("reason")})
-        return retry
-    return row
 
 
 def missing_modules(names: tuple[str, ...]) -> list[str]:
@@ -390,14 +222,6 @@ def _study_figures(report: dict[str, Any]) -> dict[str, Any]:
 # Results
 
 
-def _gb(v: Any) -> str:
-    return f"{v / 1e9:.2f} GB" if isinstance(v, (int, float)) else "-"
-
-
-def _pct(v: Any) -> str:
-    return f"{v:.1%}" if isinstance(v, (int, float)) else "-"
-
-
 def stem_of(device: str) -> str:
     """Result file names: a CPU run never overwrites a card's figures in the same folder."""
     return "gpu_check" if device == "cuda" else "gpu_check_cpu"
@@ -405,18 +229,28 @@ def stem_of(device: str) -> str:
 
 def write(out: Path, result: dict[str, Any]) -> None:
     """Both files, rewritten after every part: whatever finished is on disk."""
-    rows = [r for r in result["parts"].values() if isinstance(r, dict) and "status" in r]
+    rows = []
+    for r in result["parts"].values():
+        if isinstance(r, dict) and "status" in r:
+            rows.extend(r["runs"] if r.get("part") == "world" and r.get("runs") else [r])
     samples = [Sample(int(r["alloc_bytes"]), int(r["reserved_bytes"]), int(r["device_bytes"]))
-               for r in rows if r.get("status") == "ok" and r.get("device_bytes") and r.get("reserved_bytes")
-               and r.get("alloc_bytes")]
+               for r in rows if r.get("status") == "ok" and r.get("world_size", 1) == 1 and r.get("device_bytes")
+               and r.get("reserved_bytes") and r.get("alloc_bytes")]
+    # ranks with peers: NCCL's communicators are what they hold beyond a lone rank
+    samples += [Sample(int(m["peak_mem_bytes"]), int(m["peak_mem_reserved_bytes"]), int(m["peak_mem_device_bytes"]),
+                       world_size=r["world_size"])
+                for r in rows if r.get("status") == "ok" and r.get("world_size", 1) > 1
+                for m in r.get("rank_memory", []) if all(m.get(k) for k in m)]
     if samples:
         profile = result["probe"].get("profile")
         result["calibrated"] = {
             "profile": profile or "(default CUDA profile)",
             **calibrate(samples, nccl_default=overhead_for(profile).nccl_bytes).as_profile_fields(),
             "source": (f"benchmarks/gpu_check.py on {result['probe'].get('name')}, torch {result['probe'].get('torch')}, "
-                       f"{time.strftime('%Y-%m-%d')}: {len(samples)} world-1 run(s); mem_nccl_bytes kept from the "
-                       f"profile (one GPU has no peers)")}
+                       f"{time.strftime('%Y-%m-%d')}: {sum(s.world_size == 1 for s in samples)} world-1 run(s)"
+                       + (f", {sum(s.world_size > 1 for s in samples)} rank(s) with peers (mem_nccl_bytes measured)"
+                          if any(s.world_size > 1 for s in samples) else
+                          "; mem_nccl_bytes kept from the profile (no rank had peers)"))}
     out.mkdir(parents=True, exist_ok=True)
     stem = stem_of(result["device"])
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -483,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
                 row = train_part("small", RUNS[ns.device]["small"], ns.device, out, budget, probe)
             elif part == "moe64e":
                 row = moe_part(ns.device, out, budget, probe, ns.moe_layers)
+            elif part == "kernels":
+                row = kernels_part(ns.device, out, budget)
+            elif part == "world":
+                ranks = probe.get("gpus", 1) if ns.device == "cuda" else CPU_WORLD
+                row = (world_part(ns.device, out, budget, probe, ranks) if ranks > 1 else
+                       {"part": "world", "status": "skipped", "reason": "one GPU: no layout over several ranks"})
             else:
                 row = study_part(ns.device, out, budget, probe)
         except Exception as exc:  # one part's failure is recorded, the others still run

@@ -19,7 +19,6 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 import functools  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 

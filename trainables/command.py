@@ -425,9 +425,10 @@ def _classify(returncode: int | None, timed_out: bool, killed: bool, timeout_s: 
                 f"no metrics: the command exited 0 but {where}; it must write JSON lines "
                 f"({{\"type\": \"step\", ...}} per step, then {{\"type\": \"summary\", ...}}) to the path "
                 f"given by {{metrics_file}} (see trainables.command); {_last_lines(out_lines, err_lines)}", 1200)
+        enable = f"{PRESETS[preset].enable}; " if preset is not None and PRESETS[preset].enable else ""
         return Status.NO_METRICS, _one_line(
             f"no metrics: the command exited 0 but no printed line matched {_what_read(patterns, preset)}; "
-            f"{_last_lines(out_lines, err_lines)} (all of it in {log_path})", 1200)
+            f"{enable}{_last_lines(out_lines, err_lines)} (all of it in {log_path})", 1400)
     if "tokens_per_s" not in summary and "step_time_s" not in summary:
         if tail is not None:
             what = "neither tokens_per_s nor step_time_s in its steps or summary; report at least one of them"

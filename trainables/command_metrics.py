@@ -32,6 +32,7 @@ STEP_RAW: dict[str, str] = {
 }
 SUMMARY_RAW: dict[str, str] = {
     "steps_per_s": "optimizer steps per second over the run",
+    "run_tokens_per_s": "tokens/s over the run as the program counts its tokens (the last value printed counts)",
     "peak_mem_gib": "peak memory of the worst rank in GiB (2^30 bytes)",
     "peak_mem_mib": "peak memory of the worst rank in MiB (2^20 bytes)",
 }
@@ -124,17 +125,22 @@ class Metrics:
                 step["step_time_s"] = gbs / samples
                 self.derived.setdefault("step_time_s",
                                         f"global batch {gbs} / step_samples_per_s (each step)")
+        rate = _positive(step.get("tokens_per_s"))
+        if rate is not None and "step_time_s" not in step and seq and gbs:
+            # A program that prints only its throughput (torchtitan's tps): the step's time follows.
+            step["step_time_s"] = seq * gbs / rate
+            self.derived.setdefault("step_time_s", f"global batch x seq_len {seq * gbs:g} / tokens_per_s (each step)")
 
     def add_step(self, raw: Mapping[str, Any], where: str) -> None:
         step: dict[str, Any] = {"type": "step"}
         number = raw.get("step")
+        copy = False
         if isinstance(number, bool) or not isinstance(number, int):
             if number is not None:
                 self.note(f"{where}: 'step' {number!r} is not a whole number; counted instead")
             number = len(self.steps)
         elif self.unique_steps:
-            if number in self._seen_numbers:
-                return
+            copy = number in self._seen_numbers
             self._seen_numbers.add(number)
         step["step"] = number
         phase = raw.get("phase")
@@ -148,10 +154,34 @@ class Metrics:
                     self.note(f"{where}: {name} {raw[name]!r} is not a number; left out")
                 else:
                     step[name] = value
+        if self.unique_steps and step.get("loss", 0) < 0:
+            # A rank without the last pipeline stage prints a sentinel, not a loss (torchtitan: -1 per
+            # data-parallel rank): cross entropy is never negative.
+            del step["loss"]
         self._from_raw(raw, step, where)
+        if copy:
+            self._merge(step)
+            return
         self.steps.append(step)
         if self.on_step is not None:
             self.on_step(dict(step))
+
+    def _merge(self, copy: dict[str, Any]) -> None:
+        """Another rank's line for a step already read: the step lasts as long as its slowest rank
+        (the longest time, the lowest rate), the loss is whichever rank printed one, the memory
+        the largest."""
+        step = next(s for s in reversed(self.steps) if s["step"] == copy["step"])
+        for name, value in copy.items():
+            if name in ("type", "step", "phase"):
+                continue
+            if name not in step:
+                step[name] = value
+            elif name == "step_time_s":
+                step[name] = max(step[name], value)
+            elif name in ("tokens_per_s", "samples_per_s"):
+                step[name] = min(step[name], value)
+            elif name in _MAX_NAMES:
+                step[name] = max(step[name], value)
 
     def set_summary(self, name: str, value: int | float) -> None:
         """One summary figure; for peak memory the largest seen wins (each rank may print its own)."""
@@ -219,6 +249,10 @@ class Metrics:
         """Whole-run figures (samples/s, steps/s, memory in GiB/MiB) -> autotune's summary metrics."""
         seq, gbs = self.shape.seq_len, self.shape.global_batch_size
         samples, steps = _positive(out.get("samples_per_s")), _positive(raw.get("steps_per_s"))
+        counted = _positive(raw.get("run_tokens_per_s"))
+        if counted is not None and "tokens_per_s" not in out:
+            out["tokens_per_s"] = counted
+            self.derived["tokens_per_s"] = f"run_tokens_per_s {_fmt(counted)} (the program's own count of tokens)"
         if steps is not None and "step_time_s" not in out:
             out["step_time_s"] = 1.0 / steps
             self.derived["step_time_s"] = f"1 / steps_per_s {_fmt(steps)}"

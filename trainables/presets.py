@@ -22,6 +22,7 @@ class Preset:
     patterns: Mapping[str, str]  # metric or raw-figure name -> regex with one group
     source: str  # where the formats come from
     reads: str  # what the preset reads, in words, for error messages and the README
+    enable: str = ""  # how to make the framework print those lines, where its defaults print none
 
 
 PRESETS: dict[str, Preset] = {
@@ -29,16 +30,22 @@ PRESETS: dict[str, Preset] = {
     # str(logs) with floats as f"{v:.4g}" strings ({'loss': '6.279', ...}); older releases print bare
     # floats, both are read. trainer_utils.py speed_metrics: train_samples_per_second = samples of the
     # whole run (per-device batch x accumulation x world size x steps) / runtime, train_steps_per_second
-    # likewise; they arrive once, in the last log dict of Trainer.train.
+    # likewise; they arrive once, in the last log dict of Trainer.train. With
+    # --include_num_input_tokens_seen, Trainer.log adds train_tokens_per_second to every log dict: the
+    # input tokens seen on every rank (gathered) since train() began / the time since: the last one
+    # printed is the whole run's, counted by the Trainer itself (padding included unless
+    # "non_padding"), and is used for tokens/s when present.
     "hf-trainer": Preset(
         "hf-trainer",
         {"loss": rf"\{{.*'loss': '?{NUM}'?",
          "samples_per_s": rf"'train_samples_per_second': '?{NUM}'?",
-         "steps_per_s": rf"'train_steps_per_second': '?{NUM}'?"},
+         "steps_per_s": rf"'train_steps_per_second': '?{NUM}'?",
+         "run_tokens_per_s": rf"'train_tokens_per_second': '?{NUM}'?"},
         "transformers 5.23.0: trainer_callback.py (PrinterCallback/ProgressCallback.on_log), "
         "trainer_utils.py (speed_metrics)",
-        "the Trainer's log dicts: {'loss': ...} per logging step and {'train_samples_per_second': ..., "
-        "'train_steps_per_second': ...} at the end"),
+        "the Trainer's log dicts: {'loss': ...} per logging step (with 'train_tokens_per_second' under "
+        "--include_num_input_tokens_seen) and {'train_samples_per_second': ..., 'train_steps_per_second': ...} "
+        "at the end"),
     # torchtitan 0.3.0, components/metrics.py MetricsProcessor.log:
     #   f"step: {step:2}  loss: {loss:8.5f}  grad_norm: {g:7.4f}  memory: {max_reserved_gib:5.2f}GiB({pct:.2f}%)
     #   tps: {round(tps):,}  tflops: {tflops:,.2f}  mfu: {mfu:.2f}%" (with colour codes unless disabled),
@@ -72,9 +79,14 @@ PRESETS: dict[str, Preset] = {
     # deepspeed 0.19.8, utils/timer.py ThroughputTimer.stop, every steps_per_print steps with
     # "timers": {"throughput": {"enabled": true}} (the default):
     #   "epoch={}/micro_step={}/global_step={}, RunningAvgSamplesPerSec={}, CurrSamplesPerSec={},
-    #   MemAllocated={}GB, MaxMemAllocated={}GB" through deepspeed's logger (stdout, every rank: copies
-    # of a step are read once). CurrSamplesPerSec = train_batch_size (global) / the step's time; the
-    # memory is round(bytes / 1024**3, 2), so GiB. DeepSpeed prints no loss of its own.
+    #   MemAllocated={}GB, MaxMemAllocated={}GB" through deepspeed's logger.info on every rank, each
+    # with its own step time (the slowest rank's copy of a step counts). CurrSamplesPerSec =
+    # train_batch_size (global) / the step's time; the memory is round(bytes / 1024**3, 2), so GiB.
+    # DeepSpeed prints no loss of its own. With its defaults it prints none of these lines:
+    # steps_per_print defaults to None (runtime/constants.py: no report boundary, timer.py
+    # _is_report_boundary) and its logger starts at WARNING (utils/logging.py, since 0.17.6); the
+    # config's "steps_per_print": 1 and "log_level": "info" (runtime/engine.py sets the logger's
+    # level from it) turn them on.
     "deepspeed": Preset(
         "deepspeed",
         {"step": r"\bglobal_step=(\d+), RunningAvgSamplesPerSec=",
@@ -82,7 +94,10 @@ PRESETS: dict[str, Preset] = {
          "peak_mem_gib": rf"\bglobal_step=\d+, RunningAvgSamplesPerSec=.*\bMaxMemAllocated={NUM}GB"},
         "deepspeed 0.19.8: deepspeed/utils/timer.py (ThroughputTimer.stop)",
         "its throughput lines 'epoch=E/micro_step=M/global_step=N, RunningAvgSamplesPerSec=..., "
-        "CurrSamplesPerSec=..., MemAllocated=...GB, MaxMemAllocated=...GB'"),
+        "CurrSamplesPerSec=..., MemAllocated=...GB, MaxMemAllocated=...GB'",
+        "DeepSpeed prints them only when its config has \"steps_per_print\": 1 and \"log_level\": \"info\" (its "
+        "defaults, since 0.17.6, print none): add both to the DeepSpeed config the program passes to "
+        "deepspeed.initialize"),
 }
 
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)

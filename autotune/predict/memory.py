@@ -19,8 +19,8 @@ the moment of the peak (`memory_schedule`):
   start of that layer's backward, the middle of its expert backward (where the stacked expert
   weights' gradients are materialised per expert and summed), and the backward of the last
   dense FFN;
-* after the backward come the gradient all-reduce and the optimizer step (AdamW
-  temporaries), each a candidate of its own. The trainable's default, bucketed reduction
+* after the backward comes the gradient all-reduce (the fused AdamW step allocates nothing);
+  the trainable's default, bucketed reduction
   (`trainables/moe/grad_sync.py`) all-reduces the gradient buffers in place during backward:
   its buckets are the gradients themselves, allocated up front, so it adds nothing; the
   `flat` one copies the gradients into new flat buffers after backward.
@@ -32,8 +32,7 @@ and the flat gradient buffers of the all-reduce); the rest of the peak beyond pa
 gradients and optimizer states is "other" (gradient temporaries, recomputed activations,
 module buffers). Two effects belong to that measurement rather than to training alone: under
 the tracker (a Python dispatch mode) autograd sums gradients out of place instead of in place
-(so the expert-weight gradients take three copies of one weight where two would do), and
-AdamW's step counters are counted in the optimizer bytes but never seen in the peak.
+(so the expert-weight gradients take three copies of one weight where two would do).
 
 Routing is taken as balanced (every rank's experts process as many rows as its router sends
 out); a skewed router makes the busiest EP rank hold more. `benchmarks/memory_model.py`

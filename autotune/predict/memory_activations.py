@@ -14,7 +14,7 @@ import math
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from autotune.predict.memory_state import BOOL, FP32, INT64, LOW, larger, pick
+from autotune.predict.memory_state import BOOL, FP32, INT64, LOW, pick
 from trainables.moe.config import ModelConfig
 
 
@@ -106,9 +106,9 @@ def _moe_parts(x: Dims) -> tuple[Any, Any, Any, Any]:
     kept = _norm_saved(x, consumers_cast=0)  # the router reads the fp32 output of the norm
     kept += _router_saved(x)
     kept += x.r0 * INT64  # token index of every kept assignment (gather of the dispatched rows)
-    # w1 and w3 matmuls each keep a low-precision copy of their rows; in fp32 both keep the
-    # dispatched rows themselves.
-    kept += pick(x.low, 2 * x.r * x.d * LOW, x.r * x.d * FP32)
+    # The w1 and w3 grouped GEMMs keep the dispatched rows (under autocast their one low-precision
+    # copy), and the group offsets (int32).
+    kept += pick(x.low, x.r * x.d * LOW, x.r * x.d * FP32) + x.el * FP32
     kept += pick(x.ep > 1, x.r * INT64, 0)  # permutation from source-rank order to expert order
     hidden = 4 * x.r * x.f * x.a  # SwiGLU: w1 out, silu out, w3 out, their product
     weights = pick(x.low, 3 * x.el * x.d * x.f * LOW, 0)  # each expert's slices, cast per call
@@ -194,20 +194,19 @@ def unit_terms(model: ModelConfig, tp: Any, ep: Any, t: Any, r0: Any, low: Any, 
     kept_moe = pick(full, resid, attn + moe_kept + moe_freed + moe_hidden + moe_weights + resid)
     kept_dense = pick(full, resid, attn + dense_kept + dense_hidden + resid)
 
-    # Inside the expert backward, at the second expert: the first expert's tensors are gone (and
-    # the second's hidden product), and so are the layer's output, routing weights and scatter
-    # indices. The attention part and the router wait for the end of the layer's backward.
-    many = x.el > 1
-    cur_hidden = pick(many, larger(0, moe_hidden - 5 * (x.r // x.el) * x.f * x.a), moe_hidden - x.r * x.f * x.a)
-    cur_weights = pick(many & x.low, larger(0, moe_weights - 4 * x.d * x.f * LOW), 0)
-    moe_cur = attn + moe_kept + cur_hidden + cur_weights
-    # Gradient of a stacked expert weight: `w[e]`'s backward materialises a zero-filled full-size
-    # tensor per expert, and the engine sums them (out of place under the memory tracker) while
-    # the previous sum is alive: three copies of one weight, one of each of the other two.
-    w = x.el * x.d * x.f * FP32
-    moe_bwd = pick(many, 5, 3) * w
-    moe_bwd += x.r0 * x.d * x.a + x.r0 * FP32  # gradients of the expert output and routing weights
-    moe_bwd += (x.r // x.el) * (x.f * x.a + x.d * FP32)  # current expert's hidden and input gradients
+    # Inside the expert backward, the grouped GEMMs' gradients are made one weight at a time, w2's
+    # first: (a) as w2's GEMM backward makes its weight gradient (in the GEMM's precision), every
+    # saved tensor of the layer is alive, with the gradients of the expert output, of the
+    # routing weights and of the SwiGLU product; (b) under autocast, as that gradient is cast
+    # back to fp32 for the fp32 weight, w2's GEMM has freed its input (the product) and its
+    # weight copy, and its low-precision weight gradient is still held.
+    w = x.el * x.d * x.f
+    cur_a = attn + moe_kept + moe_hidden + moe_weights
+    bwd_a = w * pick(x.low, LOW, FP32) + x.r0 * x.d * x.a + x.r0 * FP32 + x.r * x.f * x.a
+    cur_b = cur_a - x.r * x.f * x.a - w * LOW
+    bwd_b = x.r * x.f * x.a + w * (LOW + FP32) + x.r0 * FP32
+    b = x.low & (cur_b + bwd_b > cur_a + bwd_a)
+    moe_cur, moe_bwd = pick(b, cur_b, cur_a), pick(b, bwd_b, bwd_a)
     # The forward (and its recompute under full recompute) peaks at the return all-to-all: every
     # saved tensor of the layer so far (all but the weighting and scatter ones), plus its locals.
     moe_fwd = attn + moe_kept + moe_hidden + moe_weights + x.r0 * INT64 + pick(x.ep > 1, x.r * INT64, 0)

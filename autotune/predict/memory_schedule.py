@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 from autotune.predict.memory_activations import Unit
-from autotune.predict.memory_state import INT64, FP32, larger, last_layer, moe_count, pick, smaller, stage_range, state_bytes
+from autotune.predict.memory_state import INT64, FP32, last_layer, moe_count, pick, smaller, stage_range, state_bytes
 from trainables.moe.config import ModelConfig
 
 
@@ -32,10 +32,9 @@ class Stage(NamedTuple):
     drain_bwd: Any
     resid: Any  # one micro-batch of the residual stream (a stage's input, output, input gradient)
     logits: Any  # logits of a micro-batch (the last pipeline stage keeps every one)
-    fixed_other: Any  # module buffers, less AdamW's step counters (see `stage_terms`)
+    fixed_other: Any  # module buffers (see `stage_terms`)
     flat_dense: Any  # gradient bytes averaged over dp * ep (one flat copy for the all-reduce)
     flat_expert: Any  # expert gradient bytes averaged over dp
-    adam_temps: Any  # AdamW's temporaries at the optimizer step
 
 
 def stage_terms(model: ModelConfig, pp: int, tp: Any, ep: Any, u: Unit, stage: int,
@@ -108,47 +107,33 @@ def stage_terms(model: ModelConfig, pp: int, tp: Any, ep: Any, u: Unit, stage: i
         drain_fwd, drain_bwd = pick(b, fwd, drain_fwd), pick(b, bwd + held, drain_bwd)
         drain_sum = pick(b, s3, drain_sum)
 
-    # -- after the backward: gradient all-reduce and AdamW ------------------------------------
+    # -- after the backward: the gradient all-reduce -------------------------------------------
     d, e = model.d_model, model.n_experts
     attn_w, dense_w = d * (d // tp), d * (model.dense_ffn // tp)
     expert_w = (e // ep) * d * (model.ffn_hidden // tp)
     vocab_w = model.vocab_size // tp * d
     dense_elems = n_layers * (2 * d + 4 * attn_w) + n_moe * d * e + n_dense * 3 * dense_w
-    largest = 0  # the largest tensor
-    for count, size in ((n_layers, attn_w), (n_moe, expert_w), (n_dense, dense_w)):
-        if count:
-            largest = larger(largest, size)
     if is_first:
         dense_elems = dense_elems + vocab_w + model.max_seq_len * d
-        largest = larger(larger(largest, vocab_w), model.max_seq_len * d)
     if is_last:
         dense_elems = dense_elems + d + vocab_w
-        largest = larger(largest, vocab_w)
 
     params, grads, optimizer = state_bytes(model, pp, tp, ep, stage, device, split)
-    # AdamW on CPU runs tensor by tensor: the square root of the second moment and its scaled
-    # copy, for the largest tensor. On CUDA it defaults to the multi-tensor path, whose square
-    # root covers every parameter of the rank at once.
-    adam_temps = 2 * largest * FP32 if device == "cpu" else params
     # Module buffers (MoE statistics: tokens per expert, dropped, aux sum, calls) are resident
-    # and not parameters. AdamW's step counters are part of the optimizer bytes, but the CPU
-    # tracker never sees them allocated (a factory it cannot observe), so the measured peak
-    # lacks them and "other" comes out that much lower.
+    # and not parameters. The optimizer step (fused AdamW) allocates nothing of its own.
     buffers = n_moe * (e * INT64 + 3 * 8)
-    steps = optimizer - 2 * params
     return Stage(params=params, grads=grads, optimizer=optimizer, per_mb=per_mb, step_fixed=step_fixed,
                  peak_fwd=peak_fwd, peak_bwd=peak_bwd, later_fwd=later_fwd, later_bwd=later_bwd,
                  drain_fwd=drain_fwd, drain_bwd=drain_bwd, resid=resid, logits=u.logits if is_last else 0,
-                 fixed_other=buffers - steps, flat_dense=dense_elems * FP32, flat_expert=n_moe * 3 * expert_w * FP32,
-                 adam_temps=adam_temps)
+                 fixed_other=buffers, flat_dense=dense_elems * FP32, flat_expert=n_moe * 3 * expert_w * FP32)
 
 
 def place(st: Stage, stage: int, pp: int, n: Any, gpipe: Any, sync_dense: Any, sync_expert: Any) -> tuple[Any, Any]:
     """(activations less the step's data, other) at the peak of one stage's step: the worst of
-    the backward of a micro-batch, the gradient all-reduce, the last stage's output merge and
-    the optimizer step."""
+    the backward of a micro-batch, the gradient all-reduce and the last stage's output merge (the
+    fused optimizer step adds nothing)."""
     (_, _, _, per_mb, step_fixed, peak_fwd, peak_bwd, later_fwd, later_bwd, drain_fwd, drain_bwd, resid, logits,
-     fixed_other, flat_dense, flat_expert, adam_temps) = st
+     fixed_other, flat_dense, flat_expert) = st
     if pp == 1:
         later = n > 1
         act = step_fixed + pick(later, later_fwd, peak_fwd)
@@ -186,10 +171,7 @@ def place(st: Stage, stage: int, pp: int, n: Any, gpipe: Any, sync_dense: Any, s
     # tracker files these copies under activations (allocated outside backward and optimizer).
     flat = pick(sync_dense, flat_dense, 0) + pick(sync_expert, flat_expert, 0)
     b = end_act + flat > act + other - fixed_other
-    act, other = pick(b, end_act + flat, act), pick(b, fixed_other, other)
-    # AdamW's temporaries (see `stage_terms`).
-    b = end_act + adam_temps > act + other - fixed_other
-    return pick(b, end_act, act), pick(b, fixed_other + adam_temps, other)
+    return pick(b, end_act + flat, act), pick(b, fixed_other, other)
 
 
 def worst_stage(stages: Sequence[Stage], pp: int, n: Any, gpipe: Any, sync_dense: Any,

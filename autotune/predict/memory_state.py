@@ -123,7 +123,7 @@ def state_bytes(model: ModelConfig, pp: int, tp: Any, ep: Any, stage: int, devic
                 split: tuple[int, ...] | None) -> tuple[Any, Any, Any]:
     """(params, grads, optimizer) bytes of `state_memory`; tp and ep may be int arrays."""
     elements, tensors = stage_elements(model, pp, tp, ep, stage, split)
-    steps = tensors * FP32 if device == "cpu" else 0
+    steps = tensors * FP32  # fused AdamW's step counters, on the parameters' device
     return elements * FP32, elements * FP32, 2 * elements * FP32 + steps
 
 
@@ -132,7 +132,7 @@ def state_memory(model: ModelConfig, dims: ParallelDims, stage: int, device: str
                  split: tuple[int, ...] | None = None) -> StateMemory:
     """Bytes of fp32 master weights, their gradients and AdamW's two moments on one rank.
 
-    AdamW also keeps a 4-byte step counter per tensor; it lives on the CPU even when the
-    parameters are on a GPU, so it only counts toward device memory on CPU runs.
+    AdamW also keeps a 4-byte step counter per tensor: the trainable's fused AdamW keeps it on
+    the parameters' device, GPU or CPU.
     """
     return StateMemory(*state_bytes(model, dims.pp, dims.tp, dims.ep, stage, device, split))

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from autotune.space.messages import _divisors, _show, _suggest
-from trainables.moe.config import PRESETS, ModelConfig, preset
+from trainables.moe.config import GEMM_ALIGN, PRESETS, ModelConfig, preset
 
 if TYPE_CHECKING:
     from autotune.space.devices import DeviceProfile
@@ -381,6 +381,15 @@ class Spec(_Strict):
             named = ", ".join(f"{k} {v}" for k, v in widths.items())
             raise ValueError(f"search.tp: no value in {_show(s.tp)} divides all of model {named}, so every "
                              f"layout is invalid; use divisors of {common}: {_divisors(common)}")
+        def aligned(t: int) -> bool:
+            return common % t == 0 and (cfg.ffn_hidden // t) % GEMM_ALIGN == 0
+
+        if not any(aligned(t) for t in s.tp):
+            fits = [t for t in range(1, min(common, 4096) + 1) if aligned(t)][:8]
+            fix = f"use one of {fits}" if fits else f"make model.ffn_hidden a multiple of {GEMM_ALIGN}"
+            raise ValueError(f"search.tp: every value in {_show(s.tp)} leaves an expert width ffn_hidden/tp that is "
+                             f"not a multiple of {GEMM_ALIGN} (model.ffn_hidden {cfg.ffn_hidden}), so every layout is "
+                             f"invalid; {fix}")
         if not any(cfg.n_layers % p == 0 for p in s.pp):
             raise ValueError(f"search.pp: no value in {_show(s.pp)} divides model.n_layers ({cfg.n_layers}), "
                              f"so every layout is invalid; use divisors of {cfg.n_layers}: "

@@ -134,8 +134,8 @@ def test_gpu_check_on_cpu_runs_every_part(tmp_path):
     """The device check's own command with --device cpu: the tiny preset through every part."""
     data = _gpu_check(tmp_path, timeout=1300)
     parts = data["parts"]
-    assert {p: parts[p]["status"] for p in ("small", "moe64e", "study")} == {"small": "ok", "moe64e": "ok",
-                                                                            "study": "ok"}, parts
+    assert {p: parts[p]["status"] for p in ("small", "moe64e", "kernels", "world", "study")} == dict.fromkeys(
+        ("small", "moe64e", "kernels", "world", "study"), "ok"), parts
     for name in ("small", "moe64e"):
         run = parts[name]
         assert run["tokens_per_s"] > 0 and run["mfu_vs_matmul"] > 0
@@ -145,8 +145,14 @@ def test_gpu_check_on_cpu_runs_every_part(tmp_path):
     study = parts["study"]
     assert study["best_layout"] and study["tokens_per_s"] > 0 and study["trial_counts"].get("ok", 0) >= 1
     assert (tmp_path / "gpu_check_cpu_study_report.md").stat().st_size > 0
+    kernels = {k["part"]: k for k in parts["kernels"]["parts"]}
+    assert parts["kernels"]["kernel_goal_met"] and kernels["layer"]["kernels_grouped"] <= 24 < kernels["layer"]["kernels_loop"]
+    (world,) = parts["world"]["runs"]  # 4 CPU ranks over gloo: EP and TP at once
+    assert world["status"] == "ok" and world["world_size"] == 4 and world["dims"] == {"ep": 2, "tp": 2, "pp": 1, "dp": 1}
+    assert 0.8 < world["alloc_bytes"] / world["pred_alloc_bytes"] < 1.25 and len(world["rank_memory"]) == 4
+    assert data["probe"]["torch_build"]["git"]
     rows = (tmp_path / "gpu_check_cpu.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[0].startswith("part,status")
+    assert len(rows) == 6 and rows[0].startswith("part,status")  # small, moe64e, kernels, one world run, study
 
 
 def test_gpu_check_skips_the_study_without_the_tuner(tmp_path):

@@ -5,6 +5,7 @@ printed by a real process and read by `run_command`, then derived into autotune'
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from datetime import datetime
@@ -73,7 +74,9 @@ def test_torchtitan_tps_per_device_times_world_and_memory_in_gib(tmp_path):
     assert [s["step"] for s in out.steps] == [1, 2, 3, 4, 5]
     assert out.steps[0]["phase"] == "warmup" and all(s["phase"] == "measure" for s in out.steps[1:])
     assert out.steps[1]["tokens_per_s"] == round(tps[1]) * 8
-    assert out.summary["tokens_per_s"] == statistics.median(round(t) * 8 for t in tps[1:])
+    times = [2048 * 32 / (round(t) * 8) for t in tps[1:]]  # derived: global batch x seq_len / tokens/s
+    assert out.summary["step_time_s"] == pytest.approx(statistics.median(times))
+    assert out.summary["tokens_per_s"] == pytest.approx(2048 * 32 / statistics.median(times))
     assert out.summary["peak_mem_bytes"] == round(63.80 * 2**30)  # the largest, not the validation line's
     assert (out.summary["loss_first"], out.summary["loss_last"]) == (10.25, 9.25)
     assert "tokens_per_s_per_device x world size 8" in out.derived["tokens_per_s"]
@@ -88,6 +91,41 @@ def test_torchtitan_without_colours_and_with_torchrun_rank_prefix(tmp_path):
     out = run(tmp_path, "torchtitan", lines, RunShape(seq_len=1024, world_size=4, global_batch_size=8))
     assert out.status == Status.OK, out.reason
     assert out.summary["tokens_per_s"] == 4321 * 4 and out.summary["peak_mem_bytes"] == round(12.5 * 2**30)
+
+
+def test_torchtitan_every_rank_read_loss_from_the_last_stage_memory_from_the_worst(tmp_path):
+    """pp 2 on 4 ranks without --local-ranks-filter: every rank prints its step lines. Ranks 0-1
+    (first stage) print torchtitan's sentinel loss (-1 per data-parallel rank), ranks 2-3 the
+    loss; memory differs by rank; each rank's tps is its own. Read: the last stage's loss, the
+    worst rank's memory, the slowest rank's throughput, and the step time it implies."""
+    class NoColor:
+        red = green = orange = turquoise = blue = cyan = magenta = yellow = reset = ""
+
+    lines = []
+    for step in (1, 2, 3):
+        for rank, (loss, gib, tps) in enumerate(((-2.0, 30.5, 5100.0), (-2.0, 31.0, 5000.0),
+                                                 (9.0 - step, 41.25, 4900.0), (9.0 - step, 40.0, 5050.0))):
+            lines.append(titan_line(step, loss, 1.0, gib, gib / 80 * 100, tps + step, 1.0, None, color=NoColor))
+    shape = RunShape(seq_len=2048, world_size=4, global_batch_size=16)
+    out = run(tmp_path, "torchtitan", lines, shape)
+    assert out.status == Status.OK, out.reason
+    assert [s["step"] for s in out.steps] == [1, 2, 3]
+    assert [s["loss"] for s in out.steps] == [8.0, 7.0, 6.0]  # the last stage's, not the sentinel
+    assert (out.summary["loss_first"], out.summary["loss_last"]) == (8.0, 6.0)
+    assert out.summary["peak_mem_bytes"] == round(41.25 * 2**30)  # the worst rank's
+    slowest = [4900 + step for step in (2, 3)]  # measured steps: the slowest rank bounds each
+    times = [2048 * 16 / (t * 4) for t in slowest]
+    assert out.summary["step_time_s"] == pytest.approx(statistics.median(times))
+    assert out.summary["tokens_per_s"] == pytest.approx(2048 * 16 / statistics.median(times))
+    assert "/ tokens_per_s" in out.derived["step_time_s"]
+
+
+def test_the_torchtitan_space_reads_every_rank():
+    """The ready space's template prints every rank's lines (no --local-ranks-filter)."""
+    import yaml
+
+    space = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces" / "torchtitan.yaml").read_text())
+    assert "--local-ranks-filter" not in space["trainable"]["command"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +190,7 @@ def deepspeed_line(epoch, micro_step, global_step, avg, curr, mem, max_mem):
     return f"[2026-11-26 10:00:00,000] [INFO] [timer.py:264:stop] {message}"  # deepspeed's logger format
 
 
-def test_deepspeed_samples_per_second_from_every_rank_read_once(tmp_path):
+def test_deepspeed_samples_per_second_from_every_rank_the_slowest_counts(tmp_path):
     curr = [20.112, 41.05, 40.51, 42.8]
     lines = []
     for step, c in enumerate(curr, start=1):
@@ -161,8 +199,8 @@ def test_deepspeed_samples_per_second_from_every_rank_read_once(tmp_path):
     shape = RunShape(seq_len=1024, world_size=2, global_batch_size=64)
     out = run(tmp_path, "deepspeed", lines, shape)
     assert out.status == Status.OK, out.reason
-    assert [s["step"] for s in out.steps] == [1, 2, 3, 4]  # each step once, as rank 0 printed it
-    measured = curr[1:]
+    assert [s["step"] for s in out.steps] == [1, 2, 3, 4]  # each step once: the slowest rank's figure
+    measured = [c - 0.7 for c in curr[1:]]
     assert out.summary["step_time_s"] == pytest.approx(statistics.median(64 / c for c in measured))
     assert out.summary["tokens_per_s"] == pytest.approx(statistics.median(measured) * 1024)
     assert out.summary["peak_mem_bytes"] == round(54.0 * 2**30)
@@ -198,6 +236,43 @@ def test_hf_trainer_samples_and_steps_per_second(tmp_path, formatted):
     assert len(out.steps) == 2  # the summary line's train_loss is not a step
     assert out.derived == {"tokens_per_s": f"samples_per_s {samples:g} x seq_len 64",
                            "step_time_s": f"1 / steps_per_s {steps:g}"}
+
+
+@pytest.mark.slow
+def test_hf_trainer_tokens_per_second_as_the_trainer_counts_them_read_from_a_real_run(tmp_path):
+    """The example Trainer script run for real on this CPU with --include_num_input_tokens_seen:
+    the Trainer prints train_tokens_per_second in every log dict, and its last value (the whole run,
+    every rank's tokens) is tokens/s; the step time still comes from train_steps_per_second."""
+    pytest.importorskip("transformers")
+    from tests.autotune.study.test_hf_trainer_study import tiny_mixtral
+
+    tiny_mixtral(tmp_path / "tiny-mixtral")
+    argv = [sys.executable, "-m", "trainables.examples.hf_train", "--config_dir", "tiny-mixtral", "--seq_len", "32",
+            "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "2", "--max_steps", "3",
+            "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+            "--include_num_input_tokens_seen", "true", "--use_cpu", "true"]
+    repo = str(Path(__file__).resolve().parents[2])
+    out = run_command(argv, cwd=tmp_path, metrics_preset="hf-trainer", timeout_s=240, warmup_steps=1,
+                      shape=RunShape(seq_len=32, world_size=1, global_batch_size=2),
+                      env={"PYTHONPATH": repo, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert out.status == Status.OK, out.reason
+    log = out.log_path.read_text()
+    printed = [float(v) for v in re.findall(r"'train_tokens_per_second': '([0-9.e+-]+)'", log)]
+    assert printed, log[-2000:]
+    assert out.summary["tokens_per_s"] == printed[-1]
+    assert out.derived["tokens_per_s"].startswith(f"run_tokens_per_s {printed[-1]:.6g}")
+    steps = float(re.findall(r"'train_steps_per_second': '([0-9.e+-]+)'", log)[-1])
+    assert out.summary["step_time_s"] == pytest.approx(1 / steps)
+
+
+def test_deepspeed_printing_nothing_is_told_how_to_turn_its_lines_on(tmp_path):
+    """A default-configured DeepSpeed prints no throughput line: the trial's reason says which two
+    config keys make it print them."""
+    lines = ["[2026-11-26 10:00:00,000] [INFO] [real_accelerator.py:219:get_accelerator] Setting ds_accelerator",
+             "training done"]
+    out = run(tmp_path, "deepspeed", lines, RunShape(seq_len=128, world_size=2, global_batch_size=8))
+    assert out.status == Status.NO_METRICS
+    assert '"steps_per_print": 1 and "log_level": "info"' in out.reason and "deepspeed.initialize" in out.reason
 
 
 def test_a_big_rate_printed_with_an_exponent(tmp_path):

@@ -19,6 +19,9 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
 SCHEDULES: tuple[str, ...] = ("1f1b", "gpipe")
 GRAD_SYNC_MODES: tuple[str, ...] = ("bucketed", "flat")  # gradient averaging: during backward | after it
+# Row widths of the grouped expert GEMMs (d_model, ffn_hidden / tp) are multiples of this: their
+# kernels take 16-byte aligned rows (8 bf16 or fp16 values, 4 fp32 ones).
+GEMM_ALIGN = 8
 DEFAULT_BUCKET_MB = 25.0  # bucket size of the bucketed gradient reduction (PyTorch DDP's bucket_cap_mb)
 
 
@@ -66,6 +69,9 @@ class ModelConfig:
                 out.append(f"model.{name} must be >= 1 (got {getattr(self, name)})")
         if self.first_dense_layers < 0:
             out.append(f"model.first_dense_layers must be >= 0 (got {self.first_dense_layers})")
+        if self.d_model >= 1 and self.d_model % GEMM_ALIGN:
+            out.append(f"model.d_model ({self.d_model}) must be a multiple of {GEMM_ALIGN} (the grouped expert GEMMs "
+                       f"need 16-byte rows)")
         if self.n_heads >= 1 and self.d_model % self.n_heads:
             out.append(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if self.top_k not in (1, 2):
@@ -180,6 +186,9 @@ def layout_problems(model: ModelConfig, dims: ParallelDims, shape: RunShape,
         out.append(f"heads ({model.n_heads}) must be divisible by tp ({dims.tp})")
     if model.ffn_hidden % dims.tp:
         out.append(f"ffn_hidden ({model.ffn_hidden}) must be divisible by tp ({dims.tp})")
+    elif (model.ffn_hidden // dims.tp) % GEMM_ALIGN:
+        out.append(f"expert width per rank ffn_hidden/tp ({model.ffn_hidden}/{dims.tp} = {model.ffn_hidden // dims.tp}) "
+                   f"must be a multiple of {GEMM_ALIGN} (the grouped expert GEMMs need 16-byte rows)")
     if model.n_moe_layers < model.n_layers and model.dense_ffn % dims.tp:
         out.append(f"dense_ffn_hidden ({model.dense_ffn}) must be divisible by tp ({dims.tp})")
     if model.vocab_size % dims.tp:

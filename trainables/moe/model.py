@@ -76,10 +76,35 @@ class DenseFFN(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class GroupedExperts(nn.Module):
-    """SwiGLU experts stored as stacked weights, dim 0 = expert.
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    """`t`, whose gradient reaches its producer dense: the grouped GEMM's backward kernels take
+    row-major operands, and a gradient can arrive broadcast (the backward of a sum) or, for a
+    rank that received no token, empty with any strides."""
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous() if g.numel() else torch.zeros(g.shape, dtype=g.dtype, device=g.device))
+    return t
 
-    Input rows are sorted by expert; `counts[e]` rows belong to the e-th expert held here.
+
+def _low(t: torch.Tensor) -> torch.Tensor:
+    """`t` as autocast would hand it to a matmul (grouped GEMMs are not on its lists): in its low
+    precision where it is on."""
+    device = t.device.type
+    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` grouped by `offs` (int32 ends of each group) times `w[g]`: one kernel for every
+    group (fused on sm90+ in bf16)."""
+    return _contiguous_grad(F.grouped_mm(x, w, offs=offs))
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts stored as stacked weights, dim 0 = expert, run as grouped GEMMs.
+
+    Input rows are sorted by expert; `counts[e]` rows belong to the e-th expert held here. The
+    group offsets are computed on the device: no loop over experts and no copy to the host.
+    Widths must keep every row 16 bytes aligned (`d_model` and `ffn_hidden / tp` multiples of
+    8, a rule of the layout), as the grouped GEMM kernels require.
     """
 
     def __init__(self, n_experts: int, d: int, hidden: int) -> None:
@@ -89,11 +114,12 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for e, xe in enumerate(torch.split(x, counts.tolist())):
-            h = F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])
-            outs.append(h @ self.w2[e])
-        return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[-1])
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        x = _low(x)  # the rows cast once, for w1 and w3
+        # Each weight cast right before its GEMM, as autocast casts a linear layer's: in backward
+        # its gradient is then cast back and accumulated before the next GEMM's is made.
+        h = F.silu(grouped_mm(x, _low(self.w1), offs)) * grouped_mm(x, _low(self.w3), offs)
+        return grouped_mm(h, _low(self.w2), offs)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -113,6 +139,12 @@ class _AttachAuxLoss(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         aux_grad = torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=grad.device)
         return grad, aux_grad, None
+
+
+def _count(index: torch.Tensor, n: int) -> torch.Tensor:
+    """How many times each of 0..n-1 occurs in `index`, on the device: bincount sizes its result
+    from the largest value, which a GPU must copy to the host first."""
+    return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 def _recomputing() -> bool:
@@ -152,7 +184,7 @@ class MoE(nn.Module):
         expert_of = top_i.t().reshape(-1)
         weight_of = top_w.t().reshape(-1)
         token_of = torch.arange(n, device=xf.device).repeat(k)
-        counts = torch.bincount(expert_of, minlength=n_exp)
+        counts = _count(expert_of, n_exp)
         aux = n_exp * torch.sum(counts.to(probs.dtype) / (n * k) * probs.mean(0))
 
         order = torch.argsort(expert_of, stable=True)
@@ -163,7 +195,7 @@ class MoE(nn.Module):
             position = torch.arange(n * k, device=xf.device) - starts[sorted_expert]
             keep = position < capacity
             order, sorted_expert = order[keep], sorted_expert[keep]
-            kept_counts = torch.bincount(sorted_expert, minlength=n_exp)
+            kept_counts = _count(sorted_expert, n_exp)
         else:
             kept_counts = counts
 

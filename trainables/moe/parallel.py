@@ -341,11 +341,12 @@ class ExpertDispatch:
         recv = torch.empty_like(counts)
         dist.all_to_all_single(recv, counts, group=self.ep_group)
         recv = recv.view(self.ep, n_local)  # [source rank, local expert]
-        in_splits = counts.view(self.ep, n_local).sum(1).tolist()
-        out_splits = recv.sum(1).tolist()
+        # The one copy to the host of an EP layer: both sides' row counts, for the all-to-all's splits.
+        in_splits, out_splits = torch.stack([counts.view(self.ep, n_local).sum(1), recv.sum(1)]).tolist()
         got = _AllToAll.apply(x, out_splits, in_splits, self.ep_group)
         # Received rows are grouped by source rank; the experts want them grouped by expert.
-        segment = torch.repeat_interleave(torch.arange(recv.numel(), device=x.device), recv.flatten())
+        segment = torch.repeat_interleave(torch.arange(recv.numel(), device=x.device), recv.flatten(),
+                                          output_size=sum(out_splits))
         key = (segment % n_local) * self.ep + segment // n_local
         perm = torch.argsort(key, stable=True)
         return copy_to_group(got[perm], self.tp_group), recv.sum(0), ReturnPlan(perm, in_splits, out_splits)

@@ -36,7 +36,7 @@ from trainables.moe.measure import (LiveMemory, device_peak_flops, measure_peak,
                                     timed_alone)
 from trainables.moe.grad_sync import build_grad_sync
 from trainables.moe.model import build_model, reset_moe_stats, set_aux_loss_scale, set_recompute
-from trainables.moe.parallel import ParallelModel, backend_for, build_context, parallelize
+from trainables.moe.parallel import backend_for, build_context, parallelize
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,8 +80,10 @@ class Trainer:
                                          [self.pm.specs[n].is_expert for n, _ in named], self.dims,
                                          ctx.dense_dp_group, ctx.dp_group, cfg.bucket_mb)
         params = self.pm.module.parameters()
+        # Fused AdamW (one kernel over every parameter, as production trainers run it): no
+        # temporaries, no per-tensor launches; its step counters live on the parameters' device.
         self.optimizer = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
-                          else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+                          else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
         self.captured_grads: list[dict[str, torch.Tensor]] | None = None  # set to [] to keep them
         self.amp_dtype = AUTOCAST_DTYPES.get(cfg.precision)
         self.scaler = None

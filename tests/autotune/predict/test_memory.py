@@ -61,13 +61,13 @@ def test_uneven_stage_split_moves_layers():
     assert sum(even) == sum(uneven) and uneven[0] > even[0]
 
 
-def test_state_is_fp32_weights_grads_and_two_moments_plus_cpu_step_counters():
+def test_state_is_fp32_weights_grads_and_two_moments_plus_step_counters_on_every_device():
+    """Fused AdamW keeps its step counters with the parameters, on a GPU too."""
     dims = ParallelDims(ep=2, tp=2)
     sp = stage_params(TINY, dims, 0)
     cpu, gpu = state_memory(TINY, dims, 0, "cpu"), state_memory(TINY, dims, 0, "cuda")
     assert cpu.params == cpu.grads == 4 * sp.elements
-    assert cpu.optimizer == 8 * sp.elements + 4 * sp.tensors
-    assert gpu.optimizer == 8 * sp.elements
+    assert cpu.optimizer == gpu.optimizer == 8 * sp.elements + 4 * sp.tensors
 
 
 # -- structure of the activation model -----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -136,3 +137,78 @@ def test_a_tensor_parallel_slice_is_drawn_alone_and_equals_the_slice_of_the_whol
             for r in range(tp):
                 mine = init_parameter(cfg, name, shape, 0, expert=expert, part=(dim, r * n, (r + 1) * n))
                 assert torch.equal(mine, whole.narrow(dim, r * n, n)), (name, tp, r)
+
+
+# -- the grouped expert GEMMs ---------------------------------------------------------------------
+
+def _moe_layer(n_experts: int = 64, d: int = 64, hidden: int = 128, seed: int = 0) -> MoE:
+    cfg = replace(PRESETS["tiny"], n_experts=n_experts, d_model=d, ffn_hidden=hidden, n_heads=4)
+    torch.manual_seed(seed)
+    layer = MoE(cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return layer
+
+
+def _forward_backward(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    (y.float().pow(2).mean()).backward()
+    return y.detach(), {n: p.grad.detach().clone() for n, p in layer.named_parameters()}, x.grad.detach()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grouped_experts_give_the_loop_s_outputs_and_gradients(precision):
+    """The product's grouped GEMMs against the former loop over experts (tests/.../reference.py):
+    the same outputs and per-parameter gradients, some experts getting no token."""
+    from tests.trainables.moe.reference import looped
+
+    layer = _moe_layer(n_experts=16)
+    x = torch.randn(2, 24, 64)  # 48 tokens x top-2 over 16 experts: some experts get none
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with amp:
+        grouped = _forward_backward(layer, x)
+        with looped():
+            loop = _forward_backward(layer, x)
+    assert torch.equal(grouped[0], loop[0])
+    for name, g in grouped[1].items():
+        assert torch.equal(g, loop[1][name]), name
+    if precision == "fp32":
+        assert torch.equal(grouped[2], loop[2])
+    else:  # the rows are cast once for w1 and w3, so their two gradients add up in bf16
+        assert (grouped[2] - loop[2]).abs().max() <= 2 ** -7 * loop[2].abs().max()
+
+
+def test_one_moe_layer_with_64_experts_issues_at_most_24_matmul_kernels():
+    """Forward and backward of one MoE layer at EP 1: the router and three grouped GEMMs, each
+    with its two backward GEMMs (12), where the loop issued 9 per expert plus the router's 3."""
+    from tests.trainables.moe.reference import MatmulCount, looped
+
+    layer = _moe_layer(n_experts=64)
+    x = torch.randn(4, 64, 64)
+    with MatmulCount() as grouped:
+        _forward_backward(layer, x)
+    with looped(), MatmulCount() as loop:
+        _forward_backward(layer, x)
+    assert grouped.total <= 24, grouped.calls
+    assert loop.total == 9 * 64 + 3, loop.calls  # the check can fail: the loop's count, as before
+
+
+def test_no_copy_to_the_host_in_an_moe_layer_at_ep_1():
+    """Nothing in the layer's forward or backward reads a tensor's value on the host (`.tolist()`,
+    `.item()`, an output whose size depends on the data): run on fake tensors, which have no values,
+    any such read raises. In bf16, the grouped GEMM's precision on a GPU."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from tests.trainables.moe.reference import looped
+
+    with FakeTensorMode():
+        layer = _moe_layer(n_experts=8)
+        x = torch.randn(2, 16, 64, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().pow(2).mean().backward()
+        assert x.grad.shape == x.shape and layer.experts.w1.grad.shape == layer.experts.w1.shape
+        with looped(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(DataDependentOutputException):
+            layer(x)  # the check can fail: the loop copied the group sizes to the host
