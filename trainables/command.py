@@ -212,8 +212,16 @@ class _Pump(threading.Thread):
                 pass
 
 
+# Credentials of the tuner's own services, which the process running a program may hold (a Ray
+# worker holds the cluster's token): a tuned program never needs them, and a crash dump or a
+# printed environment would put them in its log. Withheld from what it inherits; a program that
+# does need one gets it through its own `env` / `env_from`.
+WITHHELD_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                "PGPASSWORD", "AUTOTUNE_STORAGE")
+
+
 def _child_env(env: Mapping[str, str | None] | None) -> dict[str, str]:
-    out = dict(os.environ)
+    out = {k: v for k, v in os.environ.items() if k not in WITHHELD_ENV}
     out.setdefault("PYTHONUNBUFFERED", "1")
     for key, value in (env or {}).items():
         if value is None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
+
+from cronsim import CronSim, CronSimError
 
 
 class ScheduleError(ValueError):
@@ -27,42 +29,32 @@ _EXAMPLE = "e.g. '0 2 * * *' for 02:00 every day"
 
 @dataclass(frozen=True)
 class CronSchedule:
-    """A parsed schedule: the allowed values of each field (day of week 0 = Sunday)."""
+    """A checked schedule: `text` as the user wrote it (what the CronJob gets), `expr` the same
+    schedule in the five numeric fields the iterator reads."""
 
     text: str
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]
-    any_day: bool  # day of month is '*' (or '?')
-    any_weekday: bool
-
-    def day_matches(self, day: datetime) -> bool:
-        if day.month not in self.months:
-            return False
-        dom = day.day in self.days
-        dow = (day.weekday() + 1) % 7 in self.weekdays
-        if self.any_day or self.any_weekday:  # cron: both restricted means either one
-            return dom and dow
-        return dom or dow
+    expr: str
 
     def next_after(self, moment: datetime) -> datetime | None:
-        """The first time after `moment` (same tzinfo) that the schedule fires; None within 8 years."""
-        start = moment.replace(second=0, microsecond=0) + timedelta(minutes=1)
-        day = start.replace(hour=0, minute=0)
-        for _ in range(366 * 8 + 2):
-            if self.day_matches(day):
-                for hour in sorted(self.hours):
-                    for minute in sorted(self.minutes):
-                        candidate = day.replace(hour=hour, minute=minute)
-                        if candidate >= start:
-                            return candidate
-            day = day + timedelta(days=1)
+        """The first fire time after `moment`, in its time zone; None if there is none.
+
+        Fire times come from cronsim, which follows Debian cron across DST changes: a time the
+        clock skips fires at the jump, a fixed time in a repeated hour fires once. Given a
+        moment inside the repeated hour's second pass it answers the first pass, which is in
+        the past; a fire time is taken only if it is later in real time than `moment`."""
+        after = moment.timestamp() if moment.tzinfo is not None else None
+        for n, candidate in enumerate(CronSim(self.expr, moment)):
+            if after is None or candidate.timestamp() > after:
+                return candidate
+            if n >= 60:  # a repeated hour holds at most 60 earlier answers
+                break
         return None
 
 
-def _field(text: str, index: int) -> tuple[frozenset[int], bool]:
+def _field(text: str, index: int) -> str:
+    """One field checked as Kubernetes reads it (robfig/cron), written out for cronsim: '*' where
+    Kubernetes sees a star, else the explicit list of values (so a stepped '*' in a day field
+    restricts that field, as it does in Kubernetes, where Debian cron would treat it as a star)."""
     name, low, high, names = _FIELDS[index]
     where = f"schedule {name} field {text!r}"
 
@@ -104,7 +96,7 @@ def _field(text: str, index: int) -> tuple[frozenset[int], bool]:
             first = value(body)
             last = high if slash else first  # 'a/n' means from a to the end, every n
         allowed.update(range(first, last + 1, step))
-    return frozenset(allowed), star
+    return "*" if star else ",".join(str(v) for v in sorted(allowed))
 
 
 def parse_cron(expr: str) -> CronSchedule:
@@ -125,9 +117,11 @@ def parse_cron(expr: str) -> CronSchedule:
     if len(fields) != 5:
         raise ScheduleError(f"schedule {expr!r} has {len(fields)} fields; a cron schedule has 5 (minute hour "
                        f"day-of-month month day-of-week), {_EXAMPLE}")
-    parsed = [_field(f, i) for i, f in enumerate(fields)]
-    schedule = CronSchedule(text, parsed[0][0], parsed[1][0], parsed[2][0], parsed[3][0], parsed[4][0],
-                            parsed[2][1], parsed[4][1])
-    if schedule.next_after(datetime(2000, 1, 1)) is None:
+    schedule = CronSchedule(text, " ".join(_field(f, i) for i, f in enumerate(fields)))
+    try:
+        first = schedule.next_after(datetime(2000, 1, 1))
+    except CronSimError:
+        first = None
+    if first is None:
         raise ScheduleError(f"schedule {expr!r} never fires (no such day, e.g. 30 February); fix the day and month")
     return schedule

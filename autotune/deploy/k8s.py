@@ -36,6 +36,7 @@ import yaml
 from autotune.deploy.cron import ScheduleError, parse_cron
 
 if TYPE_CHECKING:  # the cron parser is used by a scheduler loop that needs nothing else
+    from autotune.space.sections import BudgetSpec
     from autotune.space.spec import Spec
 
 RAY_API = "ray.io/v1"
@@ -46,6 +47,7 @@ CLIENT_PORT = 10001
 CONFIG_DIR = "/config"
 SPACE_PATH = f"{CONFIG_DIR}/space.yaml"
 DATA_DIR = "/data"
+START_AND_REPORT_S = 600  # a run's driver start, screening and report, beside its trials
 TOKEN_KEY = "auth_token"  # the data key KubeRay reads from the Secret named in authOptions
 MAX_BASE = 40  # RayCluster names: at most 53 characters (KubeRay); RayJob: 47; CronJob: 52
 # Continue-or-start: the first run starts the study, every later one adds budget.trials to it.
@@ -182,6 +184,19 @@ def _check_uri(uri: Any) -> str:
         raise K8sError("mlflow_uri: it holds a password; give the URI without credentials and put them in a "
                        "Secret (mlflow_secret, keys username and password)")
     return uri
+
+
+def run_deadline_s(budget: BudgetSpec) -> int:
+    """How long one scheduled run may take before Kubernetes ends it (the Job's
+    activeDeadlineSeconds): with Forbid, one hung night would otherwise block every later one.
+    The most the budget lets a run take, every trial to its time limit, in as many waves as
+    `max_concurrent` allows (a wall-clock budget caps the search part), the best ones measured
+    again first and last, and 10 minutes to start the driver and write the report."""
+    waves = lambda n: math.ceil(n / budget.max_concurrent)  # noqa: E731
+    search = waves(budget.trials + budget.remeasure_top) * budget.trial_timeout_s
+    if budget.wall_clock_s is not None:
+        search = min(search, budget.wall_clock_s + budget.trial_timeout_s)
+    return int(math.ceil(search + waves(budget.remeasure_launches()) * budget.trial_timeout_s + START_AND_REPORT_S))
 
 
 def _labels(names: Names, component: str) -> dict[str, str]:
@@ -373,7 +388,7 @@ runs folder {DATA_DIR} (AUTOTUNE_RUNS_DIR). {RUN_ENTRYPOINT!r} starts the study,
         "concurrencyPolicy": "Forbid", "startingDeadlineSeconds": 3600,
         "successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 3,
         "jobTemplate": {"spec": {
-            "backoffLimit": 0,
+            "backoffLimit": 0, "activeDeadlineSeconds": run_deadline_s(spec.budget),
             "template": {"metadata": {"labels": _labels(names, "submit")},
                          "spec": {"restartPolicy": "Never", "securityContext": POD_SECURITY,
                                   "containers": [submit], "volumes": [config_volume]}},

@@ -76,11 +76,21 @@ class Tracker:
 
         self.uri = uri
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id: str | None = None
+        self._refused: str | None = None
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+        except Exception as exc:  # a scheme MLflow has no store for: said by check(), as a config error
+            text = str(exc).strip()
+            why = (f"MLflow has no store for {uri.split('://', 1)[0]!r} URIs" if "unsupported URI" in text
+                   else redact(text.splitlines()[0] if text else type(exc).__name__)[:200])
+            self._refused = (f"tracking.uri: MLflow cannot keep runs at {redact(uri)} ({why}); use a folder, "
+                             "sqlite:///FILE.db, http(s)://SERVER or postgresql://USER@HOST/DB")
 
     def check(self) -> None:
         """Reach the store and make sure the experiment exists, or say clearly why not."""
+        if self._refused is not None:
+            raise TrackingError(self._refused)
         try:
             with _fail_fast():
                 exp = self.client.get_experiment_by_name(self.experiment)

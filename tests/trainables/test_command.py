@@ -402,3 +402,20 @@ def test_env_is_added_to_the_environment_and_none_removes(tmp_path, monkeypatch)
                       metrics_regex={"step_time_s": r"time (\S+)"}, timeout_s=20)
     assert out.status == Status.OK
     assert "step 0 time 0.1 yes None 1 True" in out.log_path.read_text()
+
+
+def test_the_tuners_own_credentials_are_withheld_unless_the_program_asks_for_them(tmp_path, monkeypatch):
+    token = "f00dfeed" * 8
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)  # as a Ray worker running a trial holds it
+    monkeypatch.setenv("PGPASSWORD", "pg-" + token)
+    argv = script(tmp_path, """
+        import os
+        print(dict(os.environ))  # a program that dumps its environment when it fails
+        print("step 0 time 0.1", os.environ.get("RAY_AUTH_TOKEN"), os.environ.get("PGPASSWORD"))
+    """)
+    out = run_command(argv, cwd=tmp_path, metrics_regex={"step_time_s": r"time (\S+)"}, timeout_s=20)
+    assert out.status == Status.OK and "step 0 time 0.1 None None" in out.log_path.read_text()
+    assert token not in out.log_path.read_text()
+    out = run_command(argv, cwd=tmp_path, env={"PGPASSWORD": "given"}, metrics_regex={"step_time_s": r"time (\S+)"},
+                      timeout_s=20)
+    assert "step 0 time 0.1 None given" in out.log_path.read_text()

@@ -353,3 +353,18 @@ def test_the_shipped_quickstart_validates(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and files_in(tmp_path) == set()
+
+
+@pytest.mark.parametrize("uri", ["ftp://x", "s3://bucket/mlruns"])
+def test_a_tracking_uri_mlflow_has_no_store_for_is_one_line_and_exit_2(uri, tmp_path):
+    """MLflow refuses the scheme when its client is made: said as a config error before the study
+    takes its lease or writes a trial, not as 'the study stopped on an unexpected ...' with exit 1."""
+    (tmp_path / "space.yaml").write_text(edit("  experiment: errors\n", f"  experiment: errors\n  uri: {uri}\n"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "autotune.cli", "run", "space.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"error: tracking.uri: MLflow cannot keep runs at {uri} (MLflow has no store for "
+                           f"'{uri.split(':')[0]}' URIs); use "), line
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("optuna.journal", "mlflow.db", "state.json")]

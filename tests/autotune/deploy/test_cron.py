@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -54,3 +55,33 @@ def test_bad_schedules(expr, words):
     with pytest.raises(ScheduleError) as err:
         parse_cron(expr)
     assert words in str(err.value)
+
+
+PARIS = ZoneInfo("Europe/Paris")  # 2026-03-29 02:00 CET -> 03:00 CEST; 2026-10-25 03:00 CEST -> 02:00 CET
+
+
+def test_a_night_ending_in_the_repeated_hour_next_fires_tomorrow_not_in_the_past():
+    # 02:30 CEST fired and the study ran 40 minutes, into the hour's second pass (02:10 CET).
+    ended = datetime(2026, 10, 25, 2, 10, tzinfo=PARIS, fold=1)
+    nxt = parse_cron("30 2 * * *").next_after(ended)
+    assert nxt > ended and nxt.timestamp() > ended.timestamp()
+    assert (nxt.date().isoformat(), nxt.hour, nxt.minute, nxt.utcoffset()) == ("2026-10-26", 2, 30, timedelta(hours=1))
+    # From inside the first pass, after the fire time: once a day, not again in the second pass.
+    assert parse_cron("30 2 * * *").next_after(datetime(2026, 10, 25, 2, 40, tzinfo=PARIS)).day == 26
+
+
+def test_a_frequent_schedule_fires_through_both_passes_of_the_repeated_hour_in_real_time_order():
+    moment, fired = datetime(2026, 10, 25, 1, 50, tzinfo=PARIS), []
+    for _ in range(8):
+        moment = parse_cron("*/20 * * * *").next_after(moment)
+        fired.append(moment.astimezone(timezone.utc).strftime("%H:%M"))
+    # 02:00-02:40 CEST, then 02:00-02:40 CET, then 03:00 CET: every 20 real minutes
+    assert fired == ["00:00", "00:20", "00:40", "01:00", "01:20", "01:40", "02:00", "02:20"]
+
+
+def test_a_time_the_clock_skips_fires_at_the_jump_once():
+    before = datetime(2026, 3, 29, 1, 50, tzinfo=PARIS)
+    at_jump = parse_cron("30 2 * * *").next_after(before)
+    assert (at_jump.hour, at_jump.minute, at_jump.utcoffset()) == (3, 0, timedelta(hours=2))
+    after = parse_cron("30 2 * * *").next_after(at_jump)
+    assert (after.day, after.hour, after.minute) == (30, 2, 30)

@@ -266,3 +266,24 @@ def test_names_keep_a_plain_study_name_and_tell_similar_ones_apart():
     assert names_for("seed-16x80gb").cluster == "autotune-seed-16x80gb"
     assert names_for("My_Study").base != names_for("my-study").base == "autotune-my-study"
     assert names_for("My_Study").base.startswith("autotune-my-study-")
+
+
+def test_a_hung_night_is_ended_by_its_budget_so_later_nights_run():
+    """With Forbid, a run that never ends would block every later night: the Job's
+    activeDeadlineSeconds is the most the space's budget lets one run take."""
+    text = QUICK.read_text()
+    data = parse_yaml(text, "space")
+
+    def deadline(**budget) -> int:
+        d = {**data, "budget": {**data["budget"], **budget}}
+        job = docs(render_manifests(spec_from_data(d), text, schedule="0 2 * * *", image="img:1"))["cronjob.yaml"]
+        return job["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+
+    # 10 trials of at most 60 s two at a time, 3 re-measures (one wave more than 2 at a time), 600 s to start and report
+    assert deadline(trials=10, trial_timeout_s=60, max_concurrent=2, remeasure_share=0.3, remeasure_top=0) == \
+        5 * 60 + 2 * 60 + 600
+    assert deadline(trials=10, trial_timeout_s=60, max_concurrent=1, remeasure_share=0, remeasure_top=2) == \
+        12 * 60 + 600
+    # A wall-clock budget caps the search: it stops launching then, and the trial in flight ends within its limit.
+    assert deadline(trials=100, trial_timeout_s=60, max_concurrent=1, remeasure_share=0, wall_clock_s=900) == \
+        900 + 60 + 600
