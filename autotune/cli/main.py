@@ -290,7 +290,7 @@ def k8s(
     time_zone: Optional[str] = typer.Option(None, "--time-zone", help="time zone of the schedule, e.g. Europe/Paris"),
 ) -> None:
     """Write Kubernetes manifests (KubeRay cluster, RayJob, nightly CronJob) that run the study on a schedule."""
-    from autotune.deploy.k8s import TOKEN_KEY, K8sError, render_manifests
+    from autotune.deploy.k8s import TOKEN_KEY, K8sError, render_manifests, secret_command
 
     spec = _load(space)
     try:
@@ -309,7 +309,10 @@ def k8s(
         _fail(f"--out {out_dir}: cannot write the manifests ({exc.strerror or exc}); choose a writable folder")
     out.print(f"wrote {', '.join(files)} to {out_dir}")
     out.print(f"first, once: kubectl -n {namespace} create secret generic {token_secret} "
-              f"--from-literal={TOKEN_KEY}=\"$(openssl rand -hex 32)\"", markup=False)
+              f"--from-literal={TOKEN_KEY}=\"$(openssl rand -hex 32)\"", markup=False, soft_wrap=True)
+    filled = secret_command(spec, namespace)
+    if filled:
+        out.print(f"and, with those variables set in your shell: {filled}", markup=False, soft_wrap=True)
     out.print(f"then: kubectl apply -f {out_dir}", markup=False)
 
 

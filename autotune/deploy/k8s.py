@@ -16,6 +16,9 @@
 
 No token is ever written into a manifest: the Secret is created by hand, once, e.g.
 `kubectl create secret generic ray-auth-token --from-literal=auth_token="$(openssl rand -hex 32)"`.
+Likewise the driver's own secrets (`driver_secrets`: the program's `trainable.env_from` values,
+PGPASSWORD for a PostgreSQL storage URL) reach the head from the Secret `<base>-secrets`, filled
+by the line `secret_command` gives.
 
 Schedules are checked by autotune/deploy/cron.py, which the docker-compose deployment's scheduler
 loop (`docker/scheduler.py`) also reads.
@@ -78,6 +81,7 @@ class Names:
     job: str
     cronjob: str
     head_service: str
+    secrets: str  # the driver's secrets: trainable.env_from values and the database password
 
 
 def names_for(study: str) -> Names:
@@ -88,7 +92,27 @@ def names_for(study: str) -> Names:
         digest = hashlib.sha256(study.encode()).hexdigest()[:6]
         base = f"{base[:MAX_BASE - 7].rstrip('-')}-{digest}"
     return Names(base, f"{base}-space", f"{base}-data", base, f"{base}-run", f"{base}-nightly",
-                 f"{base}-head-svc")
+                 f"{base}-head-svc", f"{base}-secrets")
+
+
+def driver_secrets(spec: Spec) -> list[str]:
+    """Variables the study's driver (on the head) reads as secrets: each `trainable.env_from`
+    name, whose value it hands to the program, and PGPASSWORD for a PostgreSQL storage URL,
+    which carries no password in a space a job may run."""
+    names = list(spec.trainable.env_from) if spec.trainable is not None else []
+    if (spec.study.storage or "").startswith(("postgresql", "postgres:")) and "PGPASSWORD" not in names:
+        names.append("PGPASSWORD")
+    return names
+
+
+def secret_command(spec: Spec, namespace: str) -> str | None:
+    """The one `kubectl create secret` line that fills the driver's Secret from the shell's own
+    variables of the same names (no value on the command line); None when there is nothing to fill."""
+    names = driver_secrets(spec)
+    if not names:
+        return None
+    values = " ".join(f'--from-literal={n}="${n}"' for n in names)
+    return f"kubectl -n {namespace} create secret generic {names_for(spec.study.name).secrets} {values}"
 
 
 @dataclass(frozen=True)
@@ -310,6 +334,10 @@ def render_manifests(spec: Spec, space_text: str, *, schedule: str, image: str, 
     }
     # The driver's settings (autotune/settings.py): reports, trial logs and the journal on the volume.
     head_container["env"] = [{"name": "AUTOTUNE_RUNS_DIR", "value": DATA_DIR}, *env]
+    # The driver runs on the head (RayJob and `autotune submit` alike) and reads env_from there;
+    # the CronJob's pod only calls the Jobs API, so it holds none of them.
+    head_container["env"] += [{"name": n, "valueFrom": {"secretKeyRef": {"name": names.secrets, "key": n}}}
+                              for n in driver_secrets(spec)]
     # Ray kills idle workers beyond a soft limit; at its default a node killed them between trials,
     # so each trial's ranks started on new workers that import torch first (autotune.study.runner.warm_workers).
     worker_container = {"name": "ray-worker", "image": image, "imagePullPolicy": "IfNotPresent",

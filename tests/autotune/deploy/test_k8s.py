@@ -287,3 +287,36 @@ def test_a_hung_night_is_ended_by_its_budget_so_later_nights_run():
     # A wall-clock budget caps the search: it stops launching then, and the trial in flight ends within its limit.
     assert deadline(trials=100, trial_timeout_s=60, max_concurrent=1, remeasure_share=0, wall_clock_s=900) == \
         900 + 60 + 600
+
+
+def test_the_driver_gets_each_env_from_secret_and_the_database_password_from_a_secret(tmp_path, monkeypatch):
+    """The recommended form (env_from names, a password-less PostgreSQL URL) must run: the head,
+    where the driver reads them, gets each from the study's Secret, and `autotune k8s` prints the
+    one line that fills it; no value is in any manifest, and the CronJob's pod holds none."""
+    from typer.testing import CliRunner
+
+    from autotune.cli.main import app
+
+    data = parse_yaml((REPO / "search_spaces" / "hf-trainer.yaml").read_text(), "space")
+    data["trainable"]["env_from"] = ["HF_TOKEN", "WANDB_API_KEY"]
+    data["trainable"].pop("env", None)  # values in the space are refused (above): names only
+    data["study"] = {**data.get("study", {}), "name": "hf", "storage": "postgresql+psycopg://optuna@db/optuna"}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("HF_TOKEN", "hf_" + FAKE_TOKEN)
+    d = docs(render_manifests(spec_from_data(data), space.read_text(), schedule="0 2 * * *", image="img:1",
+                              namespace="tuning"))
+    secret = names_for("hf").secrets
+    head = d["raycluster.yaml"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head["env"] if "valueFrom" in e}
+    assert refs == {n: {"name": secret, "key": n} for n in ("HF_TOKEN", "WANDB_API_KEY", "PGPASSWORD")}
+    (submit,) = d["cronjob.yaml"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert not {e["name"] for e in submit["env"]} & {"HF_TOKEN", "WANDB_API_KEY", "PGPASSWORD"}
+    assert FAKE_TOKEN not in yaml.safe_dump(d)
+
+    result = CliRunner().invoke(app, ["k8s", str(space), "--schedule", "0 2 * * *", "--image", "img:1",
+                                      "--out", str(tmp_path / "k8s"), "--namespace", "tuning"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert (f'kubectl -n tuning create secret generic {secret} --from-literal=HF_TOKEN="$HF_TOKEN" '
+            '--from-literal=WANDB_API_KEY="$WANDB_API_KEY" --from-literal=PGPASSWORD="$PGPASSWORD"') in result.stdout
+    assert FAKE_TOKEN not in result.stdout + "".join(p.read_text() for p in (tmp_path / "k8s").iterdir())
