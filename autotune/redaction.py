@@ -28,8 +28,25 @@ def _userinfo(m: re.Match) -> str:
     return m.group(0)  # postgresql://user@host: a user name, nothing secret
 
 
+_VALUES: set[str] = set()  # secrets known by value in this process (`mask_values`)
+_BY_VALUE: re.Pattern[str] | None = None
+
+
+def mask_values(values) -> None:
+    """From now on `redact` masks each of these values wherever it appears (a program's env_from
+    value, the Ray token, a database or tracking password), whatever text holds it. Values under
+    4 characters are left alone: they would blank ordinary text."""
+    global _BY_VALUE
+    _VALUES.update(v for v in values if isinstance(v, str) and len(v) >= 4)
+    if _VALUES:
+        _BY_VALUE = re.compile("|".join(re.escape(v) for v in sorted(_VALUES, key=len, reverse=True)))
+
+
 def redact(text: str) -> str:
-    """Every URL credential in `text` masked (`postgresql://u:***@h`, `http://***@h`, `?password=***`)."""
+    """Every URL credential in `text` masked (`postgresql://u:***@h`, `http://***@h`, `?password=***`),
+    and every value registered with `mask_values`."""
+    if _BY_VALUE is not None:
+        text = _BY_VALUE.sub(MASK, text)
     return _QUERY_SECRET.sub(lambda m: m["key"] + MASK, _USERINFO.sub(_userinfo, text))
 
 

@@ -187,14 +187,16 @@ def _one_line(text: str, limit: int = 300) -> str:
 class _Pump(threading.Thread):
     """Copies one pipe to the shared log, keeps its last lines, and hands stdout lines to a parser."""
 
-    def __init__(self, stream, log, lock: threading.Lock, on_line: Callable[[str], None] | None) -> None:
+    def __init__(self, stream, log, lock: threading.Lock, on_line: Callable[[str], None] | None,
+                 mask: Callable[[bytes], bytes] = lambda raw: raw) -> None:
         super().__init__(daemon=True)
-        self.stream, self.log, self.lock, self.on_line = stream, log, lock, on_line
+        self.stream, self.log, self.lock, self.on_line, self.mask = stream, log, lock, on_line, mask
         self.tail: deque[str] = deque(maxlen=200)
 
     def run(self) -> None:
         try:
             for raw in iter(lambda: self.stream.readline(MAX_LINE), b""):
+                raw = self.mask(raw)
                 with self.lock:
                     if not self.log.closed:
                         self.log.write(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -218,6 +220,16 @@ class _Pump(threading.Thread):
 # does need one gets it through its own `env` / `env_from`.
 WITHHELD_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                 "PGPASSWORD", "AUTOTUNE_STORAGE")
+
+
+def masker(secrets: Sequence[str]) -> Callable[[bytes], bytes]:
+    """Each secret value replaced by *** in a line of output (values under 4 characters are not
+    masked: they would blank ordinary text, and are no secret)."""
+    values = sorted({v.encode() for v in secrets if isinstance(v, str) and len(v) >= 4}, key=len, reverse=True)
+    if not values:
+        return lambda raw: raw
+    pattern = re.compile(b"|".join(re.escape(v) for v in values))
+    return lambda raw: pattern.sub(b"***", raw)
 
 
 def _child_env(env: Mapping[str, str | None] | None) -> dict[str, str]:
@@ -248,6 +260,7 @@ def run_command(
     grace_s: float = DEFAULT_GRACE_S,
     poll_s: float = 0.05,
     on_start: Callable[[int], None] | None = None,
+    secrets: Sequence[str] = (),
 ) -> CommandOutcome:
     """Run one trial's command to its end (or its time limit) and say how it went.
 
@@ -269,6 +282,9 @@ def run_command(
     * `grace_s`: between SIGTERM and SIGKILL when the process group is stopped.
     * `on_start(pid)`: called once the command runs, with its pid (the leader of its process
       group), so that whoever owns the trial can stop the whole group even if this never returns.
+    * `secrets`: values the program was given as secrets (`trainable.env_from`): masked in every
+      line of its output before the log, the tails and the reason see it, so that a program
+      that prints one when it fails writes it nowhere.
 
     A command that cannot start returns `crashed` with the reason; nothing here raises for a
     failed run. Bad arguments (neither or both metric sources, a bad regex) raise ValueError.
@@ -334,8 +350,9 @@ def run_command(
             log_file.close()
             raise
     lock = threading.Lock()
-    out_pump = _Pump(proc.stdout, log_file, lock, parse_stdout if patterns is not None else None)
-    err_pump = _Pump(proc.stderr, log_file, lock, None)
+    mask = masker(secrets)
+    out_pump = _Pump(proc.stdout, log_file, lock, parse_stdout if patterns is not None else None, mask)
+    err_pump = _Pump(proc.stderr, log_file, lock, None, mask)
     out_pump.start()
     err_pump.start()
 
@@ -391,6 +408,7 @@ def run_command(
         notes.append("processes the command left running after it exited were stopped")
     status, reason = _classify(returncode, timed_out, killed, timeout_s, grace_s, metrics, summary,
                                out_pump.tail, err_pump.tail, tail, patterns, metrics_preset, log)
+    reason = mask(reason.encode()).decode("utf-8", "replace")  # a metrics file's lines are not masked above
     return CommandOutcome(status, reason, summary, metrics.steps, returncode, duration, log, notes,
                           dict(metrics.derived))
 

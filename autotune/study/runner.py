@@ -23,6 +23,7 @@ from typing import Any
 from autotune.predict.candidates import Candidate, screen
 from autotune.records.results import StudyResult
 from autotune.records.tracking import Tracker, TrackingError, machine_description, public_spec, redact
+from autotune.redaction import mask_values
 from autotune.settings import resolve
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
@@ -152,6 +153,11 @@ def warm_workers(spec: Spec, num_cpus: int) -> int:
     return max(num_cpus, spec.cluster.total_ranks + spec.budget.max_concurrent + 2)
 
 
+# The tuner's own credentials, masked by value in whatever it writes (they may reach an error
+# message, a library's exception text, a printed URL).
+SERVICE_SECRETS = ("RAY_AUTH_TOKEN", "PGPASSWORD", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
 def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) -> StudyResult:
     from autotune.study.lease import Lease, LeaseBusy
 
@@ -167,6 +173,7 @@ def run_study(spec: Spec, spec_text: str, options: RunOptions = RunOptions()) ->
         tracker.check()
     except TrackingError as exc:
         raise StudyError(str(exc)) from None
+    mask_values(os.environ.get(name, "") for name in SERVICE_SECRETS)
     env = program_env(spec)
     # One writer per study: nothing below runs unless this run holds the study's lease.
     try:
@@ -195,7 +202,9 @@ def program_env(spec: Spec) -> dict[str, str]:
         raise StudyError(f"trainable.env_from: {', '.join(missing)} not set in the environment of the driver; set "
                          f"{'them' if len(missing) > 1 else 'it'} there (a Kubernetes Secret, docker/.env) or drop "
                          f"{'them' if len(missing) > 1 else 'it'} from the list")
-    return {**spec.trainable.env, **{name: os.environ[name] for name in spec.trainable.env_from}}
+    secrets = {name: os.environ[name] for name in spec.trainable.env_from}
+    mask_values(secrets.values())
+    return {**spec.trainable.env, **secrets}
 
 
 def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, tracker: Tracker,

@@ -56,6 +56,7 @@ class CommandTrial:
     warmup_steps: int = 0
     tokens_per_step: float | None = None
     shape: tuple[int, int, int] | None = None  # seq_len, world size, global batch: to derive printed figures
+    secret_names: tuple[str, ...] = ()  # trainable.env_from: their values are masked in the program's output
 
 
 @ray.remote(num_cpus=0)
@@ -109,7 +110,8 @@ def command_trial(spec: Spec, number: int, layout: Layout, env_holder: str | Non
     return CommandTrial(tuple(t.command), values, t.metrics_regex, t.metrics_preset, env_holder, cwd,
                         str(trial_dir), spec.budget.warmup_steps,
                         float(spec.search.global_batch_size * spec.search.seq_len),
-                        (spec.search.seq_len, layout.world_size, spec.search.global_batch_size))
+                        (spec.search.seq_len, layout.world_size, spec.search.global_batch_size),
+                        tuple(t.env_from))
 
 
 def _free_port() -> tuple[str, int]:
@@ -143,7 +145,7 @@ def _node_main(trial: CommandTrial, node_rank: int, nnodes: int, nproc: int, mas
                       metrics_regex=trial.metrics_regex, metrics_preset=trial.metrics_preset, timeout_s=timeout_s,
                       log_path=node_dir / "command.log", warmup_steps=trial.warmup_steps,
                       tokens_per_step=trial.tokens_per_step, shape=RunShape(*trial.shape) if trial.shape else None,
-                      on_start=started)
+                      on_start=started, secrets=[env[n] for n in trial.secret_names if env.get(n)])
     reason = out.reason
     if out.status == Status.OK and out.derived:  # the report says which figures autotune computed, from what
         how = f" (metrics_preset {trial.metrics_preset})" if trial.metrics_preset else ""

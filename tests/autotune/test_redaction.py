@@ -24,3 +24,13 @@ def test_credentials_are_masked_in_urls_and_text(text, shown):
 
 def test_database_urls_are_rendered_by_sqlalchemy():
     assert redact_url("postgresql+psycopg://u:p%40ss@db:5432/optuna") == "postgresql+psycopg://u:***@db:5432/optuna"
+
+
+def test_values_registered_as_secrets_are_masked_in_any_text_and_short_ones_are_left():
+    from autotune.redaction import mask_values
+
+    secret = "s3cr3t-" + "9" * 12
+    assert redact(f"KeyError: {secret!r} rejected") == f"KeyError: {secret!r} rejected"
+    mask_values([secret, "ab", None])
+    assert redact(f"KeyError: {secret!r} rejected; token={secret}") == "KeyError: '***' rejected; token=***"
+    assert redact("ab ab") == "ab ab"
