@@ -229,8 +229,12 @@ class LayoutSearcher(Searcher):
                  launches: int, session: int = 0, remeasure: list[TrialRecord] | None = None,
                  speed: SpeedModel | None = None,
                  admit: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None,
-                 on_answered: Callable[[int, str], None] | None = None) -> None:
+                 on_answered: Callable[[int, str], None] | None = None,
+                 fenced: Callable[[], bool] = lambda: False) -> None:
         super().__init__(metric="tokens_per_s", mode="max")
+        # fenced(): this run no longer holds the study's lease; another run writes it now, so
+        # this one proposes nothing more and tells Optuna nothing (autotune.study.lease).
+        self.fenced = fenced
         self.spec, self.screening, self.study = spec, screening, study
         self.space = distributions(spec)
         self.make_config, self.on_decided, self.on_complete = make_config, on_decided, on_complete
@@ -315,6 +319,8 @@ class LayoutSearcher(Searcher):
         return config
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.fenced():
+            return Searcher.FINISHED
         if self.held is not None:
             return self._start_held(trial_id)
         if self.launches_left <= 0:
@@ -406,6 +412,8 @@ class LayoutSearcher(Searcher):
         self.in_flight.discard(layout.key)
         # Tune flattens results; the trial's own config rides along intact under its own key.
         record = self.on_complete(trial_id, {**(result or {}), "autotune_config": config}, error)
+        if self.fenced():  # the new holder closes this trial as interrupted: written once, by it
+            return
         self.known[layout.key] = record
         self._tell(trial, record, store=True)
         if record.status == Status.OK:

@@ -61,10 +61,24 @@ class LeaseBusy(RuntimeError):
         self.holder = holder
 
 
+def host_identity() -> str:
+    """This process's host as the lease names it: the hostname, and what tells apart containers
+    that share one (each has its own pid namespace; hosts cloned from one image, their boot id).
+    Only a holder with the same identity is checked by its pid; any other by its heartbeat."""
+    name = socket.gethostname()
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux: the hostname is all there is
+        return name
+    return f"{name} (boot {boot}, pid ns {pid_ns})"
+
+
 def _gone(holder: Holder) -> bool:
     """A holder on this host whose process no longer exists is dead now, not after the timeout
-    (`autotune run --resume` right after a crash). Holders on other hosts are judged by heartbeat."""
-    if holder.host != socket.gethostname():
+    (`autotune run --resume` right after a crash). Holders on other hosts, or in other
+    containers of this one, are judged by heartbeat."""
+    if holder.host != host_identity():
         return False
     try:
         os.kill(holder.pid, 0)
@@ -76,7 +90,7 @@ def _gone(holder: Holder) -> bool:
 
 
 def _me(now: float) -> Holder:
-    return Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
+    return Holder(uuid.uuid4().hex, host_identity(), os.getpid(), now, now)
 
 
 class _FileBackend:
@@ -185,6 +199,21 @@ class _SqlBackend:
             conn.execute(t.delete().where(t.c.study == self.study, t.c.token == me.token))
 
 
+class Fence:
+    """`fence()` is true once the lease is lost: what the search, the recorder and Tune's stop
+    condition ask before they launch or write. Picklable (Tune pickles its configuration), as a
+    fence that never closes: the lease lives only in the driver."""
+
+    def __init__(self, lease: "Lease | None") -> None:
+        self._lease = lease
+
+    def __call__(self) -> bool:
+        return self._lease is not None and self._lease.lost
+
+    def __getstate__(self) -> dict:
+        return {"_lease": None}
+
+
 class Lease:
     """`with Lease(storage, study, wait_s, timeout_s) as lease:`; `lease.took_over` names a dead holder."""
 
@@ -199,6 +228,7 @@ class Lease:
         self.me: Holder | None = None
         self.took_over: Holder | None = None
         self.lost = False
+        self.fence = Fence(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -228,6 +258,14 @@ class Lease:
                     return
             except Exception:  # the storage is briefly unreachable: try again next beat
                 continue
+
+    def taker(self) -> str:
+        """Who holds the lease now (after `lost`), as a person reads it."""
+        try:
+            holder = self.backend.read()
+        except Exception:  # the storage is unreachable: say what is known
+            holder = None
+        return holder.describe() if holder is not None else "another run"
 
     def release(self) -> None:
         self._stop.set()

@@ -73,7 +73,7 @@ class Recorder(Callback):
     def __init__(self, spec: Spec, tracker: Tracker, parent: str, progress: Progress, session: int = 0,
                  settling: bool = False,
                  release: Callable[[int, bool], list[dict[str, Any]]] | None = None,
-                 stop_reasons: dict[str, str] | None = None) -> None:
+                 stop_reasons: dict[str, str] | None = None, fenced: Callable[[], bool] = lambda: False) -> None:
         self.spec, self.tracker, self.parent, self.progress = spec, tracker, parent, progress
         self.session = session
         self.settling = settling  # the trials re-measure leaders tied with the best
@@ -81,6 +81,7 @@ class Recorder(Callback):
         self.stop_reasons = stop_reasons if stop_reasons is not None else {}  # trial id -> the scheduler's why
         self.trials: dict[str, dict[str, Any]] = {}
         self.tracking_error: str | None = None
+        self.fenced = fenced  # the lease is lost: free what a trial held, write nothing
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks for Tuner.restore, which autotune never uses: a study resumes
@@ -122,6 +123,8 @@ class Recorder(Callback):
             self.release(self.trials[trial.trial_id]["number"], False)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.fenced():
+            return
         entry = self._entry(trial.trial_id, trial.config)
         if result.get("autotune_final"):
             return
@@ -154,6 +157,8 @@ class Recorder(Callback):
         if record.remeasure_of is not None and not record.reason:
             why = f"{TIE_REMEASURE}: tied with the best, or the best measured once" if self.settling else "measured again"
             record = replace(record, reason=f"{why} (trial {record.remeasure_of} had this layout)")
+        if self.fenced():
+            return record
         if entry["run_id"]:
             self._track("finish_trial", entry["run_id"], record, self.spec)
         self.progress.finished(record)

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from autotune.predict.candidates import Candidate, screen
 from autotune.records.results import StudyResult
@@ -274,17 +274,21 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
         started_ray = _ray_init(spec, options.address)  # one Ray for the search and the re-measuring
         try:
             tracking_error = _tune(spec, screening, study, tracker, parent, launches, options, session, remeasure,
-                                   env=env)
-            settle_error = _settle(spec, screening, study, tracker, parent, options, session, started, env)
+                                   env=env, fenced=lease.fence)
+            settle_error = (None if lease.lost else
+                            _settle(spec, screening, study, tracker, parent, options, session, started, env,
+                                    fenced=lease.fence))
             tracking_error = tracking_error or settle_error
         finally:
             if started_ray:
                 import ray
 
                 ray.shutdown()
-    if lease.lost:
-        tracking_error = ((tracking_error + "; ") if tracking_error else "") + (
-            "this run's lease was taken over by another run (its heartbeat stalled for study.lease_timeout_s)")
+    if lease.lost:  # another run writes this study now: this one stops here and writes nothing more
+        raise StudyError(f"this run lost the lease of study {spec.study.name!r} to {lease.taker()} (its heartbeat "
+                         f"was older than study.lease_timeout_s, {spec.study.lease_timeout_s:.0f} s); it stopped "
+                         f"launching and writing, and that run closes its unfinished trials as interrupted; raise "
+                         f"study.lease_timeout_s if this machine stalls that long", code=3)
     result = StudyResult(name=spec.study.name, spec=spec, trials=tuple(stored_records(study)),
                          machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent,
                          tracking_error=tracking_error)
@@ -311,7 +315,8 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
 
 
 def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options: RunOptions, session: int,
-            started: float, env: dict[str, str] | None = None) -> str | None:
+            started: float, env: dict[str, str] | None = None,
+            fenced: Callable[[], bool] = lambda: False) -> str | None:
     """End of a study: measure the best again if one run is all it has, and the leaders tied
     with it, round after round (each round runs the best and its closest rivals once more,
     interleaved, so that the machine's drift hits them alike; the repeats also estimate the
@@ -322,7 +327,7 @@ def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options
 
     budget = spec.budget.remeasure_launches()
     error = None
-    while budget > 0:
+    while budget > 0 and not fenced():
         if spec.budget.wall_clock_s is not None and time.monotonic() - started >= spec.budget.wall_clock_s:
             break
         result = StudyResult(spec.study.name, spec, tuple(stored_records(study)))
@@ -332,15 +337,41 @@ def _settle(spec: Spec, screening, study, tracker: Tracker, parent: str, options
         if len(leaders) < 2:
             break
         error = _tune(spec, screening, study, tracker, parent, len(leaders), options, session, leaders,
-                      settling=True, env=env) or error
+                      settling=True, env=env, fenced=fenced) or error
         budget -= len(leaders)
     return error
 
 
 
+def _fence_stopper(fenced: Callable[[], bool]):
+    """Tune's stop condition while the run holds the study's lease: once another run has taken
+    it, every trial in flight is stopped and nothing new starts (Tune asks after each event)."""
+    from ray.tune.stopper import Stopper
+
+    class FenceStop(Stopper):
+        def __init__(self, fenced: Callable[[], bool]) -> None:  # an argument: no closure to pickle
+            self.fenced = fenced
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its run config for Tuner.restore, which autotune never uses (a study
+            # resumes from its Optuna storage); the lease it reads lives only in this driver.
+            return {}
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            self.fenced = lambda: False
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return self.fenced()
+
+        def stop_all(self) -> bool:
+            return self.fenced()
+
+    return FenceStop(fenced)
+
+
 def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches: int, options: RunOptions,
           session: int = 0, remeasure: list | None = None, settling: bool = False,
-          env: dict[str, str] | None = None) -> str | None:
+          env: dict[str, str] | None = None, fenced: Callable[[], bool] = lambda: False) -> str | None:
     """Run the trials; returns why MLflow stopped taking records mid-study, if it did.
 
     `settling`: only the `remeasure` leaders run, as re-measures that separate tied leaders.
@@ -367,7 +398,7 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
 
     stop_reasons: dict[str, str] = {}  # trial id -> why the early stopper stopped it
     recorder = Recorder(spec, tracker, parent, progress, session, settling=settling, release=release,
-                        stop_reasons=stop_reasons)
+                        stop_reasons=stop_reasons, fenced=fenced)
     holder: list[Any] = []  # the program's environment values, when a user command has any
 
     def trial_config(number: int, layout: Layout, cand: Candidate) -> dict[str, Any]:
@@ -397,7 +428,7 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
     speed = speed_model_for(spec, study)
     searcher = LayoutSearcher(spec, screening, study, trial_config, recorder.decided, recorder.complete, launches,
                               session=session, remeasure=remeasure, speed=speed, admit=admit,
-                              on_answered=recorder.answered)
+                              on_answered=recorder.answered, fenced=fenced)
     scheduler = None
     if spec.budget.early_stop and not settling:  # re-measures run to the end: their steps all count
         from autotune.search.early_stop import NoiseAwareStopper
@@ -419,7 +450,8 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
             run_config=tune.RunConfig(name=time.strftime("tune-%Y%m%d-%H%M%S") + ("-tied" if settling else ""),
                                       storage_path=str((spec.study.directory() / "ray").resolve()),
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=[recorder, JsonLoggerCallback()], verbose=0),
+                                      callbacks=[recorder, JsonLoggerCallback()], verbose=0,
+                                      stop=_fence_stopper(fenced)),
         )
         with progress:
             tuner.fit()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune.study.lease import Lease, LeaseBusy
+from autotune.study.lease import Lease, LeaseBusy, host_identity
 
 pytestmark = pytest.mark.alone  # heartbeats and waits of a few seconds: nothing beside it
 REPO = Path(__file__).resolve().parents[3]
@@ -46,7 +45,7 @@ def test_a_second_run_waits_then_names_the_holder_and_gets_the_lease_once_releas
         Lease(storage, "s", wait_s=1.5, timeout_s=5, poll_s=0.2).acquire()
     assert 1.4 <= time.monotonic() - started < 5
     text = str(busy.value)
-    assert f"host {socket.gethostname()} pid {os.getpid()}, started " in text and "changed nothing" in text
+    assert f"host {host_identity()} pid {os.getpid()}, started " in text and "changed nothing" in text
     assert "\n" not in text
     Lease(storage, "t", timeout_s=5).acquire().release()  # another study is not blocked
     first.release()
@@ -86,3 +85,69 @@ def test_a_holder_whose_lease_was_taken_over_knows_it(storage):
     with pytest.raises(LeaseBusy):
         Lease(storage, "s", timeout_s=3).acquire()
     new.release()
+
+
+SLOW = """
+import sys, time
+for i in range(8):
+    time.sleep(0.25)
+    print(f"step {i} time 0.25", flush=True)
+"""
+
+
+def test_a_run_whose_lease_is_taken_while_it_runs_stops_within_a_heartbeat_and_writes_nothing_more(tmp_path):
+    """A live run whose heartbeat is judged stale (here: taken by a taker with a tiny timeout)
+    is fenced: within one heartbeat it launches nothing and records nothing; it exits 3 naming
+    the new holder, and the trial it had in flight is left for the new holder to close."""
+    import optuna
+    import yaml
+
+    (tmp_path / "slow.py").write_text(SLOW)
+    journal = tmp_path / "runs" / "fenced" / "optuna.journal"
+    space = {
+        "model": {"preset": "tiny"},
+        "cluster": {"ranks": 1, "device": "cpu", "memory_gb": 1.0, "cpus_per_rank": 1},
+        "search": {"ep": [1], "tp": [1], "pp": [1], "world_sizes": [1], "micro_batch_size": [1, 2, 4, 8],
+                   "global_batch_size": 8, "seq_len": 32, "precision": ["fp32"], "recompute": ["none", "full"]},
+        "budget": {"trials": 8, "warmup_steps": 1, "measure_steps": 3, "trial_timeout_s": 60, "remeasure_share": 0},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "fenced"},
+        "study": {"name": "fenced", "output_dir": str(tmp_path / "runs"), "lease_timeout_s": 4},
+        "trainable": {"command": [sys.executable, "slow.py"], "metrics_regex": {"step_time_s": r"time (\S+)"},
+                      "cwd": str(tmp_path)},
+    }
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    run = subprocess.Popen([sys.executable, "-m", "autotune.cli", "run", "space.yaml", "--plain"], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    def trials() -> list:
+        if not journal.exists():
+            return []
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        try:
+            return optuna.load_study(study_name="fenced", storage=storage).get_trials(deepcopy=False)
+        except KeyError:  # the journal exists before the study does
+            return []
+
+    deadline = time.monotonic() + 120
+    while not (any(t.state.is_finished() for t in trials()) and any(t.state.name == "RUNNING" for t in trials())):
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.2)
+    taker = None
+    while taker is None or taker.took_over is None:  # the holder is alive: only a stale-looking heartbeat is taken
+        if taker is not None:
+            taker.release()
+        taker = Lease(str(journal), "fenced", timeout_s=0.05).acquire()
+    taken_at = time.time()
+    try:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 3, out[-2000:] + err[-2000:]
+        assert f"lost the lease of study 'fenced' to host {host_identity()} pid {os.getpid()}" in err, err[-2000:]
+        heartbeat = 4 / 4  # Lease._beat's interval: study.lease_timeout_s / 4
+        late = [(t.number, t.state.name) for t in trials()
+                if t.datetime_complete is not None and t.datetime_complete.timestamp() > taken_at + heartbeat + 0.5]
+        assert not late, late  # nothing finished by the fenced run after it knew
+        left = [t.number for t in trials() if t.state.name == "RUNNING"]
+        assert left, "the trial in flight is the new holder's to close"
+        assert len(trials()) < 8  # it launched nothing more
+    finally:
+        taker.release()
