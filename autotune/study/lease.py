@@ -170,9 +170,18 @@ class _SqlBackend:
             row = conn.execute(self.sa.select(self.table).where(self.table.c.study == self.study)).mappings().first()
         return None if row is None else Holder(row["token"], row["host"], row["pid"], row["started"], row["heartbeat"])
 
+    def _clock(self, now: float):
+        """The time a heartbeat is stamped with and judged by: the database's own clock on
+        PostgreSQL, so that hosts whose clocks differ agree on who is stale; elsewhere (SQLite,
+        one host) this process's."""
+        if self.engine.dialect.name == "postgresql":
+            return self.sa.func.extract("epoch", self.sa.func.clock_timestamp())
+        return now
+
     def claim(self, me: Holder, dead_before: float) -> tuple[bool, Holder | None]:
         t = self.table
-        values = {"token": me.token, "host": me.host, "pid": me.pid, "started": me.started, "heartbeat": me.heartbeat}
+        now = self._clock(me.heartbeat)
+        values = {"token": me.token, "host": me.host, "pid": me.pid, "started": now, "heartbeat": now}
         try:
             with self.engine.begin() as conn:
                 conn.execute(t.insert().values(study=self.study, **values))
@@ -180,7 +189,7 @@ class _SqlBackend:
         except self.sa.exc.IntegrityError:
             pass
         current = self.read()
-        stale = t.c.heartbeat < dead_before
+        stale = t.c.heartbeat < now - (me.heartbeat - dead_before)  # older than the timeout, by the clock above
         if current is not None and _gone(current):
             stale = t.c.token == current.token
         with self.engine.begin() as conn:  # only one of two racing takeovers matches the old holder
@@ -191,7 +200,7 @@ class _SqlBackend:
         t = self.table
         with self.engine.begin() as conn:
             return conn.execute(t.update().where(t.c.study == self.study, t.c.token == me.token)
-                                .values(heartbeat=now)).rowcount == 1
+                                .values(heartbeat=self._clock(now))).rowcount == 1
 
     def release(self, me: Holder) -> None:
         t = self.table

@@ -24,10 +24,24 @@ time.sleep(600)
 """
 
 
-@pytest.fixture(params=["journal", "sqlite"])
+@pytest.fixture(scope="module")
+def postgres():
+    from tests.services import postgres_bindir, start_postgres
+
+    if postgres_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries: sudo apt-get install -y postgresql (make test does)")
+    pg = start_postgres()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(params=["journal", "sqlite", "postgresql"])
 def storage(request, tmp_path) -> str:
     if request.param == "journal":
         return str(tmp_path / "s" / "optuna.journal")
+    if request.param == "postgresql":
+        pg = request.getfixturevalue("postgres")
+        return pg.create_database("lease_" + os.urandom(4).hex())
     return f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
@@ -151,3 +165,38 @@ def test_a_run_whose_lease_is_taken_while_it_runs_stops_within_a_heartbeat_and_w
         assert len(trials()) < 8  # it launched nothing more
     finally:
         taker.release()
+
+
+def test_on_postgresql_heartbeats_use_the_databases_clock_and_two_racing_takers_leave_one_winner(postgres,
+                                                                                                 monkeypatch):
+    import threading
+
+    import autotune.study.lease as lease_module
+
+    url = postgres.create_database("lease_clock")
+    real = time.time
+    monkeypatch.setattr(lease_module.time, "time", lambda: real() - 3600)  # a holder whose clock is an hour slow
+    slow = Lease(url, "s", timeout_s=3).acquire()
+    monkeypatch.setattr(lease_module.time, "time", real)
+    with pytest.raises(LeaseBusy):  # by its own clock it beat an hour ago; by the database's, just now
+        Lease(url, "s", timeout_s=3).acquire()
+
+    slow._stop.set()  # now it stalls for real
+    slow._thread.join()
+    time.sleep(3.3)
+    start, won, lost = threading.Barrier(2), [], []
+
+    def take() -> None:
+        start.wait()
+        try:
+            won.append(Lease(url, "s", timeout_s=3).acquire())
+        except LeaseBusy:
+            lost.append(1)
+
+    takers = [threading.Thread(target=take) for _ in range(2)]
+    for t in takers:
+        t.start()
+    for t in takers:
+        t.join()
+    assert len(won) == 1 and len(lost) == 1 and won[0].took_over.token == slow.me.token
+    won[0].release()
