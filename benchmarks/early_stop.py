@@ -11,7 +11,7 @@ Figures:
   intervals overlap (tied within noise).
 
     python -m benchmarks.early_stop            # the quick-start budget (14 trials), ~2 x 2 min
-    python -m benchmarks.early_stop --quick    # 2 ranks, 3 trials: checks the script works
+    python -m benchmarks.early_stop --quick    # 2 ranks, 2 trials: checks the script works
 
 Results: benchmarks/results/early_stop.{csv,json} (`early_stop_quick.*` with --quick).
 """
@@ -46,7 +46,7 @@ def space(early_stop: bool, quick: bool, tmp: Path) -> dict[str, Any]:
     if quick:  # a few short trials on 2 ranks: checks the script, not the figure
         data["cluster"]["ranks"] = 2
         data["search"].update(world_sizes=[1, 2], ep=[1, 2], tp=[1], pp=[1], seq_len=32)
-        data["budget"].update(trials=3, measure_steps=3, remeasure_share=0)
+        data["budget"].update(trials=2, measure_steps=3, remeasure_share=0)
     return data
 
 
@@ -75,7 +75,7 @@ def run(early_stop: bool, quick: bool, tmp: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.early_stop", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 ranks, 3 trials: checks the script works")
+    p.add_argument("--quick", action="store_true", help="2 ranks, 2 trials: checks the script works")
     args = p.parse_args(argv)
     from autotune.search.stats import separated
 
