@@ -125,13 +125,13 @@ class _FileBackend:
         except (OSError, ValueError, TypeError):
             return None
 
-    def claim(self, me: Holder, dead_before: float) -> tuple[bool, Holder | None]:
+    def claim(self, me: Holder, timeout_s: float) -> tuple[bool, Holder | None]:
         """Take the lease if it is free or its holder is dead; (taken, holder found)."""
         found: list[Holder | None] = []
 
         def act(current: Holder | None) -> tuple[bool, Holder | None]:
             found.append(current)
-            return (current is None or current.heartbeat < dead_before or _gone(current)), me
+            return (current is None or current.heartbeat < me.heartbeat - timeout_s or _gone(current)), me
         return self._locked(act), found[0]
 
     def renew(self, me: Holder, now: float) -> bool:
@@ -178,7 +178,7 @@ class _SqlBackend:
             return self.sa.func.extract("epoch", self.sa.func.clock_timestamp())
         return now
 
-    def claim(self, me: Holder, dead_before: float) -> tuple[bool, Holder | None]:
+    def claim(self, me: Holder, timeout_s: float) -> tuple[bool, Holder | None]:
         t = self.table
         now = self._clock(me.heartbeat)
         values = {"token": me.token, "host": me.host, "pid": me.pid, "started": now, "heartbeat": now}
@@ -189,7 +189,7 @@ class _SqlBackend:
         except self.sa.exc.IntegrityError:
             pass
         current = self.read()
-        stale = t.c.heartbeat < now - (me.heartbeat - dead_before)  # older than the timeout, by the clock above
+        stale = t.c.heartbeat < now - timeout_s  # by the clock above
         if current is not None and _gone(current):
             stale = t.c.token == current.token
         with self.engine.begin() as conn:  # only one of two racing takeovers matches the old holder
@@ -246,7 +246,7 @@ class Lease:
         while True:
             now = time.time()
             me = _me(now)
-            taken, found = self.backend.claim(me, now - self.timeout_s)
+            taken, found = self.backend.claim(me, self.timeout_s)
             if taken:
                 self.me, self.took_over = me, found
                 break

@@ -275,9 +275,8 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
         try:
             tracking_error = _tune(spec, screening, study, tracker, parent, launches, options, session, remeasure,
                                    env=env, fenced=lease.fence)
-            settle_error = (None if lease.lost else
-                            _settle(spec, screening, study, tracker, parent, options, session, started, env,
-                                    fenced=lease.fence))
+            settle_error = _settle(spec, screening, study, tracker, parent, options, session, started, env,
+                                   fenced=lease.fence)
             tracking_error = tracking_error or settle_error
         finally:
             if started_ray:
@@ -349,16 +348,8 @@ def _fence_stopper(fenced: Callable[[], bool]):
     from ray.tune.stopper import Stopper
 
     class FenceStop(Stopper):
-        def __init__(self, fenced: Callable[[], bool]) -> None:  # an argument: no closure to pickle
-            self.fenced = fenced
-
-        def __getstate__(self) -> dict[str, Any]:
-            # Tune pickles its run config for Tuner.restore, which autotune never uses (a study
-            # resumes from its Optuna storage); the lease it reads lives only in this driver.
-            return {}
-
-        def __setstate__(self, state: dict[str, Any]) -> None:
-            self.fenced = lambda: False
+        def __init__(self, fenced: Callable[[], bool]) -> None:  # an argument, not a closure: Tune
+            self.fenced = fenced                                   # pickles its run config (Fence pickles)
 
         def __call__(self, trial_id: str, result: dict) -> bool:
             return self.fenced()
