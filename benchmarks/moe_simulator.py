@@ -149,13 +149,13 @@ def step_time(m: ModelConfig, lay: Layout, gbs: int, seq: int, c: Cluster) -> fl
     return (pipeline + exposed_reduce + optimizer) * scaler
 
 
-def write_family(name: str) -> Path:
+def write_family(name: str, out: Path = RESULTS) -> Path:
     space, cluster, seed = FAMILIES[name]
     spec = load_spec(space)
     sc = screen(spec)
     m = spec.model.config()
     gbs, seq = spec.search.global_batch_size, spec.search.seq_len
-    path = RESULTS / f"{name}.csv"
+    path = out / f"{name}.csv"
     rows = []
     for cand in sc.candidates:
         if cand.verdict == INVALID:
@@ -181,9 +181,10 @@ def write_family(name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.moe_simulator", description=__doc__.split("\n")[0])
     p.add_argument("--family", choices=sorted(FAMILIES), action="append", help="default: every family")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the tables (default benchmarks/results)")
     args = p.parse_args(argv)
     for name in args.family or sorted(FAMILIES):
-        write_family(name)
+        write_family(name, args.out)
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from autotune.predict.calibrate import Calibration, calibrate
+from autotune.predict.calibrate import Calibration, calibrate, leave_one_out
 from autotune.predict.steptime import StepTimes, Topology, predict, raw_terms
 from autotune.schema import PREDICTED_SPEED, Status
 from autotune.space.devices import DeviceProfile
@@ -65,11 +65,28 @@ class SpeedModel:
 
     def fit_records(self, records: Iterable[TrialRecord], with_loo: bool = True) -> "SpeedModel":
         """Refit on every successfully measured trial (the latest measurement of each layout)."""
-        latest: dict[str, TrialRecord] = {}
-        for r in records:
-            step = r.metrics.get("step_time_s")
-            if r.status == Status.OK and step and np.isfinite(step) and step > 0:
-                latest[r.layout.key] = r
-        rs = list(latest.values())
+        rs = _measured(records)
         return self.fit([r.layout for r in rs], [r.metrics["step_time_s"] for r in rs],
                         [float(r.metrics.get("expert_load_imbalance") or 1.0) for r in rs], with_loo)
+
+    def loo_log_residuals(self, records: Iterable[TrialRecord]) -> np.ndarray:
+        """log(measured / predicted) throughput of each measured trial, predicted by the model
+        fitted on all the other trials: how wrong the model is on layouts it has not seen."""
+        rs = _measured(records)
+        if len(rs) < 2:
+            return np.zeros(0)
+        y = np.array([r.metrics["step_time_s"] for r in rs], dtype=float)
+        imb = np.array([float(r.metrics.get("expert_load_imbalance") or 1.0) for r in rs])
+        raw, _ = raw_terms(self.model, [r.layout for r in rs], self.global_batch_size, self.seq_len, self.profile,
+                           self.topology, imb)
+        return np.log(np.maximum(leave_one_out(raw, y), 1e-30) / y)
+
+
+def _measured(records: Iterable[TrialRecord]) -> list[TrialRecord]:
+    """The latest successful measurement of each layout that has a step time."""
+    latest: dict[str, TrialRecord] = {}
+    for r in records:
+        step = r.metrics.get("step_time_s")
+        if r.status == Status.OK and step and np.isfinite(step) and step > 0:
+            latest[r.layout.key] = r
+    return list(latest.values())

@@ -1,6 +1,10 @@
-"""Optuna proposes layouts for Ray Tune; the memory model and the study's own history filter them.
+"""Layouts for Ray Tune: the step-time model as a prior, Optuna's samplers, the memory model and
+the study's own history.
 
-Optuna's samplers see the space as independent knobs (ep, tp, pp, world or dp, micro-batch,
+With `study.sampler: auto` every launch is the fitting layout of highest expected improvement
+under the calibrated step-time model and its measured error (`autotune.search.prior`), re-ranked
+after every measured trial; it is enqueued into Optuna, so the study holds every trial. With a
+named sampler, Optuna proposes. Optuna's samplers see the space as independent knobs (ep, tp, pp, world or dp, micro-batch,
 precision, recompute, schedule), so they can learn which values help. A proposal that breaks a
 structural rule or is predicted over the memory cap is answered at once as an infeasible
 trial (Optuna constraint > 0) and recorded, never launched; one that repeats a layout already
@@ -14,6 +18,7 @@ import json
 import logging
 from typing import Any, Callable
 
+import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
@@ -21,6 +26,7 @@ from ray.tune.search import Searcher
 
 from autotune.predict.candidates import OVER_MEMORY, Candidate, Screening, judge
 from autotune.predict.speedmodel import SpeedModel
+from autotune.search.prior import choose, error_scale
 from autotune.schema import INTERVAL_METRICS, Status
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
@@ -31,6 +37,14 @@ log = logging.getLogger(__name__)
 RECORD_ATTR = "record"
 KEY_ATTR = "layout_key"
 MAX_FREE_PROPOSALS = 2000
+# How the step-time model steers a study: "prior" (`study.sampler: auto`), every pick the
+# highest expected improvement under the calibrated model and its measured error; "none", the
+# sampler alone. The rest are ablations for benchmarks/search_efficiency.py: "greedy", the
+# calibrated model's fastest unmeasured layout every turn; "opening", a fixed opening of the
+# uncalibrated model's fastest layouts (one per (ep, tp, pp) family) then the sampler;
+# "frontier", the memory frontier in rules-of-thumb order then the sampler; "alternate", the
+# opening then the model's pick every other turn, the sampler between.
+GUIDES = ("prior", "none", "greedy", "opening", "frontier", "alternate")
 FAILED_STATUSES = {Status.OOM, Status.TIMEOUT, Status.CRASHED, Status.NODE_LOST, Status.INVALID, Status.NO_METRICS}
 
 
@@ -134,7 +148,7 @@ def opening(spec: Spec, screening: Screening, speed: SpeedModel, size: int) -> l
 
 
 def warm_start_size(spec: Spec) -> int:
-    """How many frontier layouts open a study before the sampler proposes on its own."""
+    """How many frontier layouts a fixed opening holds (the "opening" and "alternate" guides)."""
     if spec.study.sampler != "auto":
         return 0
     return max(2, spec.budget.trials // 3)
@@ -230,7 +244,7 @@ class LayoutSearcher(Searcher):
                  speed: SpeedModel | None = None,
                  admit: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None,
                  on_answered: Callable[[int, str], None] | None = None,
-                 fenced: Callable[[], bool] = lambda: False) -> None:
+                 fenced: Callable[[], bool] = lambda: False, guide: str | None = None) -> None:
         super().__init__(metric="tokens_per_s", mode="max")
         # fenced(): this run no longer holds the study's lease; another run writes it now, so
         # this one proposes nothing more and tells Optuna nothing (autotune.study.lease).
@@ -262,14 +276,22 @@ class LayoutSearcher(Searcher):
         self.fitting = {c.layout.key for c in screening.candidates if c.fits}
         self.fitting_layouts = [c.layout for c in screening.candidates if c.fits]
         self.fitting_peaks = [c.prediction.total if c.prediction else 0 for c in screening.candidates if c.fits]
-        # The step-time model, refit on every measured trial; its best unmeasured layout takes
-        # every other free turn (`study.sampler: auto` only).
-        self.guided = spec.study.sampler == "auto"
+        # How the step-time model steers (`study.sampler: auto`: "prior", every pick by expected
+        # improvement under the model and its measured error; the others are the benchmark's
+        # ablations, see GUIDES). The model is refit on every measured trial.
+        self.guide = guide or ("prior" if spec.study.sampler == "auto" else "none")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide {self.guide!r}: expected one of {', '.join(GUIDES)}")
         self.speed = (speed or SpeedModel.of(spec)).fit_records(self.known.values(), with_loo=False)
+        self.rng = np.random.default_rng(spec.study.seed)
         self.turn = 0
-        # A study that continues has already started: only a new one opens on the predicted best.
+        # A study that continues has already started: only a new one opens on a fixed list.
         fresh = not self.known and not self.decided_without_run
-        self.opening = opening(spec, screening, self.speed, warm_start_size(spec)) if fresh else []
+        self.opening: list[Layout] = []
+        if fresh and self.guide in ("opening", "alternate"):
+            self.opening = opening(spec, screening, self.speed, warm_start_size(spec))
+        elif fresh and self.guide == "frontier":
+            self.opening = frontier(spec, screening)
 
     # -- telling Optuna -----------------------------------------------------------------------------
     def _values(self, record: TrialRecord) -> tuple[list[float] | float, float]:
@@ -340,7 +362,14 @@ class LayoutSearcher(Searcher):
             self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
             trial = self.study.ask(self.space)
             return self._launch(trial_id, trial, layout, judge(self.spec, layout))
-        if self.guided:
+        if self.guide in ("prior", "greedy"):
+            layout = self._prior_pick() if self.guide == "prior" else self._model_pick()
+            if layout is None:
+                return Searcher.FINISHED  # every fitting layout is measured, running or failed
+            self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
+            trial = self.study.ask(self.space)
+            return self._launch(trial_id, trial, layout, judge(self.spec, layout))
+        if self.guide == "alternate":
             self.turn += 1
             layout = self._model_pick() if self.turn % 2 == 1 else None
             if layout is not None:
@@ -384,6 +413,25 @@ class LayoutSearcher(Searcher):
                 continue
             return self._launch(trial_id, trial, layout, cand)
         return Searcher.FINISHED
+
+    def _prior_pick(self) -> Layout | None:
+        """The fitting layout of highest expected improvement under the calibrated model and its
+        error on this study's trials (`autotune.search.prior`)."""
+        if not self.fitting_layouts:
+            return None
+        predicted = np.log(self.speed.predict(self.fitting_layouts).tokens_per_s)
+        index = {lay.key: i for i, lay in enumerate(self.fitting_layouts)}
+        ok = [r for r in self.known.values() if r.status == Status.OK and r.tokens_per_s > 0]
+        measured = []
+        for r in ok:
+            i = index.get(r.layout.key)
+            p = predicted[i] if i is not None else float(np.log(self.speed.predict([r.layout]).tokens_per_s[0]))
+            measured.append((r.layout, float(p), float(np.log(r.tokens_per_s))))
+        pending = [(lay, float(predicted[index[lay.key]])) for _, lay, _ in self.pending.values() if lay.key in index]
+        exclude = set(self.known) | self.in_flight | self.decided_without_run
+        amplitude = error_scale(self.speed.loo_log_residuals(ok))
+        i = choose(predicted, self.fitting_layouts, measured, pending, amplitude, exclude, self.rng)
+        return None if i is None else self.fitting_layouts[i]
 
     def _model_pick(self) -> Layout | None:
         """The calibrated model's fastest fitting layout not measured, running or decided."""

@@ -49,15 +49,6 @@ def test_warm_workers_quick():
     assert default["soft_limit"] == -1 and warm["soft_limit"] > 0 and warm["rank_starts"] > 0
 
 
-def test_search_efficiency_quick_replays_the_committed_grid():
-    assert (RESULTS / "grid_tiny_cpu.csv").exists(), "the measured grid table is part of the repository"
-    (data,) = _check(_run("benchmarks.search_efficiency", "--quick", timeout=180), "search_efficiency_quick")
-    assert set(data["strategies"]) == {"grid", "random", "plain-tpe", "autotune", "autotune-no-model",
-                                       "autotune-random"}
-    assert data["grid_size"] > 0 and data["good_layouts"]
-    assert all(s["seconds_median"] >= 0 for s in data["strategies"].values())
-
-
 def test_search_efficiency_quick_replays_a_published_table_in_its_own_columns(tmp_path):
     """A table in the documented columns only (no layout key, no seconds) and a space given by path."""
     import csv
@@ -74,6 +65,24 @@ def test_search_efficiency_quick_replays_a_published_table_in_its_own_columns(tm
     (data,) = _check(_run("benchmarks.search_efficiency", "--quick", "--space", str(space), "--table", str(table),
                           timeout=180), "search_efficiency_table_quick")
     assert data["table"].endswith("table.csv") and data["strategies"]["autotune"]["seconds_median"] > 0
+
+
+def test_the_simulator_writes_the_committed_tables_and_every_family_replays(tmp_path):
+    """The held-out tables are what benchmarks/moe_simulator.py writes (seeded, so the same bytes),
+    and the replay of every family runs with all its strategies."""
+    proc = _run("benchmarks.moe_simulator", "--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("sim_h100", "sim_a100_64"):
+        assert (tmp_path / f"{name}.csv").read_text() == (RESULTS / f"{name}.csv").read_text()
+    (data,) = _check(_run("benchmarks.search_efficiency", "--all", "--quick", timeout=600), "search_efficiency_all_quick")
+    assert [t["label"] for t in data["tables"]] == ["tiny_cpu", "tiny_cpu_pp", "sim_h100", "sim_a100_64"]
+    for t in data["tables"]:
+        assert t["seeds"] == 2 and set(t["goals_met"]) >= {"autotune_median_le_8", "autotune_worst_le_20"}
+        assert t["grid_size"] > 0 and t["good_layouts"]
+        assert set(t["strategies"]) == {"grid", "random", "plain-tpe", "autotune-no-model", "frontier-only",
+                                        "opening-only", "previous", "model-only", "autotune"}
+        for s in t["strategies"].values():
+            assert 0 <= s["best_after_5_median"] <= s["best_after_20_median"] <= 1 and s["seconds_median"] >= 0
 
 
 def test_steptime_tables_quick():

@@ -1,5 +1,5 @@
-"""The searcher's opening: the fastest predicted layouts of the memory model's frontier, then the
-calibrated model's picks alternating with Optuna's."""
+"""The searcher: the memory model's frontier, every pick of `study.sampler: auto` re-ranked by the
+calibrated model and its error after each measured trial, and the fixed openings of the ablations."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def test_the_frontier_starts_with_the_devices_fast_precision(device, first):
     assert frontier(spec, screen(spec))[0].precision == first
 
 
-def _searcher(spec, study, known=()):
+def _searcher(spec, study, speed=lambda layout: 1000.0, guide=None):
+    """A searcher whose trials measure `speed(layout)` tokens/s."""
     records = {}
 
     def make_config(number, layout, cand):
@@ -70,12 +71,13 @@ def _searcher(spec, study, known=()):
 
     def on_complete(trial_id, result, error):
         layout = next(c.layout for c in screening.candidates if c.layout.key == result["autotune_config"]["layout_key"])
+        tps = speed(layout)
         records[trial_id] = TrialRecord(number=result["autotune_config"]["number"], layout=layout, status=Status.OK,
-                                        metrics={"tokens_per_s": 1000.0 + len(records)})
+                                        metrics={"tokens_per_s": tps, "step_time_s": 16 * 64 / tps})
         return records[trial_id]
 
     screening = screen(spec)
-    return LayoutSearcher(spec, screening, study, make_config, lambda r: r, on_complete, 30), screening
+    return LayoutSearcher(spec, screening, study, make_config, lambda r: r, on_complete, 30, guide=guide), screening
 
 
 def _run(searcher, n):
@@ -87,10 +89,43 @@ def _run(searcher, n):
     return keys
 
 
-def test_a_new_study_opens_on_the_predicted_best_then_the_sampler_proposes():
+def test_a_new_study_starts_on_the_predicted_best_and_every_pick_is_an_optuna_trial():
     spec = _spec()
     study = create_study(spec, None, load_if_exists=False)
     searcher, screening = _searcher(spec, study)
+    keys = _run(searcher, 6)
+    fitting = [c.layout for c in screening.candidates if c.fits]
+    times = SpeedModel.of(spec).predict(fitting)
+    assert keys[0] == fitting[int(times.order([c.prediction.total for c in screening.candidates if c.fits])[0])].key
+    assert len(set(keys)) == len(keys)
+    assert len(study.trials) == 6  # every pick is enqueued: the study holds it like its own proposals
+
+
+def test_a_layout_far_slower_than_predicted_moves_the_search_to_another_family():
+    """The model as a prior, not an oracle: when the predicted best runs at a tenth of its
+    prediction, its near twins are no longer believed, and the next pick leaves its family."""
+    spec = _spec()
+    fitting = [c.layout for c in screen(spec).candidates if c.fits]
+    model = SpeedModel.of(spec)
+    first = _searcher(spec, create_study(spec, None, load_if_exists=False))[0].suggest("t0")["layout_key"]
+    bad = next(lay for lay in fitting if lay.key == first)
+    family = (bad.ep, bad.tp, bad.pp)
+
+    def speed(layout):
+        tps = float(model.predict([layout]).tokens_per_s[0]) * 0.6
+        return tps * (0.1 if (layout.ep, layout.tp, layout.pp) == family else 1.0)
+
+    searcher, _ = _searcher(spec, create_study(spec, None, load_if_exists=False), speed)
+    keys = _run(searcher, 3)
+    picked = [next(lay for lay in fitting if lay.key == k) for k in keys]
+    assert keys[0] == first
+    assert all((lay.ep, lay.tp, lay.pp) != family for lay in picked[1:]), keys
+
+
+def test_the_opening_ablation_opens_on_one_fast_layout_per_family_then_the_sampler_proposes():
+    spec = _spec()
+    study = create_study(spec, None, load_if_exists=False)
+    searcher, screening = _searcher(spec, study, guide="opening")
     k = warm_start_size(spec)
     keys = _run(searcher, k + 3)
     expected = opening(spec, screening, SpeedModel.of(spec), k)
@@ -98,15 +133,16 @@ def test_a_new_study_opens_on_the_predicted_best_then_the_sampler_proposes():
     assert set(expected) <= set(frontier(spec, screening))
     assert len({(lay.ep, lay.tp, lay.pp) for lay in expected}) == k  # one per family
     assert len(set(keys)) == len(keys)
-    assert len(study.trials) >= k + 3  # every opening layout is an Optuna trial the sampler learns from
 
 
-def test_other_samplers_and_continued_studies_do_not_reopen():
+def test_continued_studies_do_not_reopen_and_an_unknown_guide_is_refused():
     assert warm_start_size(_spec(sampler="random")) == 0
     spec = _spec()
     study = create_study(spec, None, load_if_exists=False)
-    first, screening = _searcher(spec, study)
+    first, screening = _searcher(spec, study, guide="opening")
     _run(first, 2)
     # the searcher stored a record with each measured trial: a second driver continues the study
-    again, _ = _searcher(spec, study)
+    again, _ = _searcher(spec, study, guide="opening")
     assert again.opening == []
+    with pytest.raises(ValueError, match="guide 'oracle'"):
+        _searcher(spec, study, guide="oracle")
