@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune.search.stats import Interval, RunSpread, rule_text, runs_interval, tied_with_best
+from autotune.search.stats import PRIOR_RUN_DOF, PRIOR_RUN_SD, Interval, RunSpread, rule_text, runs_interval, tied_with_best
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
 from autotune.trial_record import TIE_REMEASURE, TrialRecord
@@ -116,15 +116,21 @@ class StudyResult:
             return None
         by_key = {t.layout.key: t for t in self.fitting()}
 
+        # What a layout's interval says of its next run, not only of the steps measured: the
+        # run-to-run spread, with a prior until the study has re-measured enough to know its own.
+        shown = spread.with_prior(PRIOR_RUN_SD.get(self.spec.cluster.device, PRIOR_RUN_SD["cpu"]))
+
         def entry(k: str) -> dict[str, Any]:
-            iv = spread.widen(intervals[k], counts[k])
+            iv = shown.widen(intervals[k], counts[k])
             return {"layout": k, "trial": by_key[k].number, "tokens_per_s": by_key[k].tokens_per_s,
                     "step_time_s": iv.median, "step_time_lo_s": iv.lo, "step_time_hi_s": iv.hi,
                     "steps": iv.n, "runs": counts[k]}
 
         return {"best": entry(key), "tied": [entry(k) for k in tied], "rule": rule_text(),
                 "confidence": intervals[key].confidence,
-                "run_spread": {"sd_log": spread.sd, "dof": spread.dof},
+                "run_spread": {"sd_log": spread.sd, "dof": spread.dof, "shown_sd_log": shown.sd,
+                               "prior_sd_log": PRIOR_RUN_SD.get(self.spec.cluster.device, PRIOR_RUN_SD["cpu"]),
+                               "prior_dof": PRIOR_RUN_DOF},
                 "remeasures": sum(1 for t in self.trials if t.remeasure_of is not None
                                   and t.reason.startswith(TIE_REMEASURE))}
 

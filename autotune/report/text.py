@@ -57,6 +57,11 @@ def _standing_blocks(standing: dict[str, Any] | None) -> list[Block]:
                 f"from {plural(spread['dof'], 'repeat')} of layouts measured more than once).")
     else:
         seen = " No layout was measured twice, so the run-to-run spread is unknown and ties rest on the intervals alone."
+    if spread.get("prior_sd_log") is not None:
+        seen += (f" The intervals above include a run-to-run spread of {math.expm1(spread['shown_sd_log']):.1%}: "
+                 f"{math.expm1(spread['prior_sd_log']):.1%} assumed for this device (worth "
+                 f"{plural(spread['prior_dof'], 'repeat')}) pooled with what the study measured, so that they "
+                 f"say where the layout's next run falls, not only where its measured steps fell.")
     blocks.append(("p", f"Rule: {standing['rule']}." + (f" This study measured leaders again {plural(again, 'time')}."
                                                        if again else "") + seen))
     return blocks

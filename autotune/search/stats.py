@@ -115,6 +115,15 @@ def runs_interval(runs: Sequence[Iterable[float]], confidence: float = CONFIDENC
     return Interval(med, float(min(lo, med)), float(max(hi, med)), n, confidence)
 
 
+# The run-to-run spread (sd of log median step time) a study assumes until its own re-measures
+# show it, weighted as PRIOR_RUN_DOF degrees of freedom. CPU: this shared 2-core machine, pooled
+# over the six studies of `python -m benchmarks.fidelity --space benchmarks/spaces/fidelity_unseen.yaml`
+# (benchmarks/results/fidelity_unseen.json, 27 degrees of freedom): 0.11. CUDA: 0.03, a dedicated
+# card's few percent, an assumption not yet measured on one.
+PRIOR_RUN_SD = {"cpu": 0.11, "cuda": 0.03}
+PRIOR_RUN_DOF = 5
+
+
 @dataclass(frozen=True)
 class RunSpread:
     """How much one layout's runs differ from each other: the standard deviation of log median
@@ -143,6 +152,14 @@ class RunSpread:
     @property
     def known(self) -> bool:
         return self.dof >= 1 and self.sd > 0
+
+    def with_prior(self, sd: float, dof: int = PRIOR_RUN_DOF) -> "RunSpread":
+        """This spread pooled with a prior one worth `dof` degrees of freedom: what to assume of
+        a layout measured once, before (and while) the study's re-measures say more."""
+        total = self.dof + dof
+        if total <= 0:
+            return self
+        return RunSpread(math.sqrt((self.dof * self.sd ** 2 + dof * sd ** 2) / total), total)
 
     def _quantile(self, confidence: float) -> float:
         from scipy.stats import t as student_t

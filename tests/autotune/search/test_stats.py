@@ -141,3 +141,29 @@ def test_a_best_measured_once_goes_again_with_its_closest_rivals():
     # ... under a large one, the tied rivals go again with it.
     assert leaders_to_remeasure(intervals, spread=RunSpread(0.3, 3), runs={"a": 2, "b": 2, "c": 2, "d": 1}) == [
         "a", "c", "b"]
+
+
+def test_with_the_prior_run_spread_a_single_run_interval_covers_the_layouts_true_speed():
+    """Runs of one layout move 10% (log sd) from run to run, steps inside a run 3%: the default 5
+    measured steps of one run say where that run fell, not where the layout's median lies. Widened
+    by the run-to-run spread the study assumes until it measures its own, the interval covers
+    the layout's true median at least 85% of the time; the steps alone do not."""
+    from autotune.space.sections import BudgetSpec
+    from autotune.search.stats import PRIOR_RUN_SD
+
+    steps = BudgetSpec().measure_steps
+    rng = np.random.default_rng(3)
+    prior = RunSpread().with_prior(PRIOR_RUN_SD["cpu"])
+    hits_steps = hits_prior = 0
+    n = 400
+    for i in range(n):
+        run = np.exp(rng.normal(0.0, 0.10)) * np.exp(rng.normal(0.0, 0.03, size=steps))  # true median 1.0
+        iv = step_time_interval(run, seed=i)
+        hits_steps += iv.lo <= 1.0 <= iv.hi
+        wide = prior.widen(iv, 1)
+        hits_prior += wide.lo <= 1.0 <= wide.hi
+    assert hits_prior / n >= 0.85, hits_prior / n
+    assert hits_steps / n < 0.6, hits_steps / n
+    # the study's own measurements outweigh the prior as they come
+    measured = RunSpread(0.02, 20).with_prior(PRIOR_RUN_SD["cpu"])
+    assert 0.02 < measured.sd < 0.06 and measured.dof == 25
