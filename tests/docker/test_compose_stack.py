@@ -92,9 +92,14 @@ class Stack:
             d.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "trainables" / "examples" / "toy_train.py", self.program / "toy_train.py")
         self.space.write_text(space_text(STUDY))
+        # docker/secrets.env of this deployment: the program's secret, which ray-head's env_file reads
+        self.compose_dir = tmp / "docker"
+        self.compose_dir.mkdir()
+        (self.compose_dir / "secrets.env").write_text(f"TOY_API_TOKEN={SECRETS['TOY_API_TOKEN']}\n")
         self.procs: list[subprocess.Popen] = []
         self.pg = None
         self.head_ip = ""
+        self.other_rays: list[Cluster] = []  # the rendered RayCluster's pods, as processes
 
     # -- mapping compose onto this machine ---------------------------------------------------------
     def mapping(self) -> dict[str, str]:
@@ -125,6 +130,12 @@ class Stack:
         # this process's environment without its Ray, MLflow and autotune settings: the service's own follow
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AUTOTUNE_"))}
         env.update(PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO), HOME=str(self.tmp))
+        for entry in svc.get("env_file", []):  # as compose reads it: NAME=value lines, beside the compose file
+            path = self.compose_dir / (entry["path"] if isinstance(entry, dict) else entry)
+            if path.exists():
+                env.update(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+            else:
+                assert isinstance(entry, dict) and entry.get("required") is False, f"{service}: {path} is required"
         env.update({k: self._map(str(v)) for k, v in svc.get("environment", {}).items()})
         env.update(extra or {})
         return env
@@ -136,9 +147,12 @@ class Stack:
 
     def start(self, service: str, extra_args: list[str] | None = None, extra_env: dict[str, str] | None = None,
               cwd: Path | None = None, log: str | None = None) -> subprocess.Popen:
-        out = open(self.logs / f"{log or service}.log", "a")
-        proc = subprocess.Popen(self.argv(service) + (extra_args or []), env=self.env(service, extra_env),
-                                cwd=cwd or self.tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.spawn(self.argv(service) + (extra_args or []), self.env(service, extra_env), cwd or self.tmp,
+                          log or service)
+
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: Path, log: str) -> subprocess.Popen:
+        out = open(self.logs / f"{log}.log", "a")
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -177,8 +191,8 @@ class Stack:
 
     def _start_ray_once(self, attempt: int) -> None:
         # Each service has a machine of its own under Docker: here its fixed default ports are freed.
-        head = self.start("ray-head", [f"--temp-dir={self.ray_root}", *own_ports(head=True)],
-                          {"TOY_API_TOKEN": SECRETS["TOY_API_TOKEN"]}, cwd=self.runs, log=f"ray-head-{attempt}")
+        head = self.start("ray-head", [f"--temp-dir={self.ray_root}", *own_ports(head=True)], cwd=self.runs,
+                          log=f"ray-head-{attempt}")
         self._wait_log(f"ray-head-{attempt}", head, "Ray runtime started", 300)
         worker = self.start("ray-worker", [f"--temp-dir={self.ray_root / 'w'}", *own_ports()],
                             log=f"ray-worker-{attempt}")
@@ -233,7 +247,8 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGKILL)
             except OSError:
                 pass
-        Cluster(root=self.ray_root, port=self.gcs_port, env={}).stop()
+        for ray_cluster in [Cluster(root=self.ray_root, port=self.gcs_port, env={}), *self.other_rays]:
+            ray_cluster.stop()
         if self.pg is not None:
             self.pg.stop()
 
@@ -361,8 +376,33 @@ def test_nights_one_writer_and_takeover(stack):
     assert stack.holder() is None  # released at the end
 
 
-def test_the_manifests_entrypoints_run_on_the_same_cluster(stack):
-    """The RayJob's entrypoint (as KubeRay's submitter runs it) and the CronJob's command, on a new study."""
+def _kubectl_secrets(console: str, shell: dict[str, str]) -> dict[tuple[str, str], str]:
+    """The Secrets the printed `kubectl create secret generic NAME --from-literal=KEY="$VAR"` lines
+    make, with the user's shell variables (`shell`) for $VAR and a fresh value for a command."""
+    out = {}
+    for line in console.splitlines():
+        if "kubectl" not in line or "create secret generic" not in line:
+            continue
+        words = shlex.split(line.split("kubectl", 1)[1].replace('"$(openssl rand -hex 32)"', "RANDOM"))
+        name = words[words.index("generic") + 1]
+        for w in words:
+            if w.startswith("--from-literal="):
+                key, value = w.removeprefix("--from-literal=").split("=", 1)
+                out[(name, key)] = value
+    for ref, value in out.items():
+        for var, secret in shell.items():
+            value = value.replace("$" + var, secret)
+        assert "$" not in value, f"{ref}: the user's shell has no {value}"
+        out[ref] = value
+    return out
+
+
+def test_the_manifests_run_on_pods_with_the_rendered_environment(stack):
+    """The RayJob's entrypoint (as KubeRay's submitter runs it) and the CronJob's command, on a
+    Ray cluster whose head and worker run with the environment the rendered RayCluster gives their
+    pods: each env entry, secretKeyRef values from the Secrets that the printed `kubectl create
+    secret` lines make, and the token KubeRay's authOptions adds. Nothing else: the program's
+    secret reaches the driver only if the manifests wire it."""
     space = stack.tmp / "k8s-space.yaml"
     space.write_text(space_text("k8s-check", cwd=str(stack.program)))
     out_dir = stack.tmp / "manifests"
@@ -371,14 +411,25 @@ def test_the_manifests_entrypoints_run_on_the_same_cluster(stack):
                          "http://mlflow.tuning.svc:5000", "--mlflow-secret", "mlflow-auth")
     assert rendered.returncode == 0, rendered.stderr
     docs = {p.name: yaml.safe_load(p.read_text()) for p in out_dir.glob("*.yaml")}
-    # the ConfigMap is what the pods mount at /config/space.yaml
+    # the ConfigMap is what the pods mount at /config/space.yaml; the PVC is the head's /data
     mounted = stack.tmp / "k8s-config" / "space.yaml"
     mounted.parent.mkdir()
     mounted.write_text(docs["configmap.yaml"]["data"]["space.yaml"])
-    secrets = {("ray-auth-token", "auth_token"): SECRETS["RAY_AUTH_TOKEN"],
-               ("mlflow-auth", "username"): "admin", ("mlflow-auth", "password"): SECRETS["MLFLOW_AUTH_ADMIN_PASSWORD"]}
-    local = {"/config/space.yaml": str(mounted),
-             "http://autotune-k8s-check-head-svc.tuning.svc:8265": stack.dashboard,
+    data = stack.tmp / "k8s-data"
+    data.mkdir()
+    # Secrets as the user makes them: the printed lines, from a shell holding the program's secret
+    # (ray-auth-token: this session's token, so the test can talk to the cluster; mlflow-auth: the
+    # MLflow login the README asks for).
+    secrets = _kubectl_secrets(rendered.stdout, {"TOY_API_TOKEN": SECRETS["TOY_API_TOKEN"]})
+    assert secrets.pop(("ray-auth-token", "auth_token")) == "RANDOM"
+    assert secrets == {("autotune-k8s-check-secrets", "TOY_API_TOKEN"): SECRETS["TOY_API_TOKEN"]}, rendered.stdout
+    secrets[("ray-auth-token", "auth_token")] = SECRETS["RAY_AUTH_TOKEN"]
+    secrets[("mlflow-auth", "username")] = "admin"
+    secrets[("mlflow-auth", "password")] = SECRETS["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    gcs, dash = free_port(), free_port()
+    head_svc = "autotune-k8s-check-head-svc.tuning.svc"
+    local = {"/config/space.yaml": str(mounted), "/data": str(data),
+             f"http://{head_svc}:8265": f"http://127.0.0.1:{dash}",
              "http://mlflow.tuning.svc:5000": f"http://127.0.0.1:{stack.mlflow_port}"}
 
     def mapped(text: str) -> str:
@@ -386,33 +437,75 @@ def test_the_manifests_entrypoints_run_on_the_same_cluster(stack):
             text = text.replace(old, new)
         return text
 
-    # RayJob: KubeRay's submitter runs `ray job submit --address HEAD -- ENTRYPOINT`.
-    entrypoint = docs["rayjob.yaml"]["spec"]["entrypoint"]
-    assert entrypoint == "autotune run /config/space.yaml --continue --plain"
-    job = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", stack.dashboard, "--submission-id",
-                          "rayjob-check", "--", *[mapped(a) for a in shlex.split(entrypoint)]],
-                         env=stack.env("scheduler"), capture_output=True, text=True, timeout=600)
-    with open(stack.logs / "rayjob.log", "w") as f:
-        f.write(job.stdout + job.stderr)
-    status = stack.cli("scheduler", "jobs", "status", "rayjob-check", "--address", stack.dashboard)
-    assert "SUCCEEDED" in status.stdout, job.stdout[-4000:] + job.stderr[-2000:]
-    assert len(launched(stack.trials("k8s-check"))) == 2
+    def pod_env(container: dict, auth: bool) -> dict[str, str]:
+        """The image's environment (this machine's, without Ray/MLflow/autotune settings) and the
+        container's env entries, as the kubelet resolves them."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AUTOTUNE_"))}
+        env.update(PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO), HOME=str(stack.tmp))
+        for e in container.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            env[e["name"]] = secrets[(ref["name"], ref["key"])] if ref else mapped(str(e["value"]))
+        if auth:  # KubeRay's authOptions: {mode: token, secretName: S} gives Ray's pods the token
+            opts = docs["raycluster.yaml"]["spec"]["authOptions"]
+            env.update(RAY_AUTH_MODE=opts["mode"], RAY_AUTH_TOKEN=secrets[(opts["secretName"], "auth_token")])
+        return env
 
-    # CronJob: its container's command with its environment (Secrets resolved as the kubelet would).
+    # The RayCluster's pods: `ray start` with each group's rayStartParams, as KubeRay runs it.
+    spec = docs["raycluster.yaml"]["spec"]
+    head_c = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_env = pod_env(head_c, auth=True)
+    assert head_env["TOY_API_TOKEN"] == SECRETS["TOY_API_TOKEN"]  # wired by the manifests, not by the test
+    params = {**spec["headGroupSpec"]["rayStartParams"], "dashboard-host": "127.0.0.1"}
+    root = Path(tempfile.mkdtemp(prefix="atk", dir="/tmp"))
+    stack.other_rays.append(Cluster(root=root, port=gcs, env={}))
+    head = stack.spawn([f"{BIN}/ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+                        f"--temp-dir={root}", "--disable-usage-stats", *own_ports(head=True),
+                        *(f"--{k}={v}" for k, v in params.items())], head_env, data, "k8s-head")
+    stack._wait_log("k8s-head", head, "Ray runtime started", 300)
+    group = spec["workerGroupSpecs"][0]
+    worker_c = group["template"]["spec"]["containers"][0]
+    cpus = worker_c["resources"]["limits"]["cpu"]  # KubeRay's num-cpus: the container's CPU limit
+    worker = stack.spawn([f"{BIN}/ray", "start", f"--address={stack.head_ip}:{gcs}", "--block", f"--num-cpus={cpus}",
+                          f"--temp-dir={root / 'w'}", "--disable-usage-stats", *own_ports(),
+                          *(f"--{k}={v}" for k, v in group["rayStartParams"].items())],
+                         pod_env(worker_c, auth=True), stack.tmp, "k8s-worker")
+    stack._wait_log("k8s-worker", worker, "Ray runtime started", 300)
+    stack._wait_http(f"http://127.0.0.1:{dash}/api/version", head, "k8s-head")
+
+    def trials():
+        from autotune.study.store import load_result
+
+        return launched(load_result("k8s-check", data).trials)
+
+    # RayJob: KubeRay's submitter pod runs `ray job submit --address HEAD -- ENTRYPOINT` with its env.
+    job_spec = docs["rayjob.yaml"]["spec"]
+    entrypoint = job_spec["entrypoint"]
+    assert entrypoint == "autotune run /config/space.yaml --continue --plain"
+    submitter = job_spec["submitterPodTemplate"]["spec"]["containers"][0]
+    job = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--submission-id",
+                          "rayjob-check", "--", *[mapped(a) for a in shlex.split(entrypoint)]],
+                         env=pod_env(submitter, auth=False), capture_output=True, text=True, timeout=600)
+    status = subprocess.run([f"{BIN}/ray", "job", "status", "rayjob-check", "--address", f"http://127.0.0.1:{dash}"],
+                            env=pod_env(submitter, auth=False), capture_output=True, text=True, timeout=120)
+    with open(stack.logs / "rayjob.log", "w") as f:
+        f.write(job.stdout + job.stderr + status.stdout + status.stderr)
+    assert job.returncode == 0 and "Job 'rayjob-check' succeeded" in status.stdout + status.stderr, (
+        job.stdout[-4000:] + job.stderr[-2000:])
+    first = trials()
+    assert len(first) == 2 and all(t.ok for t in first), [(t.status, t.reason) for t in first]
+
+    # CronJob: its container's command with its environment.
     container = docs["cronjob.yaml"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    env = {k: v for k, v in stack.env("scheduler").items() if not k.startswith(("MLFLOW_", "RAY_AUTH"))}
-    for e in container["env"]:
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        env[e["name"]] = secrets[(ref["name"], ref["key"])] if ref else mapped(e["value"])
     command = [mapped(a) for a in container["command"]]
     assert command[0] == "autotune" and "--wait" in command
-    cron = subprocess.run(command, env=env, cwd=stack.tmp, capture_output=True, text=True, timeout=600)
+    cron = subprocess.run(command, env=pod_env(container, auth=False), cwd=stack.tmp, capture_output=True, text=True,
+                          timeout=600)
     with open(stack.logs / "cronjob.log", "w") as f:
         f.write(cron.stdout + cron.stderr)
     assert cron.returncode == 0, cron.stdout[-4000:] + cron.stderr[-2000:]
-    trials = launched(stack.trials("k8s-check"))
-    assert len(trials) == 4 and all(t.ok for t in trials), [(t.status, t.reason) for t in trials]
-    assert (stack.runs / "k8s-check" / "report" / "report.md").exists()
+    both = trials()
+    assert len(both) == 4 and all(t.ok for t in both), [(t.status, t.reason) for t in both]
+    assert (data / "k8s-check" / "report" / "report.md").exists()
 
 
 def test_no_secret_is_written_anywhere(stack):
@@ -426,7 +519,7 @@ def test_no_secret_is_written_anywhere(stack):
     checked = 0
     found = []
     for root in (stack.runs, stack.ray_root, stack.tmp / "manifests", stack.tmp / "mlflow", stack.logs,
-                 stack.tmp / "k8s-config"):
+                 stack.tmp / "k8s-config", stack.tmp / "k8s-data", *(c.root for c in stack.other_rays)):
         for path in root.rglob("*"):
             if not path.is_file() or path.is_symlink():
                 continue

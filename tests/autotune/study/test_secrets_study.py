@@ -50,6 +50,9 @@ def test_a_failing_program_that_prints_its_secret_leaves_it_nowhere(tmp_path, mo
     logs = list(tmp_path.rglob("command.log"))
     assert logs and all("ray token: None" in p.read_text() for p in logs)  # the program never saw it
     console = capfd.readouterr()
+    # the failing trials' Ray workers and Tune's actors end as planned: nothing of Ray's own on the console
+    for ray_line in ("worker died", "SYSTEM_ERROR", "Trial task failed", "Traceback"):
+        assert ray_line not in console.out + console.err, (console.out + console.err)[-3000:]
     for value in (SECRET, token):
         assert value not in console.out + console.err
         holders = [str(p) for p in tmp_path.rglob("*") if p.is_file() and value.encode() in p.read_bytes()]
