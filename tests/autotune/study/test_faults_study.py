@@ -210,24 +210,28 @@ def test_tracking_server_dying_mid_study_loses_nothing(tmp_path):
     in its Optuna storage, and `autotune sync` fills MLflow in once the server is back."""
     port = free_port()
     backend = f"sqlite:///{tmp_path / 'server.db'}"
+    log_path = tmp_path / "server.log"
+    log = log_path.open("a")
 
     def serve():
         return subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
                                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_up(timeout=90):
+    def wait_up(timeout=300):
+        """Up when /health answers; on a loaded 2-core machine it once took over 90 s to start."""
         import urllib.request
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited {server.returncode}: {log_path.read_text()[-2000:]}")
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 return
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
+        raise RuntimeError(f"mlflow server did not start in {timeout} s: {log_path.read_text()[-2000:]}")
 
     server = serve()
     try:
