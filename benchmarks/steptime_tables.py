@@ -65,7 +65,8 @@ def published() -> list[dict[str, Any]]:
         out.append({"name": meta_path.stem, "rows": _ok_rows(meta_path.with_suffix(".csv")),
                     "model": ModelConfig(**meta["model"]), "gbs": int(meta["global_batch_size"]),
                     "seq": int(meta["seq_len"]), "profile": devices.resolve(meta["profile"], "cuda"),
-                    "topology": Topology(meta.get("ranks_per_node")), "source": " ".join(meta["source"].split())})
+                    "topology": Topology(meta.get("ranks_per_node")), "source": " ".join(meta["source"].split()),
+                    "sequence_parallel": bool(meta.get("sequence_parallel", False))})
     return out
 
 
@@ -95,7 +96,8 @@ def evaluate(t: dict[str, Any]) -> dict[str, Any]:
     layouts = _layouts(t["rows"])
     measured = np.array([float(r["tokens_per_s"]) for r in t["rows"]])
     tokens = t["gbs"] * t["seq"]
-    raw, _ = raw_terms(t["model"], layouts, t["gbs"], t["seq"], t["profile"], t["topology"])
+    raw, _ = raw_terms(t["model"], layouts, t["gbs"], t["seq"], t["profile"], t["topology"],
+                       sequence_parallel=t.get("sequence_parallel", False))
     prior = prior_weights()
     predicted = tokens / (raw @ prior)
     roofline = tokens / (raw[:, :2] @ prior[:2])

@@ -32,6 +32,7 @@ class SpeedModel:
     topology: Topology
     calibration: Calibration = Calibration.default()
     imbalance: float = 1.0  # median measured expert load imbalance (1 = balanced, nothing measured)
+    sequence_parallel: bool = False  # the trainable dispatches a tp-th of the tokens per TP rank
 
     @classmethod
     def of(cls, spec: Spec, profile: DeviceProfile | None = None) -> "SpeedModel":
@@ -40,12 +41,14 @@ class SpeedModel:
         if per_node is None and spec.cluster.device == "cuda":
             per_node = profile.ranks_per_node  # a GPU cluster given as `ranks` alone: the profile's node
         cores = spec.cluster.total_ranks * spec.cluster.cpus_per_rank if spec.cluster.device == "cpu" else None
+        # Megatron-Core requires sequence parallelism with TP and expert parallelism together.
+        megatron = spec.trainable is not None and spec.trainable.metrics_preset == "megatron"
         return cls(spec.model.config(), spec.search.global_batch_size, spec.search.seq_len, profile,
-                   Topology(per_node, cores))
+                   Topology(per_node, cores), sequence_parallel=megatron)
 
     def predict(self, layouts: Sequence[Layout]) -> StepTimes:
         return predict(self.model, layouts, self.global_batch_size, self.seq_len, self.profile, self.topology,
-                       self.calibration.weights, self.imbalance)
+                       self.calibration.weights, self.imbalance, self.sequence_parallel)
 
     def prediction_metrics(self, layout: Layout) -> dict[str, float]:
         row = self.predict([layout]).row(0)
@@ -59,7 +62,7 @@ class SpeedModel:
         if not len(y):
             return self
         raw, _ = raw_terms(self.model, layouts, self.global_batch_size, self.seq_len, self.profile, self.topology,
-                           imb)
+                           imb, self.sequence_parallel)
         cal = calibrate(raw, y, with_loo=with_loo)
         return replace(self, calibration=cal, imbalance=float(np.median(imb)))
 
@@ -78,7 +81,7 @@ class SpeedModel:
         y = np.array([r.metrics["step_time_s"] for r in rs], dtype=float)
         imb = np.array([float(r.metrics.get("expert_load_imbalance") or 1.0) for r in rs])
         raw, _ = raw_terms(self.model, [r.layout for r in rs], self.global_batch_size, self.seq_len, self.profile,
-                           self.topology, imb)
+                           self.topology, imb, self.sequence_parallel)
         return np.log(np.maximum(leave_one_out(raw, y), 1e-30) / y)
 
 

@@ -23,11 +23,15 @@ Terms (columns of `raw_terms`, seconds per step at factor 1):
   3 passes (forward, two backward matmuls), 4 under full recompute, the attention core again
   under selective recompute; split by tp.
 * expert_compute: top-k experts' SwiGLU over the rank's tokens (balanced routing; times the
-  measured load imbalance where the study measured it), split by tp inside each expert.
+  busiest EP rank's share of the load where the study measured the experts' imbalance, see
+  `rank_imbalance`: nothing at EP 1, the experts' own at EP = n_experts), split by tp inside
+  each expert.
 * tp_comm: 4 all-reduces of the micro-batch's activations per layer (2 forward, 2 backward; 6
   under full recompute), ring volume 2 (tp - 1) / tp, inside a node when tp fits one.
 * ep_a2a: dispatch and combine, forward and backward (4; 6 under full recompute), of
-  tokens x top_k x hidden per MoE layer, (ep - 1) / ep of it leaves the rank; the share that
+  tokens x top_k x hidden per MoE layer (a tp-th of it per rank where the trainable dispatches
+  sequence-parallel, as Megatron-Core does; the built-in trainable's TP ranks each dispatch every
+  token), (ep - 1) / ep of it leaves the rank; the share that
   leaves the node (EP groups wider than a node, as `autotune.trials.placement.plan` places them) goes
   at the network's bandwidth.
 * pp_send: one activation and one gradient per micro-batch between stages.
@@ -37,10 +41,14 @@ Terms (columns of `raw_terms`, seconds per step at factor 1):
 * optimizer: AdamW reads weights, gradients and two moments and writes three (28 bytes per
   parameter) at memory bandwidth; fp16 adds the loss scaler's unscale and overflow check.
 * overhead: kernel launches per layer, micro-batch and pass.
-* latency: a fixed start-up time per collective call (TP all-reduces, EP all-to-alls, stage
-  sends, the gradient reduction), the alpha of the usual alpha-beta cost of a message; a term of
+* latency: a fixed start-up time per step of each collective's algorithm (2 (g - 1) for a ring
+  all-reduce over g ranks: TP all-reduces and the gradient reduction; g - 1 for a pairwise EP
+  all-to-all; one per stage send), the alpha of the usual alpha-beta cost; a term of
   its own, so that calibration can weigh small, frequent collectives apart from kernel launches
   (on the CPU grid, splitting it from `overhead` took the leave-one-out tau from 0.67 to 0.76).
+
+* memory_bound: the elementwise work no GEMM hides (norms, residual adds, the MoE dispatch and
+  combine permutations, the SwiGLU product), its bytes over memory bandwidth, per micro-batch.
 
 The pipeline bubble is reported on its own (`bubble`, the share of the per-micro-batch terms
 spent in the `pp - 1` extra slots), not as a separate column: it is the same work standing still.
@@ -58,14 +66,14 @@ from autotune.space.layout import Layout
 from trainables.moe.config import ModelConfig
 
 TERMS: tuple[str, ...] = ("dense_compute", "expert_compute", "tp_comm", "ep_a2a", "pp_send", "dp_grad",
-                          "optimizer", "overhead", "latency")
-PER_MICRO_BATCH = (0, 1, 2, 3, 4)  # columns that run once per micro-batch slot (bubble included)
+                          "optimizer", "overhead", "latency", "memory_bound")
+PER_MICRO_BATCH = (0, 1, 2, 3, 4, 9)  # columns that run once per micro-batch slot (bubble included)
 # What share of each term's full-speed figure a real step reaches before any calibration:
 # large-GEMM training reaches about half of peak (MFU 40-55% in Megatron-LM's published runs),
 # grouped expert GEMMs less; collectives reach most of the link's bandwidth.
 DEFAULT_EFFICIENCY: dict[str, float] = {"dense_compute": 0.55, "expert_compute": 0.45, "tp_comm": 0.7,
                                         "ep_a2a": 0.6, "pp_send": 0.7, "dp_grad": 0.7, "optimizer": 0.8,
-                                        "overhead": 1.0, "latency": 1.0}
+                                        "overhead": 1.0, "latency": 1.0, "memory_bound": 0.7}
 ADAMW_BYTES = 28  # per parameter: read weight, gradient, two moments; write weight, two moments
 GRAD_BYTES = 4  # fp32 gradients (the trainable's master weights are fp32)
 
@@ -146,13 +154,14 @@ def _columns(layouts: Sequence[Layout]) -> tuple[np.ndarray, ...]:
 
 def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: int, seq_len: int,
               profile: DeviceProfile, topology: Topology = Topology(),
-              imbalance: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+              imbalance: np.ndarray | float = 1.0, sequence_parallel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(N x len(TERMS) seconds at full device speed, N bubble slots factor (pp - 1) / (n + pp - 1)).
 
     Pure and vectorised: every array operation covers all layouts at once.
     """
     ep, tp, pp, dp, mb, low, rc, _gpipe = _columns(layouts)
     n_layouts = len(layouts)
+    imbalance = rank_imbalance(np.asarray(imbalance, dtype=float), ep, model.n_experts)
     out = np.zeros((n_layouts, len(TERMS)))
     if not n_layouts:
         return out, np.zeros(0)
@@ -192,6 +201,8 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     out[:, 2] = np.where(tp > 1, layers * tp_calls * 2.0 * (tp - 1) / tp * act / tp_bw, 0.0)
     a2a_calls = np.where(full, 6.0, 4.0)
     sent = act * k * (ep - 1) / ep * np.asarray(imbalance)
+    if sequence_parallel:  # each TP rank dispatches its own 1/tp of the sequence (Megatron-Core)
+        sent = sent / tp
     if topology.ranks_per_node is None:
         off_node = np.zeros(n_layouts)
     else:
@@ -203,7 +214,18 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     world = ep * tp * pp * dp
     pp_bw = np.where(topology.spans(world), inter, intra)
     out[:, 4] = np.where(pp > 1, 2.0 * act / pp_bw, 0.0)
-    out[:, :5] *= slots[:, None]
+
+    # -- memory-bound work per micro-batch: bytes over memory bandwidth --------------------------------
+    # Per layer and forward pass: two norms (read, write) and two residual adds (two reads, a
+    # write) of the activations; in an MoE layer the dispatch and combine permutations (read,
+    # write, both ways) of the top-k copies and the SwiGLU product of the expert hidden states
+    # (two reads, a write); in a dense layer that product over the dense FFN's hidden states.
+    # Backward moves about twice as much, a recomputed forward once more.
+    per_layer = 10.0 * tokens * d * ab
+    moe_bytes = moe * (4.0 * tokens * k * d * ab + 3.0 * tokens * k * f / tp * ab * imbalance)
+    dense_bytes = dense_l * 3.0 * tokens * fd / tp * ab
+    out[:, 9] = (layers * per_layer + moe_bytes + dense_bytes) * passes / (profile.hbm_gb_s * 1e9)
+    out[:, list(PER_MICRO_BATCH)] *= slots[:, None]
 
     # -- once per step -------------------------------------------------------------------------------
     dense_params, expert_params = _params_per_rank(model, ep, tp, pp)
@@ -217,13 +239,37 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     opt_bytes = ADAMW_BYTES + np.where(low == 2, 8.0, 0.0)
     out[:, 6] = (dense_params + expert_params) * opt_bytes / (profile.hbm_gb_s * 1e9)
     launches = slots * layers * passes * 4.0  # the matmuls of a layer's pass (elementwise ones fuse or hide)
-    collectives = (slots * (np.where(tp > 1, layers * tp_calls, 0) + np.where(ep > 1, moe * a2a_calls, 0)
-                            + np.where(pp > 1, 2, 0)) + 2)
+    # Start-up latencies, alpha of the alpha-beta cost, per step of each collective's algorithm: a
+    # ring all-reduce over g ranks takes 2 (g - 1) steps, a pairwise all-to-all g - 1, a send one.
+    collectives = (slots * (np.where(tp > 1, layers * tp_calls * 2.0 * (tp - 1), 0)
+                            + np.where(ep > 1, moe * a2a_calls * (ep - 1), 0) + np.where(pp > 1, 2, 0))
+                   + np.where(g1 > 1, 2.0 * (g1 - 1), 0) + np.where(g2 > 1, 2.0 * (g2 - 1), 0))
     out[:, 7] = launches * profile.launch_us * 1e-6
     out[:, 8] = collectives * profile.latency_us * 1e-6
     out *= topology.contention(world)[:, None]
     bubble = (pp - 1) / slots
     return out, bubble
+
+
+def _expected_max_normal(n: np.ndarray) -> np.ndarray:
+    """E[max of n standard normals] (Blom's approximation; 0 for n = 1)."""
+    from scipy.special import ndtri
+
+    n = np.maximum(np.asarray(n, dtype=float), 1.0)
+    return np.where(n > 1, ndtri((n - 0.375) / (n + 0.25)), 0.0)
+
+
+def rank_imbalance(expert_imbalance: np.ndarray | float, ep: np.ndarray, n_experts: int) -> np.ndarray:
+    """The busiest EP rank's load over the mean from the measured max/mean load of single
+    experts: a rank holds n_experts / ep of them, whose loads add (their spread grows by
+    sqrt(n_experts / ep), their mean by n_experts / ep), and the busiest of ep ranks stands as
+    far out as the maximum of ep normal draws. At ep = 1 one rank holds every expert: 1; at
+    ep = n_experts it is the experts' own imbalance."""
+    imb = np.asarray(expert_imbalance, dtype=float)
+    if n_experts <= 1:
+        return np.ones(np.broadcast(imb, ep).shape)
+    z_e = float(_expected_max_normal(np.array(n_experts)))
+    return 1.0 + (imb - 1.0) * _expected_max_normal(ep) / z_e * np.sqrt(ep / n_experts)
 
 
 def _params_per_rank(model: ModelConfig, ep: np.ndarray, tp: np.ndarray,
@@ -240,10 +286,11 @@ def _params_per_rank(model: ModelConfig, ep: np.ndarray, tp: np.ndarray,
 
 def predict(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: int, seq_len: int,
             profile: DeviceProfile, topology: Topology = Topology(), weights: Iterable[float] | None = None,
-            imbalance: np.ndarray | float = 1.0) -> StepTimes:
+            imbalance: np.ndarray | float = 1.0, sequence_parallel: bool = False) -> StepTimes:
     """Every layout's predicted step, term by term (weights: the calibrated multipliers, default
     1 / DEFAULT_EFFICIENCY)."""
-    raw, bubble = raw_terms(model, layouts, global_batch_size, seq_len, profile, topology, imbalance)
+    raw, bubble = raw_terms(model, layouts, global_batch_size, seq_len, profile, topology, imbalance,
+                            sequence_parallel)
     w = prior_weights() if weights is None else np.asarray(list(weights), dtype=float)
     terms = raw * w
     bubble_s = terms[:, list(PER_MICRO_BATCH)].sum(axis=1) * bubble if len(layouts) else np.zeros(0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,7 @@ from autotune.space import devices
 from autotune.predict.calibrate import Calibration, calibrate, fit_weights, leave_one_out
 from autotune.predict.candidates import screen
 from autotune.predict.speedmodel import SpeedModel
-from autotune.predict.steptime import TERMS, Topology, predict, prior_weights, raw_terms
+from autotune.predict.steptime import PER_MICRO_BATCH, TERMS, Topology, predict, prior_weights, raw_terms
 from autotune.search.searcher import MAX_OPENING_BUBBLE, opening, warm_start_size
 from autotune.space.layout import Layout
 from autotune.space.spec import load_spec
@@ -39,7 +41,7 @@ def test_a_term_appears_only_with_its_parallelism():
 def test_bubble_is_the_pipeline_share_of_the_micro_batch_terms():
     # pp 4, global batch 64 / (mb 8 x dp 4) = 2 micro-batches: 3 idle slots of 5.
     t = predict(MODEL, [L(pp=4, dp=4, mb=8)], 64, 1024, H100, NODE)
-    per_mb = t.terms[0, :5].sum()
+    per_mb = t.terms[0, list(PER_MICRO_BATCH)].sum()
     assert t.bubble_s[0] == pytest.approx(per_mb * 3 / 5)
     # More micro-batches (smaller ones) shrink it.
     assert _one(L(pp=4, dp=4, mb=1))["bubble"] / _one(L(pp=4, dp=4, mb=1))["pred_step_time_s"] < t.bubble_frac[0]
@@ -129,3 +131,35 @@ def test_seed_space_opening_is_fast_spread_and_never_idles_needlessly():
     # The opening's first layout is the model's fastest fitting layout.
     assert mine.step_time_s[0] == pytest.approx(every.step_time_s.min())
     assert warm_start_size(spec) >= 10
+
+
+def test_the_busiest_ranks_load_grows_with_ep_from_none_to_the_experts_own():
+    from autotune.predict.steptime import rank_imbalance
+
+    ep = np.array([1, 2, 4, 8, 16, 32, 64])
+    r = rank_imbalance(1.5, ep, 64)
+    assert r[0] == 1.0 and r[-1] == pytest.approx(1.5) and np.all(np.diff(r) > 0)
+    assert np.all(rank_imbalance(1.0, ep, 64) == 1.0)  # balanced experts: balanced ranks
+    # the expert compute term follows it: measured imbalance costs nothing at EP 1
+    plain = predict(MODEL, [L(dp=16), L(ep=16)], 64, 1024, H100, NODE)
+    skewed = predict(MODEL, [L(dp=16), L(ep=16)], 64, 1024, H100, NODE, imbalance=1.5)
+    assert skewed.terms[0, 1] == plain.terms[0, 1] and skewed.terms[1, 1] > plain.terms[1, 1]
+
+
+def test_latency_grows_with_the_group_and_sequence_parallel_dispatch_sends_a_tp_th():
+    i = TERMS.index("latency")
+    small, wide = _one(L(tp=2, dp=8)), _one(L(tp=8, dp=2))
+    assert wide["latency"] > small["latency"] * 3  # 2 (tp - 1) ring steps per call: 14 against 2
+    assert predict(MODEL, [L(ep=16)], 64, 1024, H100, NODE).terms[0, i] > \
+        predict(MODEL, [L(ep=2, dp=8)], 64, 1024, H100, NODE).terms[0, i]
+    lay = [L(ep=4, tp=2, dp=2)]
+    full = predict(MODEL, lay, 64, 1024, H100, NODE).row(0)["ep_a2a"]
+    split = predict(MODEL, lay, 64, 1024, H100, NODE, sequence_parallel=True).row(0)["ep_a2a"]
+    assert split == pytest.approx(full / 2)
+
+
+def test_memory_bound_work_is_bytes_over_bandwidth_and_halves_in_bf16():
+    bf16, fp32 = _one(L(dp=16)), _one(L(dp=16, precision="fp32"))
+    assert bf16["memory_bound"] > 0 and fp32["memory_bound"] == pytest.approx(2 * bf16["memory_bound"])
+    slower = replace(H100, hbm_gb_s=H100.hbm_gb_s / 2)
+    assert _one(L(dp=16), profile=slower)["memory_bound"] == pytest.approx(2 * bf16["memory_bound"])
