@@ -30,15 +30,13 @@ if str(ROOT) not in sys.path:
 
 from autotune.predict.candidates import screen  # noqa: E402
 from autotune.predict.speedmodel import SpeedModel  # noqa: E402
-from autotune.predict.steptime import TERMS  # noqa: E402
+from autotune.predict.steptime import SHORT_NAMES, TERMS  # noqa: E402
 from autotune.search.searcher import MAX_OPENING_BUBBLE, frontier, opening  # noqa: E402
 from autotune.space.spec import load_spec  # noqa: E402
 from benchmarks.common import RESULTS, machine, say, write_csv, write_json  # noqa: E402
 
 SPACE = ROOT / "search_spaces" / "seed-16x80gb.yaml"
-SHORT = {"dense_compute": "dense", "expert_compute": "expert", "tp_comm": "tp", "ep_a2a": "ep a2a",
-         "pp_send": "pp send", "dp_grad": "dp grad", "optimizer": "optim", "overhead": "ovh",
-         "latency": "lat"}
+
 
 
 def _rows(kind: str, layouts, speed: SpeedModel) -> list[dict]:
@@ -54,7 +52,7 @@ def _rows(kind: str, layouts, speed: SpeedModel) -> list[dict]:
 
 
 def _show(rows: list[dict]) -> None:
-    say(f"  {'#':>2} {'layout':<40} " + " ".join(f"{SHORT[t]:>7}" for t in TERMS)
+    say(f"  {'#':>2} {'layout':<40} " + " ".join(f"{SHORT_NAMES[t]:>7}" for t in TERMS)
         + f" {'bubble':>7} {'step ms':>8} {'pred tok/s':>10}")
     for r in rows:
         say(f"  {r['rank']:>2} {r['layout']:<40} " + " ".join(f"{r[t]:>7.1f}" for t in TERMS)

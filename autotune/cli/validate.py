@@ -42,7 +42,7 @@ def validate(
     """Screen every candidate layout (structural rules, predicted memory) and rank the fitting
     ones by predicted tokens/s, term by term. No Ray, no GPU."""
     from autotune.predict.candidates import screen
-    from autotune.predict.steptime import TERMS
+    from autotune.predict.steptime import SHORT_NAMES, TERMS
 
     spec = _load(space)
     extrapolated = []
@@ -75,10 +75,7 @@ def validate(
     table = Table(title=f"{len(sc.candidates)} candidates for {spec.study.name} "
                         f"(cap {_gb(sc.cap_bytes)} GB per rank; fastest predicted first)", show_lines=False,
                   box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-    short = {"dense_compute": "dense", "expert_compute": "expert", "tp_comm": "tp", "ep_a2a": "ep a2a",
-             "pp_send": "pp send", "dp_grad": "dp grad", "optimizer": "optim", "overhead": "ovh",
-             "latency": "lat"}
-    term_cols = [*(short[t] for t in TERMS), "bubble"] if terms else []
+    term_cols = [*(SHORT_NAMES[t] for t in TERMS), "bubble"] if terms else []
     for col in ("layout", "world", "mb", "prec", "recompute", "sched", "GB", "pred tok/s", "step ms", *term_cols,
                 "verdict"):
         table.add_column(col, justify="left" if col in ("layout", "prec", "recompute", "sched", "verdict") else "right",

@@ -67,6 +67,10 @@ from trainables.moe.config import ModelConfig
 
 TERMS: tuple[str, ...] = ("dense_compute", "expert_compute", "tp_comm", "ep_a2a", "pp_send", "dp_grad",
                           "optimizer", "overhead", "latency", "memory_bound")
+# Column headings of the terms where a table shows them (`autotune validate --terms`, benchmarks).
+SHORT_NAMES: dict[str, str] = {"dense_compute": "dense", "expert_compute": "expert", "tp_comm": "tp",
+                               "ep_a2a": "ep a2a", "pp_send": "pp send", "dp_grad": "dp grad", "optimizer": "optim",
+                               "overhead": "ovh", "latency": "lat", "memory_bound": "membw"}
 PER_MICRO_BATCH = (0, 1, 2, 3, 4, 9)  # columns that run once per micro-batch slot (bubble included)
 # What share of each term's full-speed figure a real step reaches before any calibration:
 # large-GEMM training reaches about half of peak (MFU 40-55% in Megatron-LM's published runs),
