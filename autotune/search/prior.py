@@ -54,8 +54,10 @@ def features(layouts: Sequence[Layout]) -> np.ndarray:
 
 
 def _kernel(a: np.ndarray, b: np.ndarray, amplitude: float) -> np.ndarray:
-    d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
-    return amplitude ** 2 * np.exp(-0.5 * d2 / LENGTH_SCALE ** 2)
+    """Squared-exponential covariance; the squared distances as |a|^2 + |b|^2 - 2 a.b, so that
+    100,000 candidates against a study's trials take a matrix of that size, not nine."""
+    d2 = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * a @ b.T
+    return amplitude ** 2 * np.exp(-0.5 * np.maximum(d2, 0.0) / LENGTH_SCALE ** 2)
 
 
 def error_scale(loo_log_residuals: Sequence[float]) -> float:
