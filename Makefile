@@ -24,10 +24,10 @@ validate: setup
 
 # The whole suite, the browser and database tests included: tests/system_deps.sh installs Debian's
 # chromium, chromium-driver and postgresql when missing (as root or with sudo), or stops with the
-# one command to run. Three workers share the 2-core machine (much of a study's time is waiting
-# on processes to start, not computing); the tests that assert wall-clock bounds (marked `alone`) run after them,
+# one command to run. Two workers share the machine (much of a study's time is waiting on
+# processes to start); the tests that assert wall-clock bounds (marked `alone`) run after them,
 # with nothing beside them. Both parts always run; the exit code is the first failure's.
-WORKERS ?= 3
+WORKERS ?= 2
 test: setup system-deps
 	@first=0; second=0; \
 	$(PY) -m pytest -n $(WORKERS) --dist loadscope -m "not alone" || first=$$?; \

@@ -11,7 +11,7 @@ Figures:
   intervals overlap (tied within noise).
 
     python -m benchmarks.early_stop            # the quick-start budget (14 trials), ~2 x 2 min
-    python -m benchmarks.early_stop --quick    # 2 ranks, 2 trials: checks the script works
+    python -m benchmarks.early_stop --quick    # 2 ranks, 2 trials, one Ray for both: checks the script
 
 Results: benchmarks/results/early_stop.{csv,json} (`early_stop_quick.*` with --quick).
 """
@@ -19,6 +19,7 @@ Results: benchmarks/results/early_stop.{csv,json} (`early_stop_quick.*` with --q
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -73,6 +74,25 @@ def run(early_stop: bool, quick: bool, tmp: Path) -> dict[str, Any]:
             "best_step_time_hi_s": iv.hi if iv and iv.known else None, "_interval": iv}
 
 
+@contextlib.contextmanager
+def _one_ray(quick: bool, tmp: Path):
+    """--quick: both studies on one local Ray (started as a study starts its own), so the check
+    pays for one start, not two; the full run gives each study its own, as a user's runs have."""
+    if not quick:
+        yield
+        return
+    import ray
+
+    from autotune.space.spec import spec_from_data
+    from autotune.study.runner import ray_init
+
+    ray_init(spec_from_data(space(False, True, tmp)), None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.early_stop", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 ranks, 2 trials: checks the script works")
@@ -80,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from autotune.search.stats import separated
 
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-early-stop-") as d:
+    with tempfile.TemporaryDirectory(prefix="bench-early-stop-") as d, _one_ray(args.quick, Path(d)):
         tmp = Path(d)
         say("baseline: the quick-start study without early stopping")
         base = run(False, args.quick, tmp)

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
 
 # ---------------------------------------------------------------------------------------------
-# Running on several workers (`make test`: pytest-xdist), then alone.
+# Running on two workers (`make test`: pytest-xdist), then alone.
 
 import functools  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -110,7 +110,7 @@ def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate,
 # The study
 
 
-def _ray_init(spec: Spec, address: str | None) -> bool:
+def ray_init(spec: Spec, address: str | None) -> bool:
     """Connect to a cluster, or start a local Ray sized for the space. True if we started it."""
     import ray
 
@@ -271,7 +271,7 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
     started = time.monotonic()
     tracking_error = None
     if launches:
-        started_ray = _ray_init(spec, options.address)  # one Ray for the search and the re-measuring
+        started_ray = ray_init(spec, options.address)  # one Ray for the search and the re-measuring
         try:
             tracking_error = _tune(spec, screening, study, tracker, parent, launches, options, session, remeasure,
                                    env=env, fenced=lease.fence)
@@ -425,7 +425,7 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
         from autotune.search.early_stop import NoiseAwareStopper
 
         scheduler = NoiseAwareStopper(spec, stored_records(study), stop_reasons)
-    started_ray = _ray_init(spec, options.address)
+    started_ray = ray_init(spec, options.address)
     try:
         owners.append(TrialOwner())
         capacity.update({k: v for k, v in ray.cluster_resources().items() if k in ADMITTED})
