@@ -16,7 +16,10 @@ The next layout is the one of highest expected improvement over the best measure
 model is right, that is its fastest unmeasured layout; where it is wrong, the layouts near a
 disappointing measurement fall, and the far, unmeasured families keep their spread and win the
 next turn. Trials still running count as measured at their current belief ("kriging believer",
-Ginsbourger et al. 2010), so concurrent picks spread out.
+Ginsbourger et al. 2010), so concurrent picks spread out. A launch that failed counts as
+measured far below its prediction, and each candidate's expected improvement is weighed by its
+chance of staying within the memory cap (the memory model's prediction and error), with the best
+within the cap as the bar: the search is for the fastest layout that can be deployed.
 
 Pure numpy on plain arrays; knows nothing of Optuna or Ray.
 """
@@ -36,6 +39,10 @@ PRIOR_POINTS = 3.0  # how many measurements' worth that prior is when shrinking 
 MIN_LOG_SD = 0.03  # the model's error never counts as smaller than run-to-run noise
 NOISE_LOG_SD = 0.03  # one measurement's run-to-run spread (a few percent, log throughput)
 LENGTH_SCALE = 1.5  # in doublings of a degree or micro-batch (log2 units)
+# A launch that failed (out of memory, timeout, crash) counts as measured at a tenth of its
+# prediction: its near twins are believed slow too, so the search leaves a failing family.
+FAILED_LOG_RESIDUAL = float(np.log(0.1))
+MEMORY_LOG_SD = 0.05  # the memory model's error on a peak (its worst measured: 6.4%)
 _PRECISION = {"fp32": 0.0, "bf16": 1.0, "fp16": 2.0}
 _RECOMPUTE = {"none": 0.0, "selective": 0.5, "full": 1.0}
 
@@ -99,21 +106,33 @@ def belief(prior_mean: np.ndarray, candidates: np.ndarray, observed: np.ndarray,
     return Belief(prior_mean + k_co @ alpha, np.sqrt(var))
 
 
+def feasible(predicted_peak: np.ndarray, cap: float) -> np.ndarray:
+    """Probability that a layout's measured peak stays within the cap, from the memory model's
+    prediction and its error (1 for a prediction well under, 0.5 at the cap)."""
+    peak = np.maximum(np.asarray(predicted_peak, dtype=float), 1.0)
+    return ndtr((np.log(cap) - np.log(peak)) / MEMORY_LOG_SD)
+
+
 def choose(predicted_log: np.ndarray, candidates: Sequence[Layout], measured: Sequence[tuple[Layout, float, float]],
            pending: Sequence[tuple[Layout, float]], amplitude: float, exclude: set[str],
-           rng: np.random.Generator | None = None) -> int | None:
+           rng: np.random.Generator | None = None, failed: Sequence[tuple[Layout, float]] = (),
+           best: float | None = None, fits: np.ndarray | None = None) -> int | None:
     """Index of the candidate to measure next, or None when every one is excluded.
 
     predicted_log: the calibrated model's log throughput of each candidate; measured: (layout,
-    predicted log, measured log) of the trials that ran; pending: (layout, predicted log) of the
-    trials still running; exclude: keys measured, running, failed or decided. Equal expected
-    improvements go to the higher mean, then (with `rng`) at random.
+    predicted log, measured log) of the trials that ran; failed: (layout, predicted log) of the
+    launches that failed; pending: (layout, predicted log) of the trials still running; exclude:
+    keys measured, running, failed or decided; best: the log throughput to improve on (default the
+    best measured; the caller passes the best within the memory cap); fits: each candidate's
+    probability of staying within the cap (`feasible`), which weighs its expected improvement.
+    Equal scores go to the higher mean, then (with `rng`) at random.
     """
     open_ = np.array([lay.key not in exclude for lay in candidates], dtype=bool)
     if not open_.any():
         return None
     cand_f = features(candidates)
     obs = [(features([lay])[0], m - p) for lay, p, m in measured]
+    obs += [(features([lay])[0], FAILED_LOG_RESIDUAL) for lay, _ in failed]
     observed = np.array([o[0] for o in obs]) if obs else np.zeros((0, cand_f.shape[1]))
     residuals = np.array([o[1] for o in obs], dtype=float)
     if pending:  # kriging believer: a running trial will measure what the study believes of it now
@@ -122,8 +141,12 @@ def choose(predicted_log: np.ndarray, candidates: Sequence[Layout], measured: Se
         observed = np.vstack([observed, pend_f])
         residuals = np.concatenate([residuals, now.mean - np.array([p for _, p in pending])])
     b = belief(predicted_log, cand_f, observed, residuals, amplitude)
-    best = max((m for _, _, m in measured), default=None)
+    if best is None:
+        best = max((m for _, _, m in measured), default=None)
     score = b.mean.copy() if best is None else b.expected_improvement(best)
+    if fits is not None:
+        score = score * np.asarray(fits, dtype=float) if best is not None else np.where(
+            np.asarray(fits) >= 0.5, score, score - 1e3)  # before any measurement: the fastest likely to fit
     idx = np.flatnonzero(open_)
     top = score[idx].max()
     ties = idx[np.isclose(score[idx], top, rtol=1e-9, atol=1e-15)]

@@ -26,7 +26,7 @@ from ray.tune.search import Searcher
 
 from autotune.predict.candidates import OVER_MEMORY, Candidate, Screening, judge
 from autotune.predict.speedmodel import SpeedModel
-from autotune.search.prior import choose, error_scale
+from autotune.search.prior import choose, error_scale, feasible
 from autotune.schema import INTERVAL_METRICS, Status
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
@@ -421,16 +421,21 @@ class LayoutSearcher(Searcher):
             return None
         predicted = np.log(self.speed.predict(self.fitting_layouts).tokens_per_s)
         index = {lay.key: i for i, lay in enumerate(self.fitting_layouts)}
+        def pred(layout: Layout) -> float:
+            i = index.get(layout.key)
+            return float(predicted[i]) if i is not None else float(np.log(self.speed.predict([layout]).tokens_per_s[0]))
+
         ok = [r for r in self.known.values() if r.status == Status.OK and r.tokens_per_s > 0]
-        measured = []
-        for r in ok:
-            i = index.get(r.layout.key)
-            p = predicted[i] if i is not None else float(np.log(self.speed.predict([r.layout]).tokens_per_s[0]))
-            measured.append((r.layout, float(p), float(np.log(r.tokens_per_s))))
+        measured = [(r.layout, pred(r.layout), float(np.log(r.tokens_per_s))) for r in ok]
+        failed = [(r.layout, pred(r.layout)) for r in self.known.values()
+                  if r.status in FAILED_STATUSES and r.status != Status.NODE_LOST]
+        within = [float(np.log(r.tokens_per_s)) for r in ok
+                  if float(r.metrics.get("peak_mem_bytes") or 0) <= self.cap]
         pending = [(lay, float(predicted[index[lay.key]])) for _, lay, _ in self.pending.values() if lay.key in index]
         exclude = set(self.known) | self.in_flight | self.decided_without_run
         amplitude = error_scale(self.speed.loo_log_residuals(ok))
-        i = choose(predicted, self.fitting_layouts, measured, pending, amplitude, exclude, self.rng)
+        i = choose(predicted, self.fitting_layouts, measured, pending, amplitude, exclude, self.rng, failed,
+                   max(within) if within else None, feasible(np.asarray(self.fitting_peaks, dtype=float), self.cap))
         return None if i is None else self.fitting_layouts[i]
 
     def _model_pick(self) -> Layout | None:

@@ -69,3 +69,21 @@ def test_equal_candidates_are_broken_by_the_seed_and_nothing_left_is_none():
     picks = {choose(pred, cands, [], [], PRIOR_LOG_SD, set(), np.random.default_rng(s)) for s in range(20)}
     assert len(picks) > 1
     assert choose(pred, cands, [], [], PRIOR_LOG_SD, {c.key for c in cands}) is None
+
+
+def test_a_failed_launch_pulls_its_family_down_and_a_layout_likely_over_the_cap_waits():
+    from autotune.search.prior import feasible
+
+    cands = FAMILY_A + FAMILY_B
+    pred = np.log([100, 200, 300, 400, 150, 250, 350, 390])
+    # the family's best ran out of memory: its twins are not tried next
+    pick = choose(pred, cands, [], [], PRIOR_LOG_SD, {FAMILY_A[3].key}, failed=[(FAMILY_A[3], pred[3])])
+    assert cands[pick] in FAMILY_B
+    # the memory model puts family B's fastest 10% over the cap: a measured layout's neighbour
+    # within the cap goes first
+    fits = feasible(np.array([90.0] * 7 + [110.0]), cap=100)
+    assert fits[7] < 0.05 < 0.95 < fits[6]
+    measured = [(FAMILY_A[0], pred[0], pred[0])]
+    pick = choose(pred, cands, measured, [], PRIOR_LOG_SD, {FAMILY_A[0].key}, fits=fits, best=pred[0])
+    assert pick != 7
+    assert choose(pred, cands, [], [], PRIOR_LOG_SD, set(), fits=fits) == 3  # before any measurement too
