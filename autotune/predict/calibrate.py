@@ -31,17 +31,21 @@ class Calibration:
     points: int
     loo_median_rel_err: float | None = None  # |pred - measured| / measured, each trial fitted without itself
     loo_max_rel_err: float | None = None
+    # log(measured / predicted) throughput of each trial fitted without itself (2 or more trials):
+    # how wrong the model is on layouts it has not seen, which the search weighs (autotune.search.prior)
+    loo_log_residuals: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights": dict(zip(TERMS, self.weights)), "points": self.points,
-                "loo_median_rel_err": self.loo_median_rel_err, "loo_max_rel_err": self.loo_max_rel_err}
+                "loo_median_rel_err": self.loo_median_rel_err, "loo_max_rel_err": self.loo_max_rel_err,
+                "loo_log_residuals": list(self.loo_log_residuals)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
         w = d["weights"]
         prior = dict(zip(TERMS, prior_weights()))  # a term newer than the stored fit keeps its prior
         return cls(tuple(float(w.get(t, prior[t])) for t in TERMS), int(d.get("points", 0)), d.get("loo_median_rel_err"),
-                   d.get("loo_max_rel_err"))
+                   d.get("loo_max_rel_err"), tuple(float(r) for r in d.get("loo_log_residuals", ())))
 
     @classmethod
     def default(cls) -> "Calibration":
@@ -80,11 +84,16 @@ def leave_one_out(raw: np.ndarray, measured: np.ndarray, prior: np.ndarray | Non
 
 def calibrate(raw: np.ndarray, measured: np.ndarray, prior: np.ndarray | None = None,
               with_loo: bool = True) -> Calibration:
-    """The fit on every measurement, with its leave-one-out error where there are 3 or more."""
+    """The fit on every measurement, with its leave-one-out residuals where there are 2 or more
+    and their median and worst relative error where there are 3 or more."""
     y = np.asarray(measured, dtype=float)
     w = fit_weights(raw, y, prior)
     med = worst = None
-    if with_loo and len(y) >= 3:
-        err = np.abs(leave_one_out(raw, y, prior) - y) / y
-        med, worst = float(np.median(err)), float(err.max())
-    return Calibration(tuple(float(v) for v in w), len(y), med, worst)
+    residuals: tuple[float, ...] = ()
+    if with_loo and len(y) >= 2:
+        loo = leave_one_out(raw, y, prior)
+        residuals = tuple(float(r) for r in np.log(np.maximum(loo, 1e-30) / y))
+        if len(y) >= 3:
+            err = np.abs(loo - y) / y
+            med, worst = float(np.median(err)), float(err.max())
+    return Calibration(tuple(float(v) for v in w), len(y), med, worst, residuals)

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from autotune.predict.calibrate import Calibration, calibrate, leave_one_out
+from autotune.predict.calibrate import Calibration, calibrate
 from autotune.predict.steptime import StepTimes, Topology, predict, raw_terms
 from autotune.schema import PREDICTED_SPEED, Status
 from autotune.space.devices import DeviceProfile
@@ -71,18 +71,6 @@ class SpeedModel:
         rs = _measured(records)
         return self.fit([r.layout for r in rs], [r.metrics["step_time_s"] for r in rs],
                         [float(r.metrics.get("expert_load_imbalance") or 1.0) for r in rs], with_loo)
-
-    def loo_log_residuals(self, records: Iterable[TrialRecord]) -> np.ndarray:
-        """log(measured / predicted) throughput of each measured trial, predicted by the model
-        fitted on all the other trials: how wrong the model is on layouts it has not seen."""
-        rs = _measured(records)
-        if len(rs) < 2:
-            return np.zeros(0)
-        y = np.array([r.metrics["step_time_s"] for r in rs], dtype=float)
-        imb = np.array([float(r.metrics.get("expert_load_imbalance") or 1.0) for r in rs])
-        raw, _ = raw_terms(self.model, [r.layout for r in rs], self.global_batch_size, self.seq_len, self.profile,
-                           self.topology, imb, self.sequence_parallel)
-        return np.log(np.maximum(leave_one_out(raw, y), 1e-30) / y)
 
 
 def _measured(records: Iterable[TrialRecord]) -> list[TrialRecord]:

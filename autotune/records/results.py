@@ -118,7 +118,8 @@ class StudyResult:
 
         # What a layout's interval says of its next run, not only of the steps measured: the
         # run-to-run spread, with a prior until the study has re-measured enough to know its own.
-        shown = spread.with_prior(PRIOR_RUN_SD.get(self.spec.cluster.device, PRIOR_RUN_SD["cpu"]))
+        prior_sd = PRIOR_RUN_SD.get(self.spec.cluster.device, PRIOR_RUN_SD["cpu"])
+        shown = spread.with_prior(prior_sd)
 
         def entry(k: str) -> dict[str, Any]:
             iv = shown.widen(intervals[k], counts[k])
@@ -129,7 +130,7 @@ class StudyResult:
         return {"best": entry(key), "tied": [entry(k) for k in tied], "rule": rule_text(),
                 "confidence": intervals[key].confidence,
                 "run_spread": {"sd_log": spread.sd, "dof": spread.dof, "shown_sd_log": shown.sd,
-                               "prior_sd_log": PRIOR_RUN_SD.get(self.spec.cluster.device, PRIOR_RUN_SD["cpu"]),
+                               "prior_sd_log": prior_sd,
                                "prior_dof": PRIOR_RUN_DOF},
                 "remeasures": sum(1 for t in self.trials if t.remeasure_of is not None
                                   and t.reason.startswith(TIE_REMEASURE))}

@@ -282,7 +282,11 @@ class LayoutSearcher(Searcher):
         self.guide = guide or ("prior" if spec.study.sampler == "auto" else "none")
         if self.guide not in GUIDES:
             raise ValueError(f"guide {self.guide!r}: expected one of {', '.join(GUIDES)}")
-        self.speed = (speed or SpeedModel.of(spec)).fit_records(self.known.values(), with_loo=False)
+        # The prior search weighs the model's leave-one-out error, so its fits compute it.
+        self.with_loo = self.guide == "prior"
+        self.speed = (speed or SpeedModel.of(spec)).fit_records(self.known.values(), with_loo=self.with_loo)
+        self.fitting_index = {lay.key: i for i, lay in enumerate(self.fitting_layouts)}
+        self.fitting_fits = feasible(np.asarray(self.fitting_peaks, dtype=float), self.cap)
         self.rng = np.random.default_rng(spec.study.seed)
         self.turn = 0
         # A study that continues has already started: only a new one opens on a fixed list.
@@ -332,6 +336,13 @@ class LayoutSearcher(Searcher):
         self.held = (trial, layout, config)
         return self._start_held(trial_id)
 
+    def _launch_chosen(self, trial_id: str, layout: Layout, **extra: Any) -> dict[str, Any] | None:
+        """Launch a layout the searcher chose itself: enqueued into Optuna first, so the study holds
+        it as a trial the sampler learns from like its own proposals."""
+        self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
+        trial = self.study.ask(self.space)
+        return self._launch(trial_id, trial, layout, judge(self.spec, layout), **extra)
+
     def _start_held(self, trial_id: str) -> dict[str, Any] | None:
         assert self.held is not None
         config = self.held[2]
@@ -351,31 +362,22 @@ class LayoutSearcher(Searcher):
             previous = self.remeasure.pop(0)
             if previous.layout.key in self.in_flight:
                 continue
-            self.study.enqueue_trial(params_for(self.spec, previous.layout), skip_if_exists=False)
-            trial = self.study.ask(self.space)
-            return self._launch(trial_id, trial, previous.layout, judge(self.spec, previous.layout),
-                                remeasure_of=previous.number)
+            return self._launch_chosen(trial_id, previous.layout, remeasure_of=previous.number)
         while self.opening:
             layout = self.opening.pop(0)
             if layout.key in self.known or layout.key in self.in_flight:
                 continue
-            self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
-            trial = self.study.ask(self.space)
-            return self._launch(trial_id, trial, layout, judge(self.spec, layout))
+            return self._launch_chosen(trial_id, layout)
         if self.guide in ("prior", "greedy"):
             layout = self._prior_pick() if self.guide == "prior" else self._model_pick()
             if layout is None:
                 return Searcher.FINISHED  # every fitting layout is measured, running or failed
-            self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
-            trial = self.study.ask(self.space)
-            return self._launch(trial_id, trial, layout, judge(self.spec, layout))
+            return self._launch_chosen(trial_id, layout)
         if self.guide == "alternate":
             self.turn += 1
             layout = self._model_pick() if self.turn % 2 == 1 else None
             if layout is not None:
-                self.study.enqueue_trial(params_for(self.spec, layout), skip_if_exists=False)
-                trial = self.study.ask(self.space)
-                return self._launch(trial_id, trial, layout, judge(self.spec, layout))
+                return self._launch_chosen(trial_id, layout)
         for _ in range(MAX_FREE_PROPOSALS):
             if not (self.fitting - set(self.known) - self.in_flight):
                 return Searcher.FINISHED  # every fitting layout is measured or running
@@ -420,7 +422,8 @@ class LayoutSearcher(Searcher):
         if not self.fitting_layouts:
             return None
         predicted = np.log(self.speed.predict(self.fitting_layouts).tokens_per_s)
-        index = {lay.key: i for i, lay in enumerate(self.fitting_layouts)}
+        index = self.fitting_index
+
         def pred(layout: Layout) -> float:
             i = index.get(layout.key)
             return float(predicted[i]) if i is not None else float(np.log(self.speed.predict([layout]).tokens_per_s[0]))
@@ -433,9 +436,9 @@ class LayoutSearcher(Searcher):
                   if float(r.metrics.get("peak_mem_bytes") or 0) <= self.cap]
         pending = [(lay, float(predicted[index[lay.key]])) for _, lay, _ in self.pending.values() if lay.key in index]
         exclude = set(self.known) | self.in_flight | self.decided_without_run
-        amplitude = error_scale(self.speed.loo_log_residuals(ok))
+        amplitude = error_scale(self.speed.calibration.loo_log_residuals)
         i = choose(predicted, self.fitting_layouts, measured, pending, amplitude, exclude, self.rng, failed,
-                   max(within) if within else None, feasible(np.asarray(self.fitting_peaks, dtype=float), self.cap))
+                   max(within) if within else None, self.fitting_fits)
         return None if i is None else self.fitting_layouts[i]
 
     def _model_pick(self) -> Layout | None:
@@ -471,6 +474,6 @@ class LayoutSearcher(Searcher):
         self._tell(trial, record, store=True)
         if record.status == Status.OK:
             try:
-                self.speed = self.speed.fit_records(self.known.values(), with_loo=False)
+                self.speed = self.speed.fit_records(self.known.values(), with_loo=self.with_loo)
             except (ValueError, RuntimeError) as exc:  # a fit that fails keeps the previous one
                 log.warning("step-time calibration skipped: %s", exc)
