@@ -125,11 +125,16 @@ class Stack:
     def compose_env(self) -> dict[str, str]:
         return {**SECRETS, "AUTOTUNE_SCHEDULE": "* * * * *", "AUTOTUNE_RUN_NOW": "1"}
 
-    def env(self, service: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-        svc = interpolate(COMPOSE["services"][service], self.compose_env())
-        # this process's environment without its Ray, MLflow and autotune settings: the service's own follow
+    def image_env(self) -> dict[str, str]:
+        """What the image gives every container: this process's environment without its Ray,
+        MLflow and autotune settings, with the project's tools on the path."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AUTOTUNE_"))}
         env.update(PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO), HOME=str(self.tmp))
+        return env
+
+    def env(self, service: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        svc = interpolate(COMPOSE["services"][service], self.compose_env())
+        env = self.image_env()  # the service's own follow
         for entry in svc.get("env_file", []):  # as compose reads it: NAME=value lines, beside the compose file
             path = self.compose_dir / (entry["path"] if isinstance(entry, dict) else entry)
             if path.exists():
@@ -440,8 +445,7 @@ def test_the_manifests_run_on_pods_with_the_rendered_environment(stack):
     def pod_env(container: dict, auth: bool) -> dict[str, str]:
         """The image's environment (this machine's, without Ray/MLflow/autotune settings) and the
         container's env entries, as the kubelet resolves them."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AUTOTUNE_"))}
-        env.update(PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(REPO), HOME=str(stack.tmp))
+        env = stack.image_env()
         for e in container.get("env", []):
             ref = e.get("valueFrom", {}).get("secretKeyRef")
             env[e["name"]] = secrets[(ref["name"], ref["key"])] if ref else mapped(str(e["value"]))
