@@ -65,8 +65,11 @@ def launched(result) -> list:
 def test_a_third_of_trials_failing_still_gives_a_correct_report(tmp_path):
     """Real out-of-memory failures (the per-rank limit, not the model: pruning is off) and a rank
     SIGKILLed mid-trial; the study goes on and reports the successful trials correctly."""
-    data = space(tmp_path, "third", cluster={"memory_gb": 0.0135},
-                 objective={"prune_over_cap": False}, budget={"trials": 8})
+    # The seeded random sampler proposes the same layouts whatever is measured, so layouts that run
+    # out of memory are sure to be launched; the default search learns from the first failures and
+    # may well avoid the rest (autotune/search/prior.py), which is its job, not this test's subject.
+    data = space(tmp_path, "third", cluster={"memory_gb": 0.0135}, objective={"prune_over_cap": False},
+                 budget={"trials": 8}, study={"sampler": "random"})
     import ray
 
     killed: list[int] = []
@@ -98,8 +101,6 @@ def test_a_third_of_trials_failing_still_gives_a_correct_report(tmp_path):
     assert any("SIGKILL" in t.reason for t in trials if t.status == Status.CRASHED)
     failed = [t for t in trials if t.status in (Status.OOM, Status.CRASHED)]
     ok = [t for t in trials if t.status == Status.OK]
-    # The search learns to avoid what fails (autotune/search/prior.py), so not every layout that
-    # would run out of memory is tried; both kinds of failure are.
     assert Status.OOM in statuses and len(failed) >= 2 and ok, [(t.layout.key, t.status, t.reason) for t in trials]
     for t in (t for t in trials if t.status == Status.OOM):
         assert "memory limit" in t.reason
