@@ -39,7 +39,7 @@ RUNS = {
     "cpu": {
         "small": dict(model="tiny", precision="bf16", micro_batch_size=2, global_batch_size=4, seq_len=64,
                       warmup_steps=1, steps=2),
-        "moe64e": dict(model="tiny", precision="bf16", micro_batch_size=2, global_batch_size=4, seq_len=64,
+        "moe64e": dict(model="tiny", precision="bf16-params", micro_batch_size=2, global_batch_size=4, seq_len=64,
                        warmup_steps=1, steps=2),
     },
 }

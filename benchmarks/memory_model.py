@@ -1,11 +1,12 @@
 """How well the analytic memory model (`autotune/predict/memory.py`) predicts measured per-rank memory.
 
 The grid: every layout of the tiny model with a world size up to 4 (the 15 valid EP/TP/PP/DP
-combinations) runs on real gloo ranks for each precision (fp32, bf16, fp16), each activation
+combinations) runs on real gloo ranks for each precision (fp32; bf16 and fp16 under autocast;
+bf16-params, bf16 parameters with fp32 main gradients), each activation
 recompute mode (none, selective, full) and two micro-batch sizes (1 and 4), at seq_len 64, with
 steps=1 and warmup_steps=1 (the trainable then tracks a third, probe step for the peak). Each
 replica runs 2 micro-batches without pipelining and pp with it; the pipelined layouts also run
-both schedules with pp + 1 micro-batches on a slice of the knobs (290 runs in all).
+both schedules with pp + 1 micro-batches on a slice of the knobs (380 runs in all).
 
 `--variants` runs model variants instead, on five layouts each: top-1 routing, dense layers
 interleaved with MoE ones, a capacity factor of 1, and a 4096-token vocabulary that moves the
@@ -106,7 +107,7 @@ def grid(mode: str = "grid") -> list[tuple[str, RunConfig]]:
     runs: list[tuple[str, RunConfig]] = []
     if mode == "quick":
         picks = [((1, 1, 1, 1), 4, "fp32", "none"), ((2, 2, 1, 1), 1, "bf16", "full"),
-                 ((1, 1, 2, 2), 4, "fp16", "selective"), ((4, 1, 1, 1), 1, "bf16", "none")]
+                 ((1, 1, 2, 2), 4, "fp16", "selective"), ((4, 1, 1, 1), 1, "bf16-params", "none")]
         for (ep, tp, pp, dp), mb, prec, rec in picks:
             runs.append(("tiny", config(ep, tp, pp, dp, mb, prec, rec)))
         runs.append(("moe_every2", config(1, 1, 4, 1, 1, "fp32", "none", "gpipe", VARIANTS["moe_every2"], 1)))
@@ -179,7 +180,7 @@ def measure(name: str, cfg: RunConfig, tries: int = 3) -> Row:
     model, dims, shape = cfg.model_config(), cfg.dims, cfg.shape
     mismatches = 0
     for r in summary["ranks"]:
-        want = state_memory(model, dims, r["coords"][0], "cpu", shape.stage_layers)
+        want = state_memory(model, dims, r["coords"][0], "cpu", shape.stage_layers, shape.precision)
         got = (r["mem_params_bytes"], r["mem_grads_bytes"], r["mem_optimizer_bytes"])
         mismatches += got != (want.params, want.grads, want.optimizer)
     worst = max(summary["ranks"], key=lambda r: r["peak_mem_bytes"])

@@ -6,6 +6,10 @@ the CPU flash-attention output and log-sum-exp, router probabilities and top-k b
 dispatched rows and all-to-all permutations, SwiGLU intermediates, autocast's low-precision
 copies, logits and cross entropy. Every term takes ints or, for many candidates at once, int
 arrays (see `autotune.predict.memory_state.pick`).
+
+With bf16 parameters (`bf16-params`) there is no autocast and nothing is cast per weight: the
+residual stream, the norms' outputs and the matmuls are bf16, while the norms and the router
+still compute in fp32 from fp32 copies of their inputs.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ class Dims(NamedTuple):
     v: Any  # vocabulary rows held here (vocab / tp)
     r0: Any  # expert assignments this rank's router keeps (top_k per token, capacity-capped)
     r: Any  # rows this rank's experts process (balanced: r0, however EP shuffles them)
-    a: Any  # bytes of an autocast matmul output: 4 in fp32, 2 in bf16/fp16
+    a: Any  # bytes of a matmul output: 4 in fp32, 2 in bf16/fp16 (autocast) and bf16-params
     low: Any  # autocast on (bool)
+    half: Any  # bf16 parameters, no autocast (bool)
+    s: Any  # bytes of a residual-stream element: 2 with bf16 parameters, else 4
     tp: Any
     ep: Any
 
@@ -60,24 +66,28 @@ def kept_assignments(model: ModelConfig, t: int) -> int:
     return r0
 
 
-def dims_of(model: ModelConfig, tp: Any, ep: Any, t: Any, r0: Any, low: Any) -> Dims:
+def dims_of(model: ModelConfig, tp: Any, ep: Any, t: Any, r0: Any, low: Any, half: Any = False) -> Dims:
     """The sizes of a micro-batch of `t` tokens whose router keeps `r0` assignments."""
     e = model.n_experts
     return Dims(t=t, d=model.d_model, dl=model.d_model // tp, hl=model.n_heads // tp, e=e, el=e // ep,
                 k=model.top_k, f=model.ffn_hidden // tp, fd=model.dense_ffn // tp, v=model.vocab_size // tp,
-                r0=r0, r=r0, a=pick(low, LOW, FP32), low=low, tp=tp, ep=ep)
+                r0=r0, r=r0, a=pick(low | half, LOW, FP32), low=low, half=half, s=pick(half, LOW, FP32), tp=tp,
+                ep=ep)
 
 
 def _norm_saved(x: Dims, consumers_cast: int) -> Any:
     """RMSNorm in fp32: rsqrt and the normalised input are saved for the weight's gradient.
 
     Its output is saved by whoever consumes it: in fp32 the linears keep the output itself;
-    under autocast each linear keeps its own low-precision copy (`consumers_cast` copies).
+    under autocast each linear keeps its own low-precision copy (`consumers_cast` copies). With
+    bf16 parameters the norm also keeps the fp32 copy of its bf16 input (and of its weight), and
+    its bf16 output is kept once, by every consumer alike (by none if only a router reads it).
     """
     saved = x.t * FP32 + x.t * x.d * FP32  # rsqrt (one per token), x * rsqrt
+    saved = saved + pick(x.half, x.t * x.d * FP32 + x.d * FP32, 0)
     if consumers_cast:
-        return saved + pick(x.low, consumers_cast * x.t * x.d * LOW, x.t * x.d * FP32)
-    return saved + x.t * x.d * FP32
+        return saved + pick(x.low, consumers_cast * x.t * x.d * LOW, x.t * x.d * x.s)
+    return saved + pick(x.half, 0, x.t * x.d * FP32)  # a router's own fp32 copy is counted with it
 
 
 def _attention_saved(x: Dims, selective: Any) -> Any:
@@ -86,7 +96,9 @@ def _attention_saved(x: Dims, selective: Any) -> Any:
     saved += 3 * x.t * x.dl * x.a  # q, k, v: the inputs SDPA keeps
     saved += x.t * x.dl * x.a  # SDPA output: kept by wo (also when SDPA itself is recomputed)
     saved += pick(selective, 0, x.t * x.hl * FP32)  # SDPA's log-sum-exp, one per query and head (CPU flash kernel)
-    saved += x.t * x.d * FP32  # residual stream after attention (input of the FFN norm)
+    # residual stream after attention: kept by the FFN norm as its input (with bf16 parameters
+    # the norm keeps its fp32 copy instead)
+    saved += pick(x.half, 0, x.t * x.d * FP32)
     return saved
 
 
@@ -104,11 +116,12 @@ def _moe_parts(x: Dims) -> tuple[Any, Any, Any, Any]:
     """(kept through the expert backward, freed before it, expert hidden, low-precision expert
     weight copies) for one MoE FFN sub-block, its norm and router included."""
     kept = _norm_saved(x, consumers_cast=0)  # the router reads the fp32 output of the norm
+    kept += pick(x.half, x.t * x.d * FP32, 0)  # ... an fp32 copy of the bf16 one
     kept += _router_saved(x)
     kept += x.r0 * INT64  # token index of every kept assignment (gather of the dispatched rows)
     # The w1 and w3 grouped GEMMs keep the dispatched rows (under autocast their one low-precision
     # copy), and the group offsets (int32).
-    kept += pick(x.low, x.r * x.d * LOW, x.r * x.d * FP32) + x.el * FP32
+    kept += x.r * x.d * x.a + x.el * FP32
     kept += pick(x.ep > 1, x.r * INT64, 0)  # permutation from source-rank order to expert order
     hidden = 4 * x.r * x.f * x.a  # SwiGLU: w1 out, silu out, w3 out, their product
     weights = pick(x.low, 3 * x.el * x.d * x.f * LOW, 0)  # each expert's slices, cast per call
@@ -131,8 +144,9 @@ def _moe_forward_extra(x: Dims) -> Any:
         extra += x.t * FP32  # top-1 weights
     # capacity: position of each assignment and the keep mask
     extra += pick(x.r0 < x.t * x.k, x.t * x.k * (INT64 + BOOL), 0)
-    # the gathered rows, held by the caller while the experts run
-    extra += pick((x.ep > 1) | x.low, x.r0 * x.d * FP32, 0)
+    # the gathered rows, held by the caller while the experts run (with bf16 parameters they are
+    # the GEMMs' own input unless EP moved them)
+    extra += pick(x.half, pick(x.ep > 1, x.r0 * x.d * LOW, 0), pick((x.ep > 1) | x.low, x.r0 * x.d * FP32, 0))
     # concatenated expert outputs (TP sums, EP permutes a copy)
     extra += pick((x.tp > 1) | (x.ep > 1), x.r * x.d * x.a, 0)
     extra += pick((x.tp > 1) & (x.ep > 1), x.r * x.d * x.a, 0)  # the TP sum, before the permutation back
@@ -169,6 +183,7 @@ class Unit(NamedTuple):
     head_cast: Any  # ... of the LM head
     low: Any
     full: Any
+    half: Any  # bf16 parameters (fp32 main gradients and master weights: `memory_state.state_bytes`)
 
 
 @lru_cache(maxsize=1 << 14)
@@ -177,22 +192,25 @@ def unit(model: ModelConfig, tp: int, ep: int, micro_batch_size: int, seq_len: i
     """`unit_terms` of one candidate (memoised: shared by every candidate with these knobs)."""
     t = micro_batch_size * seq_len
     return unit_terms(model, tp, ep, t, kept_assignments(model, t), precision in ("bf16", "fp16"), seq_len,
-                      recompute == "selective", recompute == "full")
+                      recompute == "selective", recompute == "full", precision == "bf16-params")
 
 
 def unit_terms(model: ModelConfig, tp: Any, ep: Any, t: Any, r0: Any, low: Any, seq_len: int, selective: Any,
-               full: Any) -> Unit:
+               full: Any, half: Any = False) -> Unit:
     """The per-layer terms of micro-batches of `t` tokens (`r0`: `kept_assignments`); every
     argument but the model and seq_len may be an array, one element per candidate."""
-    x = dims_of(model, tp, ep, t, r0, low)
-    resid = x.t * x.d * FP32
+    x = dims_of(model, tp, ep, t, r0, low, half)
+    resid = x.t * x.d * x.s
     attn = _attention_saved(x, selective)
     moe_kept, moe_freed, moe_hidden, moe_weights = _moe_parts(x)
     dense_kept, dense_hidden = _dense_parts(x)
     # Full recompute keeps only each block's output (the next block's input); the rest is
     # rebuilt in backward, where it counts as a backward allocation.
-    kept_moe = pick(full, resid, attn + moe_kept + moe_freed + moe_hidden + moe_weights + resid)
-    kept_dense = pick(full, resid, attn + dense_kept + dense_hidden + resid)
+    # The block's output, kept by the next norm (with bf16 parameters, by nothing: the norm keeps
+    # its fp32 copy).
+    out = pick(half, 0, resid)
+    kept_moe = pick(full, resid, attn + moe_kept + moe_freed + moe_hidden + moe_weights + out)
+    kept_dense = pick(full, resid, attn + dense_kept + dense_hidden + out)
 
     # Inside the expert backward, the grouped GEMMs' gradients are made one weight at a time, w2's
     # first: (a) as w2's GEMM backward makes its weight gradient (in the GEMM's precision), every
@@ -202,7 +220,7 @@ def unit_terms(model: ModelConfig, tp: Any, ep: Any, t: Any, r0: Any, low: Any, 
     # weight copy, and its low-precision weight gradient is still held.
     w = x.el * x.d * x.f
     cur_a = attn + moe_kept + moe_hidden + moe_weights
-    bwd_a = w * pick(x.low, LOW, FP32) + x.r0 * x.d * x.a + x.r0 * FP32 + x.r * x.f * x.a
+    bwd_a = w * x.a + x.r0 * x.d * x.a + x.r0 * FP32 + x.r * x.f * x.a
     cur_b = cur_a - x.r * x.f * x.a - w * LOW
     bwd_b = x.r * x.f * x.a + w * (LOW + FP32) + x.r0 * FP32
     b = x.low & (cur_b + bwd_b > cur_a + bwd_a)
@@ -219,7 +237,7 @@ def unit_terms(model: ModelConfig, tp: Any, ep: Any, t: Any, r0: Any, low: Any, 
     # In the dense FFN backward, at w2: its input is gone; gradients of its output, of the hidden
     # product and of the weight (through the low-precision copy under autocast).
     dense_cur = attn + dense_kept + dense_hidden - x.t * x.fd * x.a
-    dense_bwd = (x.t * x.d * x.a + 2 * x.t * x.fd * x.a + x.d * x.fd * FP32
+    dense_bwd = (x.t * x.d * x.a + 2 * x.t * x.fd * x.a + x.d * x.fd * x.s
                  + pick(x.low, x.d * x.fd * LOW, 0))
 
     # First stage: ids shifted into this rank's vocab slice (kept by the embedding backward), the
@@ -237,4 +255,4 @@ def unit_terms(model: ModelConfig, tp: Any, ep: Any, t: Any, r0: Any, low: Any, 
                 dense_cur=dense_cur, dense_bwd=dense_bwd, moe_fwd=moe_fwd, moe_all=moe_all,
                 moe_entry=moe_entry, embed=embed, head=head, grad_ce=grad_ce, logits=x.t * x.v * x.a,
                 attn_cast=pick(x.low, 4 * x.d * x.dl * LOW, 0), dense_cast=pick(x.low, 3 * x.d * x.fd * LOW, 0),
-                head_cast=pick(x.low, x.v * x.d * LOW, 0), low=x.low, full=full)
+                head_cast=pick(x.low, x.v * x.d * LOW, 0), low=x.low, full=full, half=half)

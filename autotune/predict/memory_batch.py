@@ -53,15 +53,17 @@ def predict_many(model: ModelConfig, layouts: Sequence[Layout], global_batch_siz
     ep_, tp_, pp_, dp_, mb_, precision, recompute, schedule = zip(*layouts)
     ep, tp, pp, dp, mb = (np.array(c, dtype=np.int64) for c in (ep_, tp_, pp_, dp_, mb_))
     low = np.array([p in ("bf16", "fp16") for p in precision])
+    half = np.array([p == "bf16-params" for p in precision])
     rc = np.fromiter(map({"none": 0, "selective": 1, "full": 2}.__getitem__, recompute), dtype=np.int64,
                      count=len(layouts))
     gpipe = np.array([s == "gpipe" for s in schedule])
 
     # Units: one per distinct (tp, ep, micro-batch, autocast, recompute), as `memory.unit` shares them.
-    first, unit_of = _distinct(tp, ep, mb, low.astype(np.int64), rc)
+    first, unit_of = _distinct(tp, ep, mb, low.astype(np.int64), half.astype(np.int64), rc)
     t = mb[first] * seq_len
     r0 = np.array([kept_assignments(model, int(x)) for x in t], dtype=np.int64)
-    units = unit_terms(model, tp[first], ep[first], t, r0, low[first], seq_len, rc[first] == 1, rc[first] == 2)
+    units = unit_terms(model, tp[first], ep[first], t, r0, low[first], seq_len, rc[first] == 1, rc[first] == 2,
+                       half[first])
     # Stages: one set per distinct (unit, pp).
     group_first, group_of = _distinct(unit_of, pp)
 

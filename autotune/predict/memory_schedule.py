@@ -118,7 +118,7 @@ def stage_terms(model: ModelConfig, pp: int, tp: Any, ep: Any, u: Unit, stage: i
     if is_last:
         dense_elems = dense_elems + d + vocab_w
 
-    params, grads, optimizer = state_bytes(model, pp, tp, ep, stage, device, split)
+    params, grads, optimizer = state_bytes(model, pp, tp, ep, stage, device, split, u.half)
     # Module buffers (MoE statistics: tokens per expert, dropped, aux sum, calls) are resident
     # and not parameters. The optimizer step (fused AdamW) allocates nothing of its own.
     buffers = n_moe * (e * INT64 + 3 * 8)

@@ -120,19 +120,24 @@ class StateMemory:
 
 
 def state_bytes(model: ModelConfig, pp: int, tp: Any, ep: Any, stage: int, device: str,
-                split: tuple[int, ...] | None) -> tuple[Any, Any, Any]:
-    """(params, grads, optimizer) bytes of `state_memory`; tp and ep may be int arrays."""
+                split: tuple[int, ...] | None, half: Any = False) -> tuple[Any, Any, Any]:
+    """(params, grads, optimizer) bytes of `state_memory`; tp, ep and half may be arrays.
+
+    With bf16 parameters (`half`) the parameters take 2 bytes, the main gradients 4 and the
+    optimizer an fp32 master copy besides its moments."""
     elements, tensors = stage_elements(model, pp, tp, ep, stage, split)
     steps = tensors * FP32  # fused AdamW's step counters, on the parameters' device
-    return elements * FP32, elements * FP32, 2 * elements * FP32 + steps
+    return elements * pick(half, LOW, FP32), elements * FP32, pick(half, 3, 2) * elements * FP32 + steps
 
 
 @lru_cache(maxsize=1 << 16)  # pure, and asked for again by every candidate that shares it
 def state_memory(model: ModelConfig, dims: ParallelDims, stage: int, device: str = "cpu",
-                 split: tuple[int, ...] | None = None) -> StateMemory:
-    """Bytes of fp32 master weights, their gradients and AdamW's two moments on one rank.
+                 split: tuple[int, ...] | None = None, precision: str = "fp32") -> StateMemory:
+    """Bytes of the weights, their gradients and AdamW's two moments on one rank: all fp32, but
+    with bf16 parameters (`bf16-params`), bf16 weights and an fp32 master copy in the optimizer.
 
     AdamW also keeps a 4-byte step counter per tensor: the trainable's fused AdamW keeps it on
     the parameters' device, GPU or CPU.
     """
-    return StateMemory(*state_bytes(model, dims.pp, dims.tp, dims.ep, stage, device, split))
+    return StateMemory(*state_bytes(model, dims.pp, dims.tp, dims.ep, stage, device, split,
+                                    precision == "bf16-params"))

@@ -39,7 +39,8 @@ Terms (columns of `raw_terms`, seconds per step at factor 1):
   volume 2 (g - 1) / g; through the network when a stage's ranks span nodes; the profile's
   `grad_overlap` share hides behind backward.
 * optimizer: AdamW reads weights, gradients and two moments and writes three (28 bytes per
-  parameter) at memory bandwidth; fp16 adds the loss scaler's unscale and overflow check.
+  parameter) at memory bandwidth; fp16 adds the loss scaler's unscale and overflow check, bf16
+  parameters the write-back from the fp32 master copy.
 * overhead: kernel launches per layer, micro-batch and pass.
 * latency: a fixed start-up time per step of each collective's algorithm (2 (g - 1) for a ring
   all-reduce over g ranks: TP all-reduces and the gradient reduction; g - 1 for a pairwise EP
@@ -139,7 +140,7 @@ class StepTimes:
         return np.lexsort((np.asarray(tiebreak), self.step_time_s))
 
 
-_PRECISION = {"fp32": 0, "bf16": 1, "fp16": 2}
+_PRECISION = {"fp32": 0, "bf16": 1, "fp16": 2, "bf16-params": 3}
 _RECOMPUTE = {"none": 0, "selective": 1, "full": 2}
 _SCHEDULE = {"1f1b": 0, "gpipe": 1}
 
@@ -179,7 +180,7 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     micro = np.maximum(np.floor(global_batch_size / (mb * dp * ep)), 1)
     slots = micro + pp - 1
     ab = np.where(low >= 1, 2.0, 4.0)  # activation bytes
-    peak = np.select([low == 0, low == 1], [profile.peak_flops("fp32"), profile.peak_flops("bf16")],
+    peak = np.select([low == 0, (low == 1) | (low == 3)], [profile.peak_flops("fp32"), profile.peak_flops("bf16")],
                      profile.peak_flops("fp16"))
     full = rc == 2
     passes = np.where(full, 4.0, 3.0)
@@ -239,8 +240,9 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     reduce = (np.where(g1 > 1, 2.0 * (g1 - 1) / g1 * dense_params, 0.0)
               + np.where(g2 > 1, 2.0 * (g2 - 1) / g2 * expert_params, 0.0)) * GRAD_BYTES / dp_bw
     out[:, 5] = reduce * (1.0 - profile.grad_overlap)
-    # fp16's loss scaling also unscales and checks every gradient (read and write, 8 bytes).
-    opt_bytes = ADAMW_BYTES + np.where(low == 2, 8.0, 0.0)
+    # fp16's loss scaling also unscales and checks every gradient (read and write, 8 bytes); bf16
+    # parameters are written back from the fp32 master copy (read 4 bytes, write 2).
+    opt_bytes = ADAMW_BYTES + np.where(low == 2, 8.0, 0.0) + np.where(low == 3, 6.0, 0.0)
     out[:, 6] = (dense_params + expert_params) * opt_bytes / (profile.hbm_gb_s * 1e9)
     launches = slots * layers * passes * 4.0  # the matmuls of a layer's pass (elementwise ones fuse or hide)
     # Start-up latencies, alpha of the alpha-beta cost, per step of each collective's algorithm: a

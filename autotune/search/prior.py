@@ -43,7 +43,7 @@ LENGTH_SCALE = 1.5  # in doublings of a degree or micro-batch (log2 units)
 # prediction: its near twins are believed slow too, so the search leaves a failing family.
 FAILED_LOG_RESIDUAL = float(np.log(0.1))
 MEMORY_LOG_SD = 0.05  # the memory model's error on a peak (its worst measured: 6.4%)
-_PRECISION = {"fp32": 0.0, "bf16": 1.0, "fp16": 2.0}
+_PRECISION = {"fp32": 0, "bf16": 1, "fp16": 2, "bf16-params": 3}
 _RECOMPUTE = {"none": 0.0, "selective": 0.5, "full": 1.0}
 
 
@@ -51,10 +51,10 @@ def features(layouts: Sequence[Layout]) -> np.ndarray:
     """Each layout as a point: log2 of ep, tp, pp, dp and the micro-batch; precision one-hot
     (two precisions a unit apart); recompute 0 / 0.5 / 1; the pipeline schedule 0 / 1."""
     if not layouts:
-        return np.zeros((0, 9))
+        return np.zeros((0, 5 + len(_PRECISION) + 2))
     ep, tp, pp, dp, mb, precision, recompute, schedule = zip(*layouts)
     nums = np.log2(np.array([ep, tp, pp, dp, mb], dtype=float)).T
-    prec = np.zeros((len(layouts), 3))
+    prec = np.zeros((len(layouts), len(_PRECISION)))
     prec[np.arange(len(layouts)), [int(_PRECISION.get(p, 0)) for p in precision]] = np.sqrt(0.5)
     rest = np.array([[_RECOMPUTE.get(r, 0.0), 1.0 if s == "gpipe" else 0.0] for r, s in zip(recompute, schedule)])
     return np.hstack([nums, prec, rest])

@@ -73,7 +73,7 @@ def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
 
 _RECOMPUTE_ORDER = {"none": 0, "selective": 1, "full": 2}
 # What a device runs fastest, first: CPUs rarely have bf16/fp16 matmul units; GPUs have.
-_PRECISION_ORDER = {"cpu": ("fp32", "bf16", "fp16"), "cuda": ("bf16", "fp16", "fp32")}
+_PRECISION_ORDER = {"cpu": ("fp32", "bf16", "fp16", "bf16-params"), "cuda": ("bf16", "bf16-params", "fp16", "fp32")}
 
 
 def _dominates(a: Layout, b: Layout) -> bool:

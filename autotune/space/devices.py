@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from trainables.moe.config import math_precision
+
 PROFILES_FILE = Path(__file__).resolve().parent / "profiles" / "devices.yaml"
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_FOR_DEVICE = {"cpu": "cpu", "cuda": "H100-SXM"}
@@ -51,6 +53,7 @@ class DeviceProfile:
     extrapolated: bool = False  # not the device the study measures on
 
     def peak_flops(self, precision: str) -> float:
+        precision = math_precision(precision)
         return self.peak_tflops.get(precision, self.peak_tflops.get("fp32", 1.0)) * 1e12
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 MAX_MEMORY_GB = 1_000_000  # per rank: a petabyte is far beyond any device, and keeps byte counts finite
 
-Precision = Literal["fp32", "bf16", "fp16"]
+# bf16 and fp16 run under autocast over fp32 parameters; bf16-params holds the parameters in bf16
+# with fp32 main gradients and master weights (the built-in trainable only).
+Precision = Literal["fp32", "bf16", "fp16", "bf16-params"]
 Recompute = Literal["none", "selective", "full"]
 ScheduleName = Literal["1f1b", "gpipe"]
 
@@ -363,6 +365,14 @@ class Spec(_Strict):
         if s.seq_len > self.model.config().max_seq_len:
             raise ValueError(f"search.seq_len: {_show(s.seq_len)} exceeds the model's max_seq_len "
                              f"{self.model.config().max_seq_len}; lower it or raise model.max_seq_len")
+        return self
+
+    @model_validator(mode="after")
+    def _precision_for_the_trainable(self) -> "Spec":
+        if self.trainable is not None and "bf16-params" in self.search.precision:
+            raise ValueError("search.precision: bf16-params (bf16 parameters with fp32 main gradients) is a mode of "
+                             "the built-in trainable; a trainable.command program is told fp32, bf16 or fp16, so "
+                             "remove bf16-params or drop the trainable section")
         return self
 
     @model_validator(mode="after")

@@ -11,11 +11,13 @@ import functools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-Precision = Literal["fp32", "bf16", "fp16"]
+# fp32; bf16 and fp16: autocast over fp32 parameters (PyTorch AMP); bf16-params: parameters held in
+# bf16, fp32 main gradients and an fp32 master copy in the optimizer (Megatron-Core's bf16 mode).
+Precision = Literal["fp32", "bf16", "fp16", "bf16-params"]
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["1f1b", "gpipe"]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "bf16-params")
 RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
 SCHEDULES: tuple[str, ...] = ("1f1b", "gpipe")
 GRAD_SYNC_MODES: tuple[str, ...] = ("bucketed", "flat")  # gradient averaging: during backward | after it
@@ -23,6 +25,11 @@ GRAD_SYNC_MODES: tuple[str, ...] = ("bucketed", "flat")  # gradient averaging: d
 # kernels take 16-byte aligned rows (8 bf16 or fp16 values, 4 fp32 ones).
 GEMM_ALIGN = 8
 DEFAULT_BUCKET_MB = 25.0  # bucket size of the bucketed gradient reduction (PyTorch DDP's bucket_cap_mb)
+
+
+def math_precision(precision: str) -> str:
+    """The precision the matmuls run in (what a device's peak FLOP/s is quoted for)."""
+    return "bf16" if precision == "bf16-params" else precision
 
 
 @dataclass(frozen=True)

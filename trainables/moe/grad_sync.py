@@ -13,6 +13,12 @@ Two ways, selected by `--grad-sync`:
 * `flat` (the former path, kept to measure against): after backward, every gradient is copied
   into one new flat buffer per group, which is all-reduced with nothing left to overlap.
 
+With bf16 parameters (`--precision bf16-params`) the gradients that are accumulated, reduced and
+handed to the optimizer are fp32 "main gradients" (`param.main_grad`, Megatron-Core's name):
+backward makes each parameter's bf16 gradient, a post-accumulate hook adds it into the main
+gradient and frees it, so the bf16 gradient lives for one parameter at a time. The bucketed mode's
+buckets then hold the main gradients.
+
 Dense gradients are averaged over the dp * ep ranks that saw different tokens, expert
 gradients summed over the dp ranks holding the same experts and divided by dp * ep as well:
 each rank's loss is the mean over its own tokens, and the all-to-all has already brought the
@@ -29,6 +35,18 @@ from torch import nn
 
 from trainables.moe.config import DEFAULT_BUCKET_MB, GRAD_SYNC_MODES, ParallelDims
 
+
+
+def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient the optimizer steps on: the fp32 main gradient where there is one."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def _into_main_grad(p: torch.Tensor) -> None:
+    """Add the bf16 gradient backward just made into the fp32 main gradient, and free it."""
+    p.main_grad.add_(p.grad)
+    p.grad = None
 
 
 def grad_divisor(dims: ParallelDims, is_expert: bool) -> int:
@@ -63,6 +81,7 @@ class BucketedGradSync:
 
     buckets: list[Bucket]
     micro_batches: int = 1
+    main_grads: bool = False
     _seen: dict[int, int] = field(default_factory=dict)
     _bucket_of: dict[int, int] = field(default_factory=dict)
     _next: int = 0
@@ -72,6 +91,8 @@ class BucketedGradSync:
         for i, b in enumerate(self.buckets):
             for p in b.params:
                 self._bucket_of[id(p)] = i
+                if self.main_grads:  # first: the bucket is reduced only once the main gradient has it
+                    self._hooks.append(p.register_post_accumulate_grad_hook(_into_main_grad))
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
     @property
@@ -128,13 +149,14 @@ class FlatGradSync:
 
     groups: list[tuple[SyncGroup, list[nn.Parameter]]]
     buffer_bytes: int = 0
+    _hooks: list = field(default_factory=list)
 
     def begin(self, micro_batches: int) -> None:
         pass
 
     def finish(self) -> None:
         for sync, params in self.groups:
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [g for g in map(grad_of, params) if g is not None]
             if not grads:
                 continue
             if sync.group is not None:
@@ -150,7 +172,9 @@ class FlatGradSync:
                     g.div_(sync.divisor)
 
     def remove(self) -> None:
-        pass
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
 
 
 GradSync = BucketedGradSync | FlatGradSync
@@ -169,13 +193,19 @@ def _split(params: list[nn.Parameter], is_expert: list[bool], dims: ParallelDims
 
 def build_grad_sync(mode: str, params: list[nn.Parameter], is_expert: list[bool], dims: ParallelDims,
                     dense_group: dist.ProcessGroup, expert_group: dist.ProcessGroup,
-                    bucket_mb: float = DEFAULT_BUCKET_MB) -> GradSync:
+                    bucket_mb: float = DEFAULT_BUCKET_MB, main_grads: bool = False) -> GradSync:
     """The gradient averaging of one rank. `params` in registration order (the order of
     `named_parameters()`, duplicates removed); buckets fill from the last one, the first whose
-    gradients backward produces."""
+    gradients backward produces. With `main_grads`, fp32 main gradients are made for the
+    (bf16) parameters and accumulated into (see the module docstring)."""
     groups = _split(params, is_expert, dims, dense_group, expert_group)
     if mode == "flat":
-        return FlatGradSync(groups)
+        flat = FlatGradSync(groups)
+        if main_grads:
+            for p in params:
+                p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                flat._hooks.append(p.register_post_accumulate_grad_hook(_into_main_grad))
+        return flat
     if mode != "bucketed":
         raise ValueError(f"grad sync {mode!r}: choose one of {', '.join(GRAD_SYNC_MODES)}")
     cap = max(1, int(bucket_mb * 2**20))
@@ -184,24 +214,28 @@ def build_grad_sync(mode: str, params: list[nn.Parameter], is_expert: list[bool]
         chunks: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in reversed(mine):
-            nbytes = p.numel() * p.element_size()
+            nbytes = p.numel() * (4 if main_grads else p.element_size())
             if chunks[-1] and (size + nbytes > cap or p.dtype != chunks[-1][0].dtype):
                 chunks.append([])
                 size = 0
             chunks[-1].append(p)
             size += nbytes
         for chunk in chunks:
-            dtype = chunk[0].dtype
+            dtype = torch.float32 if main_grads else chunk[0].dtype
             buffer = torch.zeros(sum(p.numel() for p in chunk), dtype=dtype, device=chunk[0].device)
             offset = 0
             for p in chunk:
                 # The gradient is a view of the bucket from now on: accumulation adds into it in
                 # place, and the optimizer zeroes it in place (zero_grad(set_to_none=False)).
-                p.grad = buffer[offset:offset + p.numel()].view_as(p)
+                view = buffer[offset:offset + p.numel()].view(p.shape)
+                if main_grads:
+                    p.main_grad = view
+                else:
+                    p.grad = view
                 offset += p.numel()
             buckets.append(Bucket(buffer, chunk, sync))
     # One launch order for both groups: by where backward reaches each bucket's first gradient,
     # so a layer's expert bucket does not wait behind the dense buckets of earlier layers.
     position = {id(p): i for i, p in enumerate(params)}
     buckets.sort(key=lambda b: -position[id(b.params[0])])
-    return BucketedGradSync(buckets)
+    return BucketedGradSync(buckets, main_grads=main_grads)

@@ -53,21 +53,37 @@ class StateBytes:
     optimizer: int
 
 
-def resident_bytes(module: nn.Module, device: torch.device) -> int:
-    """Parameters, module buffers and gradient buffers allocated up front: what exists before
-    the first step."""
+def _grads(params: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The gradients the optimizer steps on: fp32 main gradients where the parameters have them
+    (bf16 parameters), else `.grad`."""
+    for p in params:
+        main = getattr(p, "main_grad", None)
+        yield main if main is not None else p.grad
+
+
+def _masters(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """What the optimizer steps that is not a parameter of the module: fp32 master weights."""
+    own = {id(p) for p in module.parameters()}
+    return [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+
+
+def resident_bytes(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Parameters, module buffers, gradient buffers and master weights allocated up front: what
+    exists before the first step."""
     params = list(module.parameters())
-    return _storage_bytes(iter([*params, *module.buffers(), *(p.grad for p in params)]), device)
+    return _storage_bytes(iter([*params, *module.buffers(), *_grads(params), *_masters(module, optimizer)]),
+                          device)
 
 
 def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> StateBytes:
-    """Exact bytes of what persists between steps, on this rank's device."""
+    """Exact bytes of what persists between steps, on this rank's device (master weights count
+    with the optimizer's states, as they are the optimizer's copy)."""
     params = list(module.parameters())
-    opt = (v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    opt = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     return StateBytes(
         params=_storage_bytes(iter(params), device),
-        grads=_storage_bytes((p.grad for p in params), device),
-        optimizer=_storage_bytes(opt, device),
+        grads=_storage_bytes(_grads(params), device),
+        optimizer=_storage_bytes(iter([*opt, *_masters(module, optimizer)]), device),
     )
 
 

@@ -29,12 +29,12 @@ import torch
 import torch.distributed as dist
 
 from autotune.schema import DEVICE_MEMORY_METRICS, Status
-from trainables.moe.config import PRESETS, flops_per_token
+from trainables.moe.config import PRESETS, flops_per_token, math_precision
 from trainables.moe.run_config import LayoutError, RunConfig
 from trainables.moe.data import synthetic_batch
 from trainables.moe.measure import (LiveMemory, device_peak_flops, measure_peak, resident_bytes, state_bytes,
                                     timed_alone)
-from trainables.moe.grad_sync import build_grad_sync
+from trainables.moe.grad_sync import build_grad_sync, grad_of
 from trainables.moe.model import build_model, reset_moe_stats, set_aux_loss_scale, set_recompute
 from trainables.moe.parallel import backend_for, build_context, parallelize
 
@@ -76,14 +76,26 @@ class Trainer:
         self.pm = parallelize(build_model(self.model_cfg), ctx, cfg.seed, cfg.stage_layers)
         set_recompute(self.pm.module, cfg.recompute)
         named = list(self.pm.module.named_parameters())
-        self.grad_sync = build_grad_sync(cfg.grad_sync, [p for _, p in named],
-                                         [self.pm.specs[n].is_expert for n, _ in named], self.dims,
-                                         ctx.dense_dp_group, ctx.dp_group, cfg.bucket_mb)
-        params = self.pm.module.parameters()
+        self.params = [p for _, p in named]
+        # bf16-params: the parameters are held and run in bf16; the optimizer steps an fp32 master
+        # copy (the initial fp32 values) on fp32 main gradients and writes the result back.
+        self.masters: list[torch.Tensor] | None = None
+        if cfg.precision == "bf16-params":
+            self.masters = [p.detach().clone() for p in self.params]
+            for p in self.params:
+                p.data = p.data.to(torch.bfloat16)
+        self.grad_sync = build_grad_sync(cfg.grad_sync, self.params, [self.pm.specs[n].is_expert for n, _ in named],
+                                         self.dims, ctx.dense_dp_group, ctx.dp_group, cfg.bucket_mb,
+                                         main_grads=self.masters is not None)
+        stepped = self.params
+        if self.masters is not None:
+            for m, p in zip(self.masters, self.params):
+                m.grad = p.main_grad
+            stepped = self.masters
         # Fused AdamW (one kernel over every parameter, as production trainers run it): no
         # temporaries, no per-tensor launches; its step counters live on the parameters' device.
-        self.optimizer = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
-                          else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
+        self.optimizer = (torch.optim.SGD(stepped, lr=cfg.lr) if cfg.optimizer == "sgd"
+                          else torch.optim.AdamW(stepped, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
         self.captured_grads: list[dict[str, torch.Tensor]] | None = None  # set to [] to keep them
         self.amp_dtype = AUTOCAST_DTYPES.get(cfg.precision)
         self.scaler = None
@@ -105,14 +117,14 @@ class Trainer:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         cfg, mb, s, d = self.cfg, self.cfg.micro_batch_size, self.cfg.seq_len, self.model_cfg.d_model
-        act_dtype = torch.float32
+        act_dtype = torch.bfloat16 if self.masters is not None else torch.float32
         if self.pm.is_first_stage:
             example_in = torch.zeros(mb, s, dtype=torch.long, device=self.device)
         else:
             example_in = torch.zeros(mb, s, d, dtype=act_dtype, device=self.device, requires_grad=True)
         if self.pm.is_last_stage:
             vocab_local = self.model_cfg.vocab_size // self.dims.tp
-            example_out = torch.zeros(mb, s, vocab_local, dtype=self.amp_dtype or torch.float32, device=self.device)
+            example_out = torch.zeros(mb, s, vocab_local, dtype=self.amp_dtype or act_dtype, device=self.device)
         else:
             example_out = torch.zeros(mb, s, d, dtype=act_dtype, device=self.device, requires_grad=True)
         stage = PipelineStage(self.pm.module, self.pm.ctx.pp_rank, self.dims.pp, self.device,
@@ -149,12 +161,15 @@ class Trainer:
                 self.schedule.step(*args, target=target, losses=[] if target is not None else None)
         self.grad_sync.finish()
         if self.captured_grads is not None and step < 2:
-            self.captured_grads.append({n: p.grad.detach().clone() for n, p in self.pm.module.named_parameters()})
+            self.captured_grads.append({n: grad_of(p).detach().clone() for n, p in self.pm.module.named_parameters()})
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.masters is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.masters)
         self.optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in Megatron's buffers
         # Mean loss of the whole global batch, known on every rank (also the step's sync point).
         mean = torch.zeros(1, dtype=torch.float64, device=self.device)
@@ -213,7 +228,7 @@ def iter_run(cfg: RunConfig, keep_params: bool = False) -> Iterator[dict[str, An
     total = cfg.warmup_steps + cfg.steps
     # The memory tracker watches the first step (where gradients, optimizer states and pipeline
     # buffers come to life) and the probe step after the measured ones; timed steps run bare.
-    resident = resident_bytes(trainer.pm.module, device)
+    resident = resident_bytes(trainer.pm.module, trainer.optimizer, device)
     limit = cfg.memory_limit_bytes
     if limit is not None and device.type == "cuda":  # the caching allocator enforces it for real
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit / torch.cuda.get_device_properties(device).total_memory),
@@ -301,7 +316,7 @@ def summarize(cfg: RunConfig, device: torch.device, losses: list[float], times: 
         "flops_per_token": flops_per_token(model_cfg, cfg.seq_len),
         "ranks": ranks,
     }
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else device_peak_flops(device, cfg.precision)
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else device_peak_flops(device, math_precision(cfg.precision))
     if peak:
         summary["mfu"] = summary["tokens_per_s"] * summary["flops_per_token"] / (peak * cfg.dims.world_size)
     if "peak_mem_bytes" in ranks[0]:
@@ -345,7 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("ep", "tp", "pp", "dp", "micro_batch_size", "global_batch_size", "seq_len", "steps",
                  "warmup_steps", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--precision", default=d.precision, help="fp32 | bf16 | fp16")
+    p.add_argument("--precision", default=d.precision,
+                   help="fp32 | bf16 | fp16 (autocast over fp32 parameters) | bf16-params (bf16 parameters, "
+                        "fp32 main gradients and master weights)")
     p.add_argument("--recompute", default=d.recompute, help="none | selective | full")
     p.add_argument("--schedule", default=d.schedule, help="pipeline schedule: 1f1b | gpipe")
     p.add_argument("--stage-layers", default=None, help="explicit pipeline split, e.g. 3,1")

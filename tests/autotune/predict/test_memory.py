@@ -177,6 +177,9 @@ MEASURED = [
     (1, 1, 2, 1, 1, 3, "bf16", "none", "gpipe", {"top_k": 1}, "bucketed"),
     (1, 1, 1, 2, 1, 4, "fp32", "full", "1f1b", {}, "flat"),  # peak in the flat gradient all-reduce
     (1, 1, 1, 2, 1, 4, "fp32", "full", "1f1b", {}, "bucketed"),  # ... which the buckets do not copy
+    # bf16 parameters: bf16 weights and residual stream, fp32 main gradients and master weights
+    (2, 2, 1, 1, 2, 8, "bf16-params", "none", "1f1b", {}, "bucketed"),
+    (1, 1, 2, 1, 1, 3, "bf16-params", "selective", "gpipe", {"top_k": 1, "moe_every": 2}, "flat"),
 ]
 
 

@@ -30,8 +30,8 @@ MODELS = {
 def _mixed(model, n: int, seed: int, gbs: int) -> list[Layout]:
     """`n` structurally valid layouts drawn from every knob (shuffled: groups interleave)."""
     grid = [Layout(*c) for c in itertools.product((1, 2, 4, 8), (1, 2, 4), (1, 2, 3, 4), (1, 2, 3), (1, 2, 3, 4),
-                                                  ("fp32", "bf16", "fp16"), ("none", "selective", "full"),
-                                                  ("1f1b", "gpipe"))]
+                                                  ("fp32", "bf16", "fp16", "bf16-params"),
+                                                  ("none", "selective", "full"), ("1f1b", "gpipe"))]
     valid = [lay for lay in grid if not layout_problems(model, lay.dims, lay.shape(gbs, 64))]
     return random.Random(seed).sample(valid, min(n, len(valid)))
 
@@ -57,7 +57,7 @@ def test_predictions_of_many_candidates_equal_predictions_one_by_one(name, devic
 
 def test_uneven_pipeline_split_too():
     layouts = [Layout(ep, 1, 2, dp, mb, prec, rec, sched) for ep, dp, mb, prec, rec, sched in itertools.product(
-        (1, 2), (1, 2), (1, 2), ("fp32", "bf16"), ("none", "selective", "full"), ("1f1b", "gpipe"))]
+        (1, 2), (1, 2), (1, 2), ("fp32", "bf16", "bf16-params"), ("none", "selective", "full"), ("1f1b", "gpipe"))]
     for split in ((1, 3), (3, 1)):
         many = predict_many(TINY, layouts, 8, 64, "cuda", split=split)
         alone = [predict(TINY, lay.dims, replace(lay.shape(8, 64), stage_layers=split), "cuda") for lay in layouts]

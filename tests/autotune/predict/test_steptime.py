@@ -66,6 +66,12 @@ def test_recompute_and_precision_cost_what_they_should():
     fp32 = _one(L(ep=8, dp=2, precision="fp32"))
     assert fp32["expert_compute"] == pytest.approx(none["expert_compute"] * 989 / 67)
     assert _one(L(ep=8, dp=2, precision="fp16"))["optimizer"] > none["optimizer"]  # loss scaling
+    # bf16 parameters: bf16 matmuls and activations like autocast's; the optimizer also writes the
+    # bf16 copy back from the fp32 master (6 of autocast's 28 bytes per parameter more).
+    params = _one(L(ep=8, dp=2, precision="bf16-params"))
+    for term in ("dense_compute", "expert_compute", "ep_a2a", "memory_bound", "dp_grad"):
+        assert params[term] == pytest.approx(none[term]), term
+    assert params["optimizer"] == pytest.approx(none["optimizer"] * 34 / 28)
 
 
 def test_newer_devices_are_predicted_faster():

@@ -176,10 +176,10 @@ def test_keys_that_are_not_names():
     ({"search__dp": []}, "s.yaml: search.dp: [] is empty; give at least one value, or auto"),
     ({"search__dp": "aut"}, "s.yaml: search.dp: 'aut' is neither auto nor a list of whole numbers (did you mean "
                             "'auto'?); give auto, or a list such as [1, 2]"),
-    ({"search__precision": ["fp8"]}, "s.yaml: search.precision[0]: 'fp8' is not one of fp32, bf16, fp16; "
+    ({"search__precision": ["fp8"]}, "s.yaml: search.precision[0]: 'fp8' is not one of fp32, bf16, fp16, bf16-params; "
                                      "use one of them"),
     ({"search__precision": ["bf16", "fp61"]}, "s.yaml: search.precision[1]: 'fp61' is not one of fp32, bf16, "
-                                              "fp16; did you mean 'fp16'? use one of them"),
+                                              "fp16, bf16-params; did you mean 'fp16'? use one of them"),
     ({"search__recompute": "some"}, "s.yaml: search.recompute[0]: 'some' is not one of none, selective, full; "
                                     "use one of them"),
     ({"objective__maximize": "speed"}, "s.yaml: objective.maximize: 'speed' is not supported; use tokens_per_s"),
@@ -239,6 +239,11 @@ def test_missing_and_misshapen_sections(changes, message):
     ({"model": {"preset": "tiny", "n_heads": 3}},
      "s.yaml: model.d_model (64) must be divisible by model.n_heads (3) (preset 'tiny' plus your overrides); "
      "make the first a multiple of the second"),
+    ({"search__precision": ["bf16", "bf16-params"],
+      "trainable": {"command": ["python", "train.py", "--precision", "{precision}", "--out", "{metrics_file}"]}},
+     "s.yaml: search.precision: bf16-params (bf16 parameters with fp32 main gradients) is a mode of the built-in "
+     "trainable; a trainable.command program is told fp32, bf16 or fp16, so remove bf16-params or drop the "
+     "trainable section"),
 ])
 def test_rules_across_fields(changes, message):
     assert error_of(data(**changes)) == message
