@@ -12,6 +12,13 @@ import secrets
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
+# Cluster profiles (autotune/study/cluster_profile.py) are cached for this test run only, shared by
+# its workers, never in the user's own cache.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("AUTOTUNE_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"autotune-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}"))
+
 
 # ---------------------------------------------------------------------------------------------
 # Running on two workers (`make test`: pytest-xdist), then alone.

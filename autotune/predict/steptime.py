@@ -180,8 +180,8 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     micro = np.maximum(np.floor(global_batch_size / (mb * dp * ep)), 1)
     slots = micro + pp - 1
     ab = np.where(low >= 1, 2.0, 4.0)  # activation bytes
-    peak = np.select([low == 0, (low == 1) | (low == 3)], [profile.peak_flops("fp32"), profile.peak_flops("bf16")],
-                     profile.peak_flops("fp16"))
+    peak = np.select([low == 0, low == 1, low == 3], [profile.peak_flops("fp32"), profile.peak_flops("bf16"),
+                                                     profile.peak_flops("bf16-params")], profile.peak_flops("fp16"))
     full = rc == 2
     passes = np.where(full, 4.0, 3.0)
 

@@ -68,6 +68,7 @@ class StudyResult:
     wall_s: float | None = None
     mlflow_parent_run_id: str | None = None
     tracking_error: str | None = None  # set when MLflow stopped taking records mid-study
+    cluster_probe: dict[str, Any] | None = None  # what the cluster profile measured at the start
 
     def measurements(self) -> dict[str, list[TrialRecord]]:
         """Each layout's successful runs that count: those of the latest run of the study that

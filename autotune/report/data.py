@@ -187,6 +187,7 @@ def build_report(result: StudyResult) -> dict[str, Any]:
                   "world_sizes": spec.world_sizes, "trials": len(result.trials), "wall_s": result.wall_s,
                   "machine": dict(result.machine), "mlflow_parent_run_id": result.mlflow_parent_run_id},
         "unit": unit,
+        "cluster_probe": _probe_section(result),
         "verdict": _verdict(result, best, checks, by_reason, standing),
         "best": _best_section(result, best) if best is not None else None,
         "standing": standing,
@@ -210,3 +211,24 @@ def build_report(result: StudyResult) -> dict[str, Any]:
         "tracking_error": result.tracking_error,
     }
     return _clean(report)
+
+
+def _probe_section(result: StudyResult) -> dict[str, Any] | None:
+    """What the cluster profile measured, with its cost against the trials' (plain numbers)."""
+    probe = result.cluster_probe
+    if not probe:
+        return None
+    trials_s = sum(t.duration_s or 0.0 for t in result.trials)
+    out = {k: probe.get(k) for k in ("measured_at", "world", "device", "device_name", "measure_s", "wall_s",
+                                      "reused", "error")}
+    out["trials_s"] = trials_s
+    rates: dict[str, dict[str, float]] = {}
+    for g in probe.get("gemms", []):
+        kind = "grouped" if g["groups"] > 1 else "dense"
+        mine = rates.setdefault(g["precision"], {})
+        mine[kind] = max(mine.get(kind, 0.0), g["tflops"])
+    out["gemm_tflops"] = rates
+    out["copy_gb_s"] = probe.get("copy_gb_s")
+    out["fits"] = probe.get("fits", [])
+    return out
+

@@ -67,6 +67,37 @@ def _standing_blocks(standing: dict[str, Any] | None) -> list[Block]:
     return blocks
 
 
+_COLLECTIVE_NAMES = {"all_reduce": "all-reduce", "all_to_all": "all-to-all", "send_recv": "send/recv"}
+
+
+def _probe_blocks(probe: dict[str, Any]) -> list[Block]:
+    """What the cluster profile measured before the first trial, and what it cost."""
+    if probe.get("error"):
+        return [("p", f"The cluster probe failed ({probe['error']}); the step-time model started from the "
+                      f"device profile's own figures.")]
+    if probe.get("reused"):
+        head = f"Reused from this cluster's cache (measured {probe['measured_at']} by {probe['world']} ranks)."
+    else:
+        cost = probe.get("wall_s") or 0.0
+        share = f" ({cost / probe['trials_s']:.1%} of the trials' time)" if probe.get("trials_s") else ""
+        head = (f"Measured at the study's start by {plural(probe['world'], probe['device'] + ' rank')} in "
+                f"{cost:.1f} s{share}: {probe.get('measure_s') or 0.0:.1f} s measuring, the rest starting the "
+                f"ranks' workers, which the trials then reuse.")
+    items = []
+    for precision, rates in sorted(probe.get("gemm_tflops", {}).items()):
+        parts = [f"{kind} {rate:.3g} TFLOP/s" for kind, rate in sorted(rates.items())]
+        items.append(f"GEMMs in {precision}: " + ", ".join(parts))
+    if probe.get("copy_gb_s"):
+        items.append(f"memory copy: {probe['copy_gb_s']:.3g} GB/s")
+    for f in probe.get("fits", []):
+        where = " across nodes" if f.get("where") == "across" else ""
+        items.append(f"{_COLLECTIVE_NAMES.get(f['kind'], f['kind'])} over {f['group']} ranks{where}: "
+                     f"{f['gb_s']:.3g} GB/s, {max(f['latency_us'], 1.0):.3g} us per step"
+                     + (" (at most)" if f["latency_us"] < 1.0 else ""))
+    return [("p", head + " The step-time model uses these figures in place of the device profile's."),
+            ("list", items)]
+
+
 def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
     unit, study, verdict, best = report["unit"], report["study"], report["verdict"], report["best"]
 
@@ -87,6 +118,9 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[Block]]]:
         f"{study['global_batch_size']} x seq_len {study['seq_len']}; allowed world sizes "
         f"{study['world_sizes']}." + (f" Wall time {study['wall_s']:.1f} s." if study["wall_s"] is not None else "")
     ))] + ([("list", [f"{k}: {v}" for k, v in study["machine"].items()])] if study["machine"] else [])))
+
+    if report.get("cluster_probe"):
+        out.append(("Cluster profile", _probe_blocks(report["cluster_probe"])))
 
     blocks: list[Block] = [("verdict", verdict["status"]), ("list", verdict["reasons"])]
     if verdict["warnings"]:

@@ -53,8 +53,10 @@ class DeviceProfile:
     extrapolated: bool = False  # not the device the study measures on
 
     def peak_flops(self, precision: str) -> float:
-        precision = math_precision(precision)
-        return self.peak_tflops.get(precision, self.peak_tflops.get("fp32", 1.0)) * 1e12
+        """FLOP/s of this precision's matmuls: bf16-params (bf16 operands, no casts) as measured
+        where a cluster probe measured it, else as bf16."""
+        tflops = self.peak_tflops.get(precision) or self.peak_tflops.get(math_precision(precision))
+        return (tflops or self.peak_tflops.get("fp32", 1.0)) * 1e12
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

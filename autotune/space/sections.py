@@ -113,6 +113,10 @@ class ClusterSpec(_Strict):
     # Device profile for the step-time model: a name from autotune/space/profiles/devices.yaml, or a
     # mapping that overrides one (`base: NAME`) or defines a new device. Default: by device.
     profile: str | dict[str, Any] | None = None
+    # Measure the cluster before the first trial (GEMM rates, collectives against message size;
+    # autotune/study/cluster_profile.py) and use that in place of the profile's figures. false: the
+    # profile's own figures (on CPU, a short matmul measurement on the driver).
+    probe: bool = True
 
     @field_validator("profile")
     @classmethod

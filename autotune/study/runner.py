@@ -28,9 +28,10 @@ from autotune.settings import resolve
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
 from autotune.study.progress import Progress
+from autotune.study.cluster_profile import console_line
 from autotune.study.speed import speed_model_for
 from autotune.study.store import (EXPERIMENT_ATTR, PARENT_ATTR, SESSIONS_ATTR, SPEC_ATTR, TRACKING_ATTR,
-                                  CALIBRATION_ATTR, StudyError, write_state)
+                                  CALIBRATION_ATTR, PROBE_ATTR, PROFILE_ATTR, StudyError, write_state)
 from autotune.trial_record import TrialRecord
 from autotune.trials.configs import run_config_for
 from autotune.trials.placement import plan
@@ -290,7 +291,7 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
                          f"study.lease_timeout_s if this machine stalls that long", code=3)
     result = StudyResult(name=spec.study.name, spec=spec, trials=tuple(stored_records(study)),
                          machine=machine_description(), wall_s=time.monotonic() - started, mlflow_parent_run_id=parent,
-                         tracking_error=tracking_error)
+                         tracking_error=tracking_error, cluster_probe=study.user_attrs.get(PROBE_ATTR))
     if launches:
         try:
             fitted = speed_model_for(spec, study).fit_records(result.trials)
@@ -416,19 +417,24 @@ def _tune(spec: Spec, screening, study, tracker: Tracker, parent: str, launches:
         held_since.pop(config["number"], None)
         return True
 
-    speed = speed_model_for(spec, study)
-    searcher = LayoutSearcher(spec, screening, study, trial_config, recorder.decided, recorder.complete, launches,
-                              session=session, remeasure=remeasure, speed=speed, admit=admit,
-                              on_answered=recorder.answered, fenced=fenced)
-    scheduler = None
-    if spec.budget.early_stop and not settling:  # re-measures run to the end: their steps all count
-        from autotune.search.early_stop import NoiseAwareStopper
-
-        scheduler = NoiseAwareStopper(spec, stored_records(study), stop_reasons)
     started_ray = ray_init(spec, options.address)
     try:
         owners.append(TrialOwner())
         capacity.update({k: v for k, v in ray.cluster_resources().items() if k in ADMITTED})
+        # The first round of a study measures the cluster (autotune/study/cluster_profile.py) before
+        # its first pick; later rounds and runs read the figures kept with the study.
+        probed = PROFILE_ATTR not in study.user_attrs
+        speed = speed_model_for(spec, study, probe=True)
+        if probed and study.user_attrs.get(PROBE_ATTR):
+            progress.note(console_line(study.user_attrs[PROBE_ATTR]))
+        searcher = LayoutSearcher(spec, screening, study, trial_config, recorder.decided, recorder.complete,
+                                  launches, session=session, remeasure=remeasure, speed=speed, admit=admit,
+                                  on_answered=recorder.answered, fenced=fenced)
+        scheduler = None
+        if spec.budget.early_stop and not settling:  # re-measures run to the end: their steps all count
+            from autotune.search.early_stop import NoiseAwareStopper
+
+            scheduler = NoiseAwareStopper(spec, stored_records(study), stop_reasons)
         if env:
             from autotune.trials.command_trial import EnvHolder
 

@@ -10,25 +10,33 @@ from typing import Any
 from autotune.predict.speedmodel import SpeedModel
 from autotune.space.devices import DeviceProfile
 from autotune.space.spec import Spec
-from autotune.study.store import PROFILE_ATTR, load_result, read_state
+from autotune.study.store import PROBE_ATTR, PROFILE_ATTR, load_result, read_state
 from autotune.trials.machine import cpu_matmul_shapes, measure_cpu
 
 
-def speed_model_for(spec: Spec, study: Any) -> SpeedModel:
-    """The study's step-time model (uncalibrated): the space's device profile, on CPU with this
-    machine's matmul rate and bandwidth measured once when the study starts (kept in the study,
-    so a continued study and `validate --from` use the same figures)."""
+def speed_model_for(spec: Spec, study: Any, probe: bool = False) -> SpeedModel:
+    """The study's step-time model (uncalibrated): the space's device profile with the figures
+    measured once when the study starts (kept in the study, so a continued study and `validate
+    --from` use the same figures). With `probe` (Ray connected, no figures kept yet) the cluster
+    profile's ranks measure them (autotune/study/cluster_profile.py); where it cannot, a CPU study
+    measures this machine's matmul rate and bandwidth from here."""
     stored = study.user_attrs.get(PROFILE_ATTR)
     if stored:
-        profile = DeviceProfile(**stored)
-    else:
-        profile = spec.cluster.device_profile()
-        if spec.cluster.device == "cpu" and spec.cluster.profile is None:
-            try:
-                profile = measure_cpu(profile, shapes=cpu_matmul_shapes(spec))
-            except (RuntimeError, ValueError, ZeroDivisionError):
-                pass  # the data file's figures; calibration fits the rest
-        study.set_user_attr(PROFILE_ATTR, profile.to_dict())
+        return SpeedModel.of(spec, DeviceProfile(**stored))
+    profile = spec.cluster.device_profile()
+    record = None
+    if probe and spec.cluster.probe:
+        from autotune.study.cluster_profile import apply, cluster_profile
+
+        record = cluster_profile(spec)
+        study.set_user_attr(PROBE_ATTR, record)
+        profile = apply(profile, record)
+    if (record is None or record.get("error")) and spec.cluster.device == "cpu" and spec.cluster.profile is None:
+        try:
+            profile = measure_cpu(profile, shapes=cpu_matmul_shapes(spec))
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            pass  # the data file's figures; calibration fits the rest
+    study.set_user_attr(PROFILE_ATTR, profile.to_dict())
     return SpeedModel.of(spec, profile)
 
 

@@ -27,6 +27,7 @@ EXPERIMENT_ATTR = "mlflow_experiment"
 SPEC_ATTR = "spec"
 SESSIONS_ATTR = "sessions"  # one entry per run of the study (start, resume or continue)
 PROFILE_ATTR = "device_profile"  # the step-time model's profile (on CPU: measured at the study's start)
+PROBE_ATTR = "cluster_probe"  # what the cluster profile's ranks measured at the study's start (or its error)
 CALIBRATION_ATTR = "steptime_calibration"  # its efficiencies fitted on every measured trial, leave-one-out error
 
 
@@ -92,4 +93,5 @@ def load_result(name: str, output_dir: Path, storage_url: str | None = None) -> 
         raise StudyError(f"study {name!r} in {url} has no spec recorded; it was not created by autotune run")
     spec = Spec.model_validate(raw)
     return StudyResult(name=name, spec=spec, trials=tuple(stored_records(study)), machine=machine_description(),
+                       cluster_probe=study.user_attrs.get(PROBE_ATTR),
                        mlflow_parent_run_id=study.user_attrs.get(PARENT_ATTR))

@@ -1,4 +1,4 @@
-"""One rank of a trial, in a process of its own.
+"""One rank of a trial (or of the cluster probe, `autotune.trials.probe`), in a process of its own.
 
 The Ray worker that hosts a rank keeps a fork server with torch already imported and forks
 one such process per trial. The rank's lifetime is then the trial's: it is reaped exactly
@@ -74,7 +74,9 @@ def rank_process(cfg: Any, rank: int, world: int, addr: str, port: int, threads:
         else:
             store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
         dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world, timeout=timeout)
-        for item in iter_run(cfg):
+        from autotune.trials.probe import ProbeConfig, iter_probe
+
+        for item in (iter_probe(cfg) if isinstance(cfg, ProbeConfig) else iter_run(cfg)):
             if isinstance(item, RankResult):
                 dist.barrier()  # nobody leaves while a peer still needs it
                 conn.send({"type": "result", "rank": rank, "memory": item.memory, "summary": item.summary})

@@ -9,7 +9,7 @@ from tests.ui.conftest import QuickStudy, autotune_command, user_env
 
 # Every line autotune itself prints during a run (autotune/study/progress.py, autotune/cli/main.py).
 OWN_LINE = re.compile(r"^(study \S+( \([^)]*\))?: |trial +\d+ |\[\d+:\d\d\] done |report: |best: |log: |warning: "
-                      r"|proposals answered without a run: )")
+                      r"|proposals answered without a run: |cluster: )")
 
 
 def foreign_lines(text: str) -> list[str]:

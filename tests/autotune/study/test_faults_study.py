@@ -68,8 +68,9 @@ def test_a_third_of_trials_failing_still_gives_a_correct_report(tmp_path):
     # The seeded random sampler proposes the same layouts whatever is measured, so layouts that run
     # out of memory are sure to be launched; the default search learns from the first failures and
     # may well avoid the rest (autotune/search/prior.py), which is its job, not this test's subject.
-    data = space(tmp_path, "third", cluster={"memory_gb": 0.0135}, objective={"prune_over_cap": False},
-                 budget={"trials": 8}, study={"sampler": "random"})
+    # No cluster probe: its ranks would be the first ones the killer finds.
+    data = space(tmp_path, "third", cluster={"memory_gb": 0.0135, "probe": False},
+                 objective={"prune_over_cap": False}, budget={"trials": 8}, study={"sampler": "random"})
     import ray
 
     killed: list[int] = []
@@ -356,7 +357,8 @@ def test_a_lost_worker_node_ends_its_trial_as_node_lost_and_it_is_retried_once(t
         data = space(tmp_path, "lost", search={"ep": [1], "tp": [1], "world_sizes": [1],
                                                 "micro_batch_size": [1, 2, 4], "precision": ["fp32"],
                                                 "recompute": ["none", "full"]},
-                     budget={"trials": 4, "max_concurrent": 2, "measure_steps": 60})  # long enough to be caught mid-run
+                     budget={"trials": 4, "max_concurrent": 2, "measure_steps": 60},  # long enough to be caught mid-run
+                     cluster={"probe": False})  # a probe's rank on node 2 would be killed instead of a trial's
         lost = threading.Event()
 
         def kill_second_node():  # once a trial's rank runs on node 2, kill that node's raylet

@@ -14,8 +14,9 @@ from autotune.predict.candidates import layouts_of, screen
 from autotune.schema import MEMORY_CATEGORIES, Status
 from autotune.search.searcher import open_storage
 from autotune.space.spec import spec_from_data
+from autotune.study.cluster_profile import apply
 from autotune.study.runner import RunOptions, run_study
-from autotune.study.store import StudyError, load_result
+from autotune.study.store import PROFILE_ATTR, StudyError, load_result
 from autotune.trial_record import TIE_REMEASURE
 
 pytestmark = pytest.mark.slow
@@ -160,6 +161,13 @@ def test_report_is_written_and_consistent(study_run):
     text = (spec.study.directory() / "report" / "report.md").read_text()
     assert best.layout.name in text and "torchrun" in text
     assert json.dumps(report)  # serialisable as written
+    # The cluster was measured (or its figures reused) before the first trial; the step-time
+    # model's profile, kept with the study, is the device profile with those figures.
+    probe = result.cluster_probe
+    assert probe and not probe.get("error") and report["cluster_probe"]["fits"] == probe["fits"]
+    assert "## Cluster profile" in text and "all-reduce over 2 ranks" in text
+    stored = optuna.load_study(study_name="e2e", storage=open_storage(spec.study.storage_url())).user_attrs
+    assert stored[PROFILE_ATTR] == apply(spec.cluster.device_profile(), probe).to_dict()
 
 
 def test_resume_extends_the_study_without_rerunning(study_run):

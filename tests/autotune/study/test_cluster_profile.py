@@ -1,0 +1,96 @@
+"""The cluster profile: measured on real Ray ranks over gloo, fitted to the alpha-beta cost the
+step-time model uses, cached per cluster, applied to the device profile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autotune.space.devices import get
+from autotune.space.spec import spec_from_data
+from autotune.study import cluster_profile as cp
+
+
+def _spec(cpus_per_rank: float = 1.0, **search):
+    return spec_from_data({
+        "model": {"preset": "tiny"},
+        "cluster": {"ranks": 2, "device": "cpu", "memory_gb": 1.0, "cpus_per_rank": cpus_per_rank},
+        "search": {"ep": [1, 2], "tp": [1, 2], "micro_batch_size": [1, 4], "global_batch_size": 8, "seq_len": 32,
+                   **search},
+        "study": {"name": "probe"},
+    })
+
+
+def test_the_fit_recovers_each_collectives_latency_and_bandwidth():
+    alpha, bandwidth = 40e-6, 3e9
+    rows = []
+    for g in (2, 4):
+        for size in (1 << 12, 1 << 16, 1 << 20):
+            rows.append({"kind": "all_reduce", "group": g, "bytes": size,
+                         "seconds": 2 * (g - 1) * alpha + 2 * (g - 1) / g * size / bandwidth})
+            rows.append({"kind": "all_to_all", "group": g, "bytes": size,
+                         "seconds": (g - 1) * alpha + (g - 1) / g * size / bandwidth})
+    rows += [{"kind": "send_recv", "group": 2, "bytes": s, "seconds": alpha + s / bandwidth} for s in (1e3, 1e6)]
+    fits = cp.fit_collectives(rows)
+    assert {(f["kind"], f["group"]) for f in fits} == {("all_reduce", 2), ("all_reduce", 4), ("all_to_all", 2),
+                                                        ("all_to_all", 4), ("send_recv", 2)}
+    for f in fits:
+        assert f["latency_us"] == pytest.approx(40.0, rel=1e-6) and f["gb_s"] == pytest.approx(3.0, rel=1e-6)
+
+
+def test_applying_a_record_replaces_what_it_measured_and_keeps_the_rest():
+    base = get("cpu")
+    record = {"measured_at": "now", "cores": 2.0, "copy_gb_s": 30.0,
+              "gemms": [{"precision": "fp32", "groups": 1, "tflops": 0.1, "seconds": 1.0},
+                        {"precision": "fp32", "groups": 8, "tflops": 0.05, "seconds": 1.0},
+                        {"precision": "bf16", "groups": 1, "tflops": 0.2, "seconds": 1.0}],
+              "fits": [{"kind": "all_reduce", "group": 2, "latency_us": 100.0, "gb_s": 1.5, "where": "node"},
+                       {"kind": "all_reduce", "group": 4, "latency_us": 300.0, "gb_s": 0.4, "where": "node"},
+                       {"kind": "send_recv", "group": 2, "latency_us": 50.0, "gb_s": 2.0, "where": "node"}]}
+    p = cp.apply(base, record)
+    # The FLOPs of both shapes over their summed time, as a step runs both.
+    assert p.peak_tflops["fp32"] == pytest.approx(0.075) and p.peak_tflops["fp16"] == p.peak_tflops["bf16"] == 0.2
+    # Four ranks on two cores share them (the step-time model counts that on its own): the widest
+    # group within the cores gives the bandwidth, and the latency is the median of those fits.
+    assert p.intra_node_gb_s == 1.5 and p.latency_us == pytest.approx(75.0) and p.hbm_gb_s == 30.0
+    assert (p.inter_node_gb_s, p.launch_us, p.ranks_per_node) == (base.inter_node_gb_s, base.launch_us,
+                                                                  base.ranks_per_node)
+    assert cp.apply(base, {"error": "the probe timed out"}) == base
+
+
+@pytest.mark.slow
+def test_the_probe_measures_on_ray_ranks_and_a_later_study_reuses_it(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    spec = _spec()
+    plan = cp.probe_config(spec)
+    assert plan.world == 2 and plan.groups == (2,) and plan.precisions == ("fp32", "bf16", "bf16-params")
+    assert any(g[0] == 8 for g in plan.gemms)  # the grouped expert GEMM, every expert
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        record = cp.cluster_profile(spec)
+        assert not record.get("error") and "reused" not in record, record
+        assert {g["precision"] for g in record["gemms"]} == {"fp32", "bf16", "bf16-params"}
+        assert all(g["tflops"] > 0 for g in record["gemms"]) and record["copy_gb_s"] > 0
+        # Every collective at every message size, on the real ranks (rank 0's clock).
+        kinds = {(c["kind"], c["bytes"]) for c in record["collectives"]}
+        assert kinds == {(k, s) for k in ("all_reduce", "all_to_all", "send_recv") for s in plan.sizes}
+        assert {f["kind"] for f in record["fits"]} == {"all_reduce", "all_to_all", "send_recv"}
+        assert all(f["gb_s"] > 0 and f["latency_us"] >= 0 for f in record["fits"])
+        assert record["measure_s"] < 10 * plan.seconds and record["wall_s"] < cp.PROBE_TIMEOUT_S
+        cached = list((tmp_path / "cache" / "cluster-profiles").glob("*.json"))
+        assert len(cached) == 1 and json.loads(cached[0].read_text())["fits"] == record["fits"]
+        again = cp.cluster_profile(spec)
+        assert again["reused"] == str(cached[0]) and again["fits"] == record["fits"]
+        # Another share of the machine is another cluster: measured again, not reused.
+        other = cp.cluster_profile(_spec(cpus_per_rank=0.5))
+        assert "reused" not in other and not other.get("error")
+        # A probe that cannot finish fails alone: the study goes on with the profile's figures.
+        monkeypatch.setattr(cp, "PROBE_TIMEOUT_S", 0.001)
+        failed = cp.cluster_profile(_spec(micro_batch_size=[2]))
+        assert failed["error"] and cp.apply(get("cpu"), failed) == get("cpu")
+        assert "probe failed" in cp.console_line(failed)
+    finally:
+        ray.shutdown()
