@@ -385,6 +385,6 @@ def test_errors_from_a_file_carry_its_path(tmp_path):
 
 def test_public_models_keep_their_fields():
     assert set(ClusterSpec.model_fields) == {"ranks", "nodes", "ranks_per_node", "device", "memory_gb",
-                                             "cpus_per_rank", "profile"}
+                                             "cpus_per_rank", "profile", "probe"}
     assert set(Spec.model_fields) == {"model", "cluster", "search", "objective", "budget", "tracking", "study",
                                       "trainable"}

@@ -9,6 +9,8 @@ different CPU share. Each rank reports the CUDA_VISIBLE_DEVICES and thread count
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 
@@ -50,7 +52,13 @@ def test_each_rank_sees_the_gpus_and_threads_of_its_own_task():
     holder = GpuHolder.remote()
     held = ray.get(holder.ids.remote())
     assert held == first["accelerators"]["GPU"], "the holder was meant to take the first trial's GPU"
-    second = _only_rank(run_trial(CFG, {"CPU": 2.0, "GPU": 1.0}, timeout_s=120))
+    for _ in range(3):
+        second = _only_rank(run_trial(CFG, {"CPU": 2.0, "GPU": 1.0}, timeout_s=120))
+        if second["worker_pid"] == first["worker_pid"]:
+            break
+        # On a loaded machine Ray may lease a new worker before the first one is idle again (CI saw it
+        # once); what is checked here needs the reused one.
+        time.sleep(1.0)
     ray.kill(holder)
 
     # Same worker, whose fork server still carries the first task's environment ...
