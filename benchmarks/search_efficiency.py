@@ -50,7 +50,8 @@ Trials run one at a time (a sequential replay), at least 20 per run. A strategy 
 a near-best layout (the memory model may prune it) counts as not found.
 
 Table families (`--all`): the two measured CPU grids (`tiny_cpu`, `tiny_cpu_pp`, replayed with the
-space's own `cpu` profile) and two held-out simulated families (`benchmarks/moe_simulator.py`:
+figures a live study on this machine starts from: the cluster profile its start measures, cached
+per cluster, not the `cpu` profile's placeholders) and two held-out simulated families (`benchmarks/moe_simulator.py`:
 `sim_h100`, the seed space on H100s; `sim_a100_64`, 64 A100s on a slow network), which no part of
 the search or the model was designed on.
 
@@ -76,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import platform
 import random
@@ -390,10 +392,41 @@ def _fmt(x: float) -> str:
     return "never" if x == float("inf") else f"{x:g}"
 
 
+def live_profile(data: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The space with the device figures a live study on this machine starts from: a CPU space
+    that names no profile gets the cluster profile its study would measure at its start
+    (`autotune/study/cluster_profile.py`, cached per cluster), not the `cpu` placeholders."""
+    from autotune.space.devices import PRECISIONS
+    from autotune.study.cluster_profile import apply, cluster_profile
+    from autotune.study.runner import ray_init
+
+    spec = with_study(data, 0)
+    if spec.cluster.device != "cpu" or spec.cluster.profile is not None or not spec.cluster.probe:
+        return data, f"the space's {spec.cluster.device_profile().name} profile"
+    import ray
+
+    started = ray_init(spec, None)
+    try:
+        record = cluster_profile(spec)
+    finally:
+        if started:
+            ray.shutdown()
+    if record.get("error"):
+        return data, f"the cpu profile's placeholders (the cluster probe failed: {record['error']})"
+    p = apply(spec.cluster.device_profile(), record)
+    out = json.loads(json.dumps(data))
+    peaks = {k: v for k, v in p.peak_tflops.items() if k in PRECISIONS}
+    out["cluster"]["profile"] = {"base": p.name, "peak_tflops": peaks,
+                                 "hbm_gb_s": p.hbm_gb_s, "intra_node_gb_s": p.intra_node_gb_s,
+                                 "inter_node_gb_s": p.inter_node_gb_s, "latency_us": p.latency_us}
+    how = "reused from this machine's cache" if record.get("reused") else "measured now"
+    return out, f"the cluster profile of this machine ({how}, {record['measured_at']})"
+
+
 def replay(name: str, quick: bool, seeds: int, table_file: Path | None, label: str | None = None) -> dict[str, Any]:
     """Every strategy over one table, `seeds` seeds each; the summary with the goals judged."""
     _quiet()
-    data = space_data(name)
+    data, profile_note = live_profile(space_data(name))
     spec = with_study(data, 0)
     screening = screen(spec)
     grid_size = len(valid_layouts(screening))
@@ -411,6 +444,7 @@ def replay(name: str, quick: bool, seeds: int, table_file: Path | None, label: s
         f"({screening.cap_bytes / 1e6:,.0f} MB); table {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
         f" ({len(table.rows)} rows, {sum(1 for r in table.rows.values() if r['status'] == 'oom')} over the cap"
         + (f", {len(missing)} layouts missing: counted as crashed" if missing else "") + ")")
+    say(f"step-time model over {profile_note}")
     say(f"best fitting layout {table.best_key} at {table.best_tps:,.0f} tokens/s; {len(table.good)} layout(s) within "
         f"{WITHIN:.0%}, {len(table.within(0.05))} within 5%; measurements drawn with {NOISE_LOG_SD:.0%} run-to-run "
         f"noise per seed")
@@ -452,6 +486,7 @@ def replay(name: str, quick: bool, seeds: int, table_file: Path | None, label: s
         + ("all met" if not missed else "NOT met: " + ", ".join(missed))
         + ("  (--quick: 2 seeds, the figures mean little)" if quick else ""))
     out = {"benchmark": "search_efficiency", "quick": quick, "label": label, "space": space_name(name),
+           "profile": profile_note,
            "table": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path), "grid_size": grid_size,
            "fitting_by_memory_model": sum(1 for c in screening.candidates if c.fits), "cap_bytes": screening.cap_bytes,
            "best": {"layout": table.best_key, "tokens_per_s": table.best_tps}, "within": WITHIN,

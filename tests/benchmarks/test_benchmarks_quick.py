@@ -83,6 +83,11 @@ def test_the_simulator_writes_the_committed_tables_and_every_family_replays(tmp_
                                         "opening-only", "previous", "model-only", "autotune"}
         for s in t["strategies"].values():
             assert 0 <= s["best_after_5_median"] <= s["best_after_20_median"] <= 1 and s["seconds_median"] >= 0
+    # The CPU grids are replayed over what a live study here starts from: this machine's cluster
+    # profile; the simulated families over their own device profiles.
+    profiles = {t["label"]: t["profile"] for t in data["tables"]}
+    assert all(profiles[k].startswith("the cluster profile of this machine") for k in ("tiny_cpu", "tiny_cpu_pp"))
+    assert profiles["sim_h100"] == "the space's H100-SXM profile", profiles
 
 
 def test_steptime_tables_quick():
