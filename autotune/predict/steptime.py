@@ -35,6 +35,9 @@ Terms (columns of `raw_terms`, seconds per step at factor 1):
   leaves the node (EP groups wider than a node, as `autotune.trials.placement.plan` places them) goes
   at the network's bandwidth.
 * pp_send: one activation and one gradient per micro-batch between stages.
+
+Inside a node an all-to-all and a send go at the profile's `a2a_gb_s` and `p2p_gb_s` where it has
+them (the cluster profile measures each collective), else at `intra_node_gb_s`.
 * dp_grad: fp32 gradients, dense ones all-reduced over dp x ep ranks, expert ones over dp, ring
   volume 2 (g - 1) / g; through the network when a stage's ranks span nodes; the profile's
   `grad_overlap` share hides behind backward.
@@ -215,9 +218,10 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
         # peers on other nodes get their share through the network.
         ep_per_node = np.maximum(np.floor(topology.ranks_per_node / tp), 1)
         off_node = np.where(ep * tp > topology.ranks_per_node, (ep - np.minimum(ep_per_node, ep)) / np.maximum(ep - 1, 1), 0.0)
-    out[:, 3] = np.where(ep > 1, moe * a2a_calls * sent * ((1 - off_node) / intra + off_node / inter), 0.0)
+    a2a_bw = (profile.a2a_gb_s or profile.intra_node_gb_s) * 1e9
+    out[:, 3] = np.where(ep > 1, moe * a2a_calls * sent * ((1 - off_node) / a2a_bw + off_node / inter), 0.0)
     world = ep * tp * pp * dp
-    pp_bw = np.where(topology.spans(world), inter, intra)
+    pp_bw = np.where(topology.spans(world), inter, (profile.p2p_gb_s or profile.intra_node_gb_s) * 1e9)
     out[:, 4] = np.where(pp > 1, 2.0 * act / pp_bw, 0.0)
 
     # -- memory-bound work per micro-batch: bytes over memory bandwidth --------------------------------

@@ -38,6 +38,10 @@ class DeviceProfile:
     intra_node_gb_s: float
     inter_node_gb_s: float
     ranks_per_node: int = 8
+    # Inside a node, where an all-to-all or a send moves data at another rate than an all-reduce
+    # (the cluster profile measures each); None: intra_node_gb_s.
+    a2a_gb_s: float | None = None
+    p2p_gb_s: float | None = None
     latency_us: float = 10.0
     launch_us: float = 10.0
     grad_overlap: float = 0.0
@@ -62,7 +66,8 @@ class DeviceProfile:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_NUMBERS = ("hbm_gb_s", "intra_node_gb_s", "inter_node_gb_s", "latency_us", "launch_us", "grad_overlap",
+_NUMBERS = ("hbm_gb_s", "intra_node_gb_s", "inter_node_gb_s", "a2a_gb_s", "p2p_gb_s", "latency_us", "launch_us",
+            "grad_overlap",
             "mem_fragmentation", "mem_context_bytes", "mem_nccl_bytes")
 
 

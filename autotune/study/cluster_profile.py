@@ -7,7 +7,8 @@ bandwidth, and all-reduce, all-to-all and send/recv times against message size f
 sizes the candidates use (and, on a cluster of several nodes, between two nodes). Each
 collective's times are fitted to the alpha-beta cost the step-time model uses (a start-up
 latency per algorithm step, a bandwidth over the bytes that cross a link), and the fits replace
-the profile's `latency_us`, `intra_node_gb_s` (`inter_node_gb_s`), `peak_tflops` and `hbm_gb_s`.
+the profile's `latency_us`, `intra_node_gb_s` (`inter_node_gb_s`), `peak_tflops` and `hbm_gb_s`, and
+give the all-to-all and send bandwidths inside a node (`a2a_gb_s`, `p2p_gb_s`).
 
 It costs a few seconds (`PROBE_SECONDS` of measuring, plus starting the ranks, whose warm
 workers the trials then reuse), and is cached per cluster and device (`cache_dir()`), so later
@@ -139,6 +140,10 @@ def apply(profile: DeviceProfile, record: dict[str, Any]) -> DeviceProfile:
     reduce = [f for f in fits if f["kind"] == "all_reduce" and f.get("where", "node") == "node"]
     if reduce:
         changes["intra_node_gb_s"] = max(reduce, key=lambda f: f["group"])["gb_s"]
+    for kind, name in (("all_to_all", "a2a_gb_s"), ("send_recv", "p2p_gb_s")):
+        mine = [f for f in fits if f["kind"] == kind and f.get("where", "node") == "node"]
+        if mine:
+            changes[name] = max(mine, key=lambda f: f["group"])["gb_s"]
     across = [f for f in fits if f["kind"] == "all_reduce" and f.get("where") == "across"]
     if across:
         changes["inter_node_gb_s"] = across[0]["gb_s"]

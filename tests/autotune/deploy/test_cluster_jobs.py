@@ -117,6 +117,11 @@ def test_a_study_submitted_twice_continues_on_both_nodes(stack):
 
     nodes_per_trial = [{r["node"] for r in t.ranks} for t in launched if t.ok]
     assert len(set().union(*nodes_per_trial)) == 2, nodes_per_trial  # trials ran on both nodes
+    # The first job measured the cluster before its first trial: one rank per node, so the
+    # collectives were timed between the two nodes, and the network's figures are the profile's.
+    probe = result.cluster_probe
+    assert probe and not probe.get("error"), probe
+    assert {f["kind"] for f in probe["fits"] if f["where"] == "across"} == {"all_reduce", "send_recv"}, probe["fits"]
     assert any(len(n) == 2 for n in nodes_per_trial), nodes_per_trial  # a trial spanned both nodes
 
     client = MlflowClient(tracking_uri=server.uri)

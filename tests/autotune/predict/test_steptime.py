@@ -74,6 +74,16 @@ def test_recompute_and_precision_cost_what_they_should():
     assert params["optimizer"] == pytest.approx(none["optimizer"] * 34 / 28)
 
 
+def test_all_to_all_and_sends_go_at_their_own_measured_bandwidth_inside_a_node():
+    layout = L(ep=2, pp=2, dp=2)  # 8 ranks: one node
+    plain = _one(layout)
+    measured = _one(layout, profile=replace(H100, a2a_gb_s=H100.intra_node_gb_s / 2, p2p_gb_s=H100.intra_node_gb_s * 2))
+    assert measured["ep_a2a"] == pytest.approx(2 * plain["ep_a2a"])
+    assert measured["pp_send"] == pytest.approx(plain["pp_send"] / 2)
+    for term in ("tp_comm", "dp_grad", "dense_compute", "latency"):
+        assert measured[term] == pytest.approx(plain[term]), term
+
+
 def test_newer_devices_are_predicted_faster():
     lay = L(ep=8, pp=2)
     times = [_one(lay, profile=devices.get(n))["pred_step_time_s"] for n in ("A100-80GB", "H100-SXM", "B200")]

@@ -47,13 +47,16 @@ def test_applying_a_record_replaces_what_it_measured_and_keeps_the_rest():
                         {"precision": "bf16", "groups": 1, "tflops": 0.2, "seconds": 1.0}],
               "fits": [{"kind": "all_reduce", "group": 2, "latency_us": 100.0, "gb_s": 1.5, "where": "node"},
                        {"kind": "all_reduce", "group": 4, "latency_us": 300.0, "gb_s": 0.4, "where": "node"},
+                       {"kind": "all_to_all", "group": 2, "latency_us": 70.0, "gb_s": 3.0, "where": "node"},
+                       {"kind": "all_to_all", "group": 4, "latency_us": 90.0, "gb_s": 0.5, "where": "node"},
                        {"kind": "send_recv", "group": 2, "latency_us": 50.0, "gb_s": 2.0, "where": "node"}]}
     p = cp.apply(base, record)
     # The FLOPs of both shapes over their summed time, as a step runs both.
     assert p.peak_tflops["fp32"] == pytest.approx(0.075) and p.peak_tflops["fp16"] == p.peak_tflops["bf16"] == 0.2
     # Four ranks on two cores share them (the step-time model counts that on its own): the widest
     # group within the cores gives the bandwidth, and the latency is the median of those fits.
-    assert p.intra_node_gb_s == 1.5 and p.latency_us == pytest.approx(75.0) and p.hbm_gb_s == 30.0
+    assert p.intra_node_gb_s == 1.5 and p.latency_us == pytest.approx(70.0) and p.hbm_gb_s == 30.0
+    assert (p.a2a_gb_s, p.p2p_gb_s) == (3.0, 2.0)  # each collective's own bandwidth
     assert (p.inter_node_gb_s, p.launch_us, p.ranks_per_node) == (base.inter_node_gb_s, base.launch_us,
                                                                   base.ranks_per_node)
     assert cp.apply(base, {"error": "the probe timed out"}) == base
