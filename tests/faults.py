@@ -62,6 +62,17 @@ def wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
     return left
 
 
+def worker_exits(session_dir: str) -> list[tuple[str, str]]:
+    """(worker id, exit type) of every Ray worker whose exit the session's GCS recorded
+    (`gcs_server.out`: "Reporting worker exit, worker id = ..., exit_type = SYSTEM_ERROR, ...").
+    SYSTEM_ERROR is a worker that died or was killed by something other than Ray's own shutdown."""
+    import re
+
+    path = Path(session_dir) / "logs" / "gcs_server.out"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return re.findall(r"Reporting worker exit, worker id = (\w+), .*?exit_type = (\w+)", text)
+
+
 def rank_processes(session_dir: str, raylet: int | None = None) -> list[int]:
     """Trial rank processes of one Ray session (or of one raylet, i.e. one node): forked by a
     fork server that a Ray worker of that session (a child of its raylet) started."""

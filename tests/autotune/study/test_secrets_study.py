@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ import yaml
 from autotune.schema import Status
 from autotune.space.spec import spec_from_data
 from autotune.study.runner import RunOptions, run_study
+from tests.faults import worker_exits
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +43,35 @@ def test_a_failing_program_that_prints_its_secret_leaves_it_nowhere(tmp_path, mo
         "trainable": {"command": [sys.executable, "leaky.py"], "metrics_regex": {"step_time_s": r"time (\S+)"},
                       "env_from": ["HF_TOKEN"], "cwd": str(tmp_path)},
     }
-    result = run_study(spec_from_data(data), yaml.safe_dump(data), RunOptions(live=False))
+    spec = spec_from_data(data)
+    import ray
+
+    from autotune.study.runner import ray_init
+
+    ray_init(spec, None)  # the study's own Ray, kept up after the study to read what its GCS recorded
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+        result = run_study(spec, yaml.safe_dump(data), RunOptions(live=False))
+        # No Ray worker died or was killed while the failing trials ran (Ray's "A worker died or was
+        # killed ... SYSTEM_ERROR"): neither a trial's coordinator nor a rank's worker.
+        exits = worker_exits(session)
+        assert not [e for e in exits if e[1] == "SYSTEM_ERROR"], exits
+        console = capfd.readouterr()  # what the study printed (checked below)
+
+        @ray.remote
+        class Doomed:
+            def die(self) -> None:
+                os._exit(1)
+
+        doomed = Doomed.remote()  # ... which the check would see: a worker that does die
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(doomed.die.remote())
+        deadline = time.monotonic() + 30
+        while not [e for e in worker_exits(session) if e[1] == "SYSTEM_ERROR"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len([e for e in worker_exits(session) if e[1] == "SYSTEM_ERROR"]) == 1
+    finally:
+        ray.shutdown()
 
     launched = [t for t in result.trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)]
     assert len(launched) == 2 and all(t.status == Status.CRASHED for t in launched), [t.status for t in launched]
@@ -49,7 +79,6 @@ def test_a_failing_program_that_prints_its_secret_leaves_it_nowhere(tmp_path, mo
     token = os.environ["RAY_AUTH_TOKEN"]  # the session's cluster token (tests/conftest.py)
     logs = list(tmp_path.rglob("command.log"))
     assert logs and all("ray token: None" in p.read_text() for p in logs)  # the program never saw it
-    console = capfd.readouterr()
     # the failing trials' Ray workers and Tune's actors end as planned: nothing of Ray's own on the console
     for ray_line in ("worker died", "SYSTEM_ERROR", "Trial task failed", "Traceback"):
         assert ray_line not in console.out + console.err, (console.out + console.err)[-3000:]
