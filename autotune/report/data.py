@@ -223,7 +223,9 @@ def _probe_section(result: StudyResult) -> dict[str, Any] | None:
                                       "reused", "error")}
     out["trials_s"] = trials_s
     rates: dict[str, dict[str, float]] = {}
-    for g in probe.get("gemms", []):
+    out["gemm_errors"] = [f"{g['precision']} {g['groups']}x{g['rows']}x{g['k']}x{g['n']}: {g['error']}"
+                          for g in probe.get("gemms", []) if "error" in g]
+    for g in (g for g in probe.get("gemms", []) if "tflops" in g):
         kind = "grouped" if g["groups"] > 1 else "dense"
         mine = rates.setdefault(g["precision"], {})
         mine[kind] = max(mine.get(kind, 0.0), g["tflops"])

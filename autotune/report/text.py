@@ -87,6 +87,7 @@ def _probe_blocks(probe: dict[str, Any]) -> list[Block]:
     for precision, rates in sorted(probe.get("gemm_tflops", {}).items()):
         parts = [f"{kind} {rate:.3g} TFLOP/s" for kind, rate in sorted(rates.items())]
         items.append(f"GEMMs in {precision}: " + ", ".join(parts))
+    items += [f"GEMM not measured ({e})" for e in probe.get("gemm_errors", [])]
     if probe.get("copy_gb_s"):
         items.append(f"memory copy: {probe['copy_gb_s']:.3g} GB/s")
     for f in probe.get("fits", []):

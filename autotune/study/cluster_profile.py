@@ -123,13 +123,14 @@ def apply(profile: DeviceProfile, record: dict[str, Any]) -> DeviceProfile:
         return profile
     changes: dict[str, Any] = {}
     peaks = dict(profile.peak_tflops)
-    for precision in {g["precision"] for g in record.get("gemms", [])}:
-        mine = [g for g in record["gemms"] if g["precision"] == precision]
+    gemms = [g for g in record.get("gemms", []) if "tflops" in g]  # not the shapes that failed
+    for precision in {g["precision"] for g in gemms}:
+        mine = [g for g in gemms if g["precision"] == precision]
         flops = sum(g["tflops"] * g["seconds"] for g in mine)  # a step runs all of them: FLOPs over time
         peaks[precision] = flops / sum(g["seconds"] for g in mine)
-    if "bf16" in peaks and "fp16" not in {g["precision"] for g in record.get("gemms", [])}:
+    if "bf16" in peaks and "fp16" not in {g["precision"] for g in gemms}:
         peaks["fp16"] = peaks["bf16"]
-    if record.get("gemms"):
+    if gemms:
         changes["peak_tflops"] = peaks
     if record.get("copy_gb_s"):
         changes["hbm_gb_s"] = record["copy_gb_s"]
@@ -223,7 +224,7 @@ def console_line(record: dict[str, Any]) -> str:
     if record.get("reused"):
         return f"cluster: figures measured {record['measured_at']} reused (cached for this cluster)"
     parts = []
-    fp32 = [g["tflops"] for g in record.get("gemms", []) if g["precision"] == "fp32"]
+    fp32 = [g["tflops"] for g in record.get("gemms", []) if g["precision"] == "fp32" and "tflops" in g]
     if fp32:
         parts.append(f"fp32 GEMMs up to {max(fp32):.3g} TFLOP/s")
     reduce = [f for f in record.get("fits", []) if f["kind"] == "all_reduce"]

@@ -67,7 +67,9 @@ def _rate(fn, device: Any, budget: float) -> float:
 
 
 def measure_gemms(cfg: ProbeConfig, device: Any, budget: float) -> list[dict[str, Any]]:
-    """TFLOP/s of each GEMM shape in each precision on this device."""
+    """TFLOP/s of each GEMM shape in each precision on this device. A shape this device or build
+    cannot run (a grouped GEMM's dtype or alignment on an older card) is recorded with its error
+    and left out of the rates, not the end of the probe."""
     import torch
     import torch.nn.functional as F
 
@@ -88,10 +90,13 @@ def measure_gemms(cfg: ProbeConfig, device: Any, budget: float) -> list[dict[str
                 a, b = (x.to(dtype), w.to(dtype)) if cast else (x, w)
                 return a @ b if groups == 1 else F.grouped_mm(a, b, offs=offs)
 
-            seconds = _rate(call, device, share)
-            flops = 2.0 * groups * rows * k * n
-            out.append({"precision": precision, "groups": groups, "rows": rows, "k": k, "n": n,
-                        "seconds": seconds, "tflops": flops / seconds / 1e12})
+            row = {"precision": precision, "groups": groups, "rows": rows, "k": k, "n": n}
+            try:
+                seconds = _rate(call, device, share)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+                out.append({**row, "error": (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]})
+                continue
+            out.append({**row, "seconds": seconds, "tflops": 2.0 * groups * rows * k * n / seconds / 1e12})
     return out
 
 

@@ -97,3 +97,18 @@ def test_the_probe_measures_on_ray_ranks_and_a_later_study_reuses_it(tmp_path, m
         assert "probe failed" in cp.console_line(failed)
     finally:
         ray.shutdown()
+
+
+def test_a_gemm_shape_the_device_cannot_run_is_recorded_and_the_rest_measured():
+    import torch
+
+    from autotune.trials.probe import ProbeConfig, measure_gemms
+
+    # A grouped GEMM whose rows are not 16-byte aligned (3 bf16 values) is refused by the kernel.
+    probe = ProbeConfig(device="cpu", world=1, gemms=((1, 16, 8, 8), (4, 4, 3, 8)), precisions=("bf16-params",))
+    rows = measure_gemms(probe, torch.device("cpu"), 0.05)
+    good, bad = rows
+    assert good["tflops"] > 0 and "error" not in good
+    assert bad["error"] and "tflops" not in bad
+    record = {"measured_at": "now", "gemms": rows}
+    assert cp.apply(get("cpu"), record).peak_tflops["bf16-params"] == pytest.approx(good["tflops"])
