@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine, median, say, write_csv, write_json  # noqa: E402
+from benchmarks.common import (RESULTS, machine, median, say, study_in_fresh_process, write_csv,  # noqa: E402
+                               write_json)
 
 SPACE = ROOT / "search_spaces" / "quickstart-cpu.yaml"
 SIDES = ("without", "with")
@@ -69,15 +67,8 @@ def one_study(side: str, folder: Path) -> dict[str, Any]:
 
 
 def _run_side(side: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix=f"bench-probe-{side}-") as tmp:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "AUTOTUNE_CACHE_DIR": str(Path(tmp) / "cache")}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.cluster_probe", "--one", side, "--folder", tmp],
-                              cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            raise SystemExit(f"the study {side} the probe failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-        return json.loads(lines[-1])
+    return study_in_fresh_process("benchmarks.cluster_probe", ["--one", side], f"the study {side} the probe",
+                                  env={"AUTOTUNE_CACHE_DIR": "{folder}/cache"}, prefix=f"bench-probe-{side}-")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,23 @@ def ensure_path() -> None:
     """Make the project importable when a benchmark runs as a file rather than with -m."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def study_in_fresh_process(module: str, args: list[str], what: str, env: dict[str, str] | None = None,
+                           prefix: str = "bench-") -> dict[str, Any]:
+    """Run `python -m MODULE --one ... --folder TMP` in a new process (its own Ray, MLflow store and
+    Optuna journal under a temporary folder) and return the JSON line it prints last. `env` is
+    added to the environment; `{folder}` in its values becomes the temporary folder."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        extra = {k: v.replace("{folder}", tmp) for k, v in (env or {}).items()}
+        proc = subprocess.run([sys.executable, "-m", module, *args, "--folder", tmp], cwd=tmp,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **extra}, capture_output=True, text=True,
+                              timeout=1800)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        return json.loads(lines[-1])
+

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine, median, say, write_csv, write_json  # noqa: E402
+from benchmarks.common import (RESULTS, machine, median, say, study_in_fresh_process, write_csv,  # noqa: E402
+                               write_json)
 
 SPACE = ROOT / "search_spaces" / "quickstart-cpu.yaml"
 GOAL_RATIO = 1.5
@@ -85,16 +83,9 @@ def one_study(side: str, trials: int, folder: Path, remeasure: bool = True) -> d
 
 
 def _run_side(side: str, trials: int, quick: bool) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix=f"bench-warm-{side}-") as tmp:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.warm_workers", "--one", side, "--trials",
-                               str(trials), "--folder", tmp, *(["--quick"] if quick else [])], cwd=tmp, env=env,
-                              capture_output=True, text=True, timeout=1800)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            raise SystemExit(f"the {side} study failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-        return json.loads(lines[-1])
+    return study_in_fresh_process("benchmarks.warm_workers", ["--one", side, "--trials", str(trials),
+                                                              *(["--quick"] if quick else [])],
+                                  f"the {side} study", prefix=f"bench-warm-{side}-")
 
 
 def main(argv: list[str] | None = None) -> int:
