@@ -52,7 +52,9 @@ them (the cluster profile measures each collective), else at `intra_node_gb_s`.
   (on the CPU grid, splitting it from `overhead` took the leave-one-out tau from 0.67 to 0.76).
 
 * memory_bound: the elementwise work no GEMM hides (norms, residual adds, the MoE dispatch and
-  combine permutations, the SwiGLU product), its bytes over memory bandwidth, per micro-batch.
+  combine permutations, the SwiGLU product), and the stage's weights streamed through its GEMMs
+  once per pass with the gradients accumulated once, its bytes over memory bandwidth, per
+  micro-batch: what makes many small micro-batches slower than their FLOPs say.
 
 The pipeline bubble is reported on its own (`bubble`, the share of the per-micro-batch terms
 spent in the `pp - 1` extra slots), not as a separate column: it is the same work standing still.
@@ -233,11 +235,16 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     per_layer = 10.0 * tokens * d * ab
     moe_bytes = moe * (4.0 * tokens * k * d * ab + 3.0 * tokens * k * f / tp * ab * imbalance)
     dense_bytes = dense_l * 3.0 * tokens * fd / tp * ab
-    out[:, 9] = (layers * per_layer + moe_bytes + dense_bytes) * passes / (profile.hbm_gb_s * 1e9)
+    # Every micro-batch also streams the stage's weights through its GEMMs (once per pass, at the
+    # GEMMs' precision) and adds its gradients into the accumulated ones (read and write at the
+    # gradients' width): a cost per micro-batch that no larger micro-batch pays more of, so that
+    # small micro-batches, and expert GEMMs of few tokens each, are slower than their FLOPs say.
+    dense_params, expert_params = _params_per_rank(model, ep, tp, pp)
+    weight_bytes = (dense_params + expert_params) * (ab * passes + 2.0 * GRAD_BYTES)
+    out[:, 9] = ((layers * per_layer + moe_bytes + dense_bytes) * passes + weight_bytes) / (profile.hbm_gb_s * 1e9)
     out[:, list(PER_MICRO_BATCH)] *= slots[:, None]
 
     # -- once per step -------------------------------------------------------------------------------
-    dense_params, expert_params = _params_per_rank(model, ep, tp, pp)
     stage_ranks = ep * tp * dp
     dp_bw = np.where(topology.spans(stage_ranks), inter, intra)
     g1, g2 = dp * ep, dp
