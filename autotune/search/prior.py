@@ -116,7 +116,8 @@ def feasible(predicted_peak: np.ndarray, cap: float) -> np.ndarray:
 def choose(predicted_log: np.ndarray, candidates: Sequence[Layout], measured: Sequence[tuple[Layout, float, float]],
            pending: Sequence[tuple[Layout, float]], amplitude: float, exclude: set[str],
            rng: np.random.Generator | None = None, failed: Sequence[tuple[Layout, float]] = (),
-           best: float | None = None, fits: np.ndarray | None = None) -> int | None:
+           best: float | None = None, fits: np.ndarray | None = None,
+           peaks: np.ndarray | None = None) -> int | None:
     """Index of the candidate to measure next, or None when every one is excluded.
 
     predicted_log: the calibrated model's log throughput of each candidate; measured: (layout,
@@ -124,8 +125,10 @@ def choose(predicted_log: np.ndarray, candidates: Sequence[Layout], measured: Se
     launches that failed; pending: (layout, predicted log) of the trials still running; exclude:
     keys measured, running, failed or decided; best: the log throughput to improve on (default the
     best measured; the caller passes the best within the memory cap); fits: each candidate's
-    probability of staying within the cap (`feasible`), which weighs its expected improvement.
-    Equal scores go to the higher mean, then (with `rng`) at random.
+    probability of staying within the cap (`feasible`), which weighs its expected improvement;
+    peaks: each candidate's predicted peak memory. Equal scores go to the higher mean, then to the
+    smaller predicted peak (where the model cannot tell two layouts apart, e.g. 1F1B and GPipe, the
+    one with more headroom goes first, as in the model's own order), then (with `rng`) at random.
     """
     open_ = np.array([lay.key not in exclude for lay in candidates], dtype=bool)
     if not open_.any():
@@ -152,6 +155,9 @@ def choose(predicted_log: np.ndarray, candidates: Sequence[Layout], measured: Se
     ties = idx[np.isclose(score[idx], top, rtol=1e-9, atol=1e-15)]
     if len(ties) > 1:
         ties = ties[b.mean[ties] >= b.mean[ties].max() - 1e-12]
+    if len(ties) > 1 and peaks is not None:
+        tie_peaks = np.asarray(peaks, dtype=float)[ties]
+        ties = ties[tie_peaks <= tie_peaks.min()]
     if len(ties) > 1 and rng is not None:
         return int(rng.choice(ties))
     return int(ties[0])

@@ -438,7 +438,7 @@ class LayoutSearcher(Searcher):
         exclude = set(self.known) | self.in_flight | self.decided_without_run
         amplitude = error_scale(self.speed.calibration.loo_log_residuals)
         i = choose(predicted, self.fitting_layouts, measured, pending, amplitude, exclude, self.rng, failed,
-                   max(within) if within else None, self.fitting_fits)
+                   max(within) if within else None, self.fitting_fits, np.asarray(self.fitting_peaks, dtype=float))
         return None if i is None else self.fitting_layouts[i]
 
     def _model_pick(self) -> Layout | None:

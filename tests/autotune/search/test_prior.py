@@ -87,3 +87,21 @@ def test_a_failed_launch_pulls_its_family_down_and_a_layout_likely_over_the_cap_
     pick = choose(pred, cands, measured, [], PRIOR_LOG_SD, {FAMILY_A[0].key}, fits=fits, best=pred[0])
     assert pick != 7
     assert choose(pred, cands, [], [], PRIOR_LOG_SD, set(), fits=fits) == 3  # before any measurement too
+
+
+def test_layouts_the_model_cannot_tell_apart_go_by_memory_headroom_before_the_seed():
+    # 1F1B and GPipe of one layout are predicted equally fast; GPipe holds every micro-batch's
+    # activations. Whatever the seed, the one with the smaller predicted peak is measured first,
+    # before and after a measurement elsewhere.
+    cands = [_lay(pp=2, mb=4, schedule="gpipe"), _lay(pp=2, mb=4), _lay(ep=8, mb=1)]
+    pred = np.log([500.0, 500.0, 300.0])
+    peaks = np.array([37e9, 33e9, 20e9])
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        assert choose(pred, cands, [], [], PRIOR_LOG_SD, set(), rng, peaks=peaks) == 1
+        measured = [(cands[2], float(pred[2]), float(np.log(310.0)))]
+        assert choose(pred, cands, measured, [], PRIOR_LOG_SD, {cands[2].key}, rng, best=float(np.log(310.0)),
+                      peaks=peaks) == 1
+    # Without the peaks the seed decides, and some seed picks GPipe first.
+    picks = {choose(pred, cands, [], [], PRIOR_LOG_SD, set(), np.random.default_rng(s)) for s in range(16)}
+    assert picks == {0, 1}
