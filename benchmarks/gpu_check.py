@@ -26,8 +26,10 @@ a crash or an out-of-memory in one part keeps the others:
   memory a rank with peers holds beyond a lone one is NCCL's, and `calibrated` measures
   `mem_nccl_bytes` from it instead of keeping the profile's estimate;
 * `study`: a 6-trial `autotune run` of `benchmarks/spaces/gpu_check.yaml` over micro-batch,
-  precision and recompute, with its report copied to DIR. It needs ray, optuna, mlflow and
-  pydantic; where they are missing it is skipped, and the JSON says so.
+  precision and recompute, with its report copied to DIR, and the cluster profile the study
+  measured on the card before its first trial (GEMM rates per precision, copy bandwidth) kept
+  in the JSON as `cluster_probe`. It needs ray, optuna, mlflow and pydantic; where they are
+  missing it is skipped, and the JSON says so.
 
 The probe records the torch build (version, git hash, CUDA, NCCL, cuDNN). The parts but the study
 import only torch, numpy-free standard library, the trainable and
@@ -199,6 +201,12 @@ def study_part(device: str, out: Path, limit_s: float, probe: dict[str, Any]) ->
     else:
         row["status"] = "ok" if code == 0 else "no feasible layout"
         row.update(_study_figures(data))
+    probe_row = row.get("cluster_probe")
+    if probe_row:
+        rates = ", ".join(f"{p} {r.get('dense', 0):,.2f}" for p, r in (probe_row.get("gemm_tflops") or {}).items())
+        say("study: cluster profile " + (f"failed: {probe_row['error']}" if probe_row.get("error") else
+                                          f"{'reused' if probe_row.get('reused') else 'measured'} in "
+                                          f"{probe_row.get('wall_s') or 0:.1f} s; dense GEMM TFLOP/s {rates}"))
     say(f"study: {row['status']}" + (f" ({row.get('reason')})" if row.get("reason") else "")
         + (f"; best {row.get('best_layout')} at {row.get('tokens_per_s') or 0:,.0f} tokens/s" if code == 0 else ""))
     return row
@@ -215,7 +223,19 @@ def _study_figures(report: dict[str, Any]) -> dict[str, Any]:
             "reserved_bytes": mem.get("reserved_bytes"), "pred_reserved_bytes": mem.get("predicted_reserved_bytes"),
             "device_bytes": mem.get("device_bytes"), "pred_device_bytes": mem.get("predicted_device_bytes"),
             "verdict": (report.get("verdict") or {}).get("status"), "trials": trials.get("total"),
-            "trial_counts": trials.get("counts_by_status")}
+            "trial_counts": trials.get("counts_by_status"), "cluster_probe": _probe_figures(report)}
+
+
+PROBE_FIELDS = ("device", "device_name", "world", "measured_at", "measure_s", "wall_s", "reused", "error",
+                "gemm_tflops", "gemm_errors", "copy_gb_s", "fits")
+
+
+def _probe_figures(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The cluster profile the study measured on this card before its first trial (GEMM rates per
+    precision, copy bandwidth, collectives' fits): kept with the card's figures, so that a GPU
+    run of this script records what the step-time model started from."""
+    probe = report.get("cluster_probe")
+    return {k: probe.get(k) for k in PROBE_FIELDS} if isinstance(probe, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,6 +159,11 @@ def test_gpu_check_on_cpu_runs_every_part(tmp_path):
     study = parts["study"]
     assert study["best_layout"] and study["tokens_per_s"] > 0 and study["trial_counts"].get("ok", 0) >= 1
     assert (tmp_path / "gpu_check_cpu_study_report.md").stat().st_size > 0
+    # The cluster profile the study measured before its first trial is kept with the figures.
+    probe = study["cluster_probe"]
+    assert probe["error"] is None and probe["device"] == "cpu", probe
+    assert probe["gemm_tflops"]["fp32"]["dense"] > 0 and probe["copy_gb_s"] > 0
+    assert bool(probe["fits"]) == (probe["world"] > 1)  # one rank has no collectives to time
     kernels = {k["part"]: k for k in parts["kernels"]["parts"]}
     assert parts["kernels"]["kernel_goal_met"] and kernels["layer"]["kernels_grouped"] <= 24 < kernels["layer"]["kernels_loop"]
     (world,) = parts["world"]["runs"]  # 4 CPU ranks over gloo: EP and TP at once
