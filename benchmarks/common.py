@@ -85,4 +85,3 @@ def study_in_fresh_process(module: str, args: list[str], what: str, env: dict[st
         if proc.returncode != 0 or not lines:
             raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         return json.loads(lines[-1])
-

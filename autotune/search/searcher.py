@@ -275,7 +275,8 @@ class LayoutSearcher(Searcher):
                 self.known[record.layout.key] = record
         self.fitting = {c.layout.key for c in screening.candidates if c.fits}
         self.fitting_layouts = [c.layout for c in screening.candidates if c.fits]
-        self.fitting_peaks = [c.prediction.total if c.prediction else 0 for c in screening.candidates if c.fits]
+        self.fitting_peaks = np.array([c.prediction.total if c.prediction else 0 for c in screening.candidates if c.fits],
+                                      dtype=float)
         # How the step-time model steers (`study.sampler: auto`: "prior", every pick by expected
         # improvement under the model and its measured error; the others are the benchmark's
         # ablations, see GUIDES). The model is refit on every measured trial.
@@ -286,7 +287,7 @@ class LayoutSearcher(Searcher):
         self.with_loo = self.guide == "prior"
         self.speed = (speed or SpeedModel.of(spec)).fit_records(self.known.values(), with_loo=self.with_loo)
         self.fitting_index = {lay.key: i for i, lay in enumerate(self.fitting_layouts)}
-        self.fitting_fits = feasible(np.asarray(self.fitting_peaks, dtype=float), self.cap)
+        self.fitting_fits = feasible(self.fitting_peaks, self.cap)
         self.rng = np.random.default_rng(spec.study.seed)
         self.turn = 0
         # A study that continues has already started: only a new one opens on a fixed list.
@@ -438,7 +439,7 @@ class LayoutSearcher(Searcher):
         exclude = set(self.known) | self.in_flight | self.decided_without_run
         amplitude = error_scale(self.speed.calibration.loo_log_residuals)
         i = choose(predicted, self.fitting_layouts, measured, pending, amplitude, exclude, self.rng, failed,
-                   max(within) if within else None, self.fitting_fits, np.asarray(self.fitting_peaks, dtype=float))
+                   max(within) if within else None, self.fitting_fits, self.fitting_peaks)
         return None if i is None else self.fitting_layouts[i]
 
     def _model_pick(self) -> Layout | None:
