@@ -227,12 +227,12 @@ def _study_figures(report: dict[str, Any]) -> dict[str, Any]:
 
 
 PROBE_FIELDS = ("device", "device_name", "world", "measured_at", "measure_s", "wall_s", "reused", "error",
-                "gemm_tflops", "gemm_errors", "copy_gb_s", "fits")
+                "gemm_tflops", "gemm_errors", "copy_gb_s", "layer", "fits")
 
 
 def _probe_figures(report: dict[str, Any]) -> dict[str, Any] | None:
     """The cluster profile the study measured on this card before its first trial (GEMM rates per
-    precision, copy bandwidth, collectives' fits): kept with the card's figures, so that a GPU
+    precision, copy bandwidth, a layer's fixed cost, collectives' fits): kept with the card's figures, so that a GPU
     run of this script records what the step-time model started from."""
     probe = report.get("cluster_probe")
     return {k: probe.get(k) for k in PROBE_FIELDS} if isinstance(probe, dict) else None

@@ -419,6 +419,7 @@ def live_profile(data: dict[str, Any]) -> tuple[dict[str, Any], str]:
     out["cluster"]["profile"] = {"base": p.name, "peak_tflops": peaks,
                                  "hbm_gb_s": p.hbm_gb_s, "intra_node_gb_s": p.intra_node_gb_s,
                                  "inter_node_gb_s": p.inter_node_gb_s, "latency_us": p.latency_us,
+                                 "launch_us": p.launch_us,
                                  **{k: getattr(p, k) for k in ("a2a_gb_s", "p2p_gb_s") if getattr(p, k)}}
     how = "reused from this machine's cache" if record.get("reused") else "measured now"
     return out, f"the cluster profile of this machine ({how}, {record['measured_at']})"

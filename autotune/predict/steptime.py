@@ -44,7 +44,10 @@ them (the cluster profile measures each collective), else at `intra_node_gb_s`.
 * optimizer: AdamW reads weights, gradients and two moments and writes three (28 bytes per
   parameter) at memory bandwidth; fp16 adds the loss scaler's unscale and overflow check, bf16
   parameters the write-back from the fp32 master copy.
-* overhead: kernel launches per layer, micro-batch and pass.
+* overhead: a layer's fixed cost per micro-batch and pass (kernel launches, the framework's own
+  work), whatever the tokens: `LAUNCHES_PER_LAYER_PASS` x the profile's `launch_us`, which the
+  cluster probe raises to the floor it measures by running one of the model's blocks, shrunk to a
+  tiny width, on the device.
 * latency: a fixed start-up time per step of each collective's algorithm (2 (g - 1) for a ring
   all-reduce over g ranks: TP all-reduces and the gradient reduction; g - 1 for a pairwise EP
   all-to-all; one per stage send), the alpha of the usual alpha-beta cost; a term of
@@ -86,6 +89,10 @@ DEFAULT_EFFICIENCY: dict[str, float] = {"dense_compute": 0.55, "expert_compute":
                                         "overhead": 1.0, "latency": 1.0, "memory_bound": 0.7}
 ADAMW_BYTES = 28  # per parameter: read weight, gradient, two moments; write weight, two moments
 GRAD_BYTES = 4  # fp32 gradients (the trainable's master weights are fp32)
+# Kernel launches the overhead term counts per layer, micro-batch and pass: a profile's `launch_us` is
+# one of them, so that a layer's fixed cost per micro-batch and pass is this many times it (the
+# cluster probe measures a floor of that cost on the device and divides by this).
+LAUNCHES_PER_LAYER_PASS = 4.0
 
 
 def prior_weights() -> np.ndarray:
@@ -255,7 +262,7 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     # parameters are written back from the fp32 master copy (read 4 bytes, write 2).
     opt_bytes = ADAMW_BYTES + np.where(low == 2, 8.0, 0.0) + np.where(low == 3, 6.0, 0.0)
     out[:, 6] = (dense_params + expert_params) * opt_bytes / (profile.hbm_gb_s * 1e9)
-    launches = slots * layers * passes * 4.0  # the matmuls of a layer's pass (elementwise ones fuse or hide)
+    launches = slots * layers * passes * LAUNCHES_PER_LAYER_PASS
     # Start-up latencies, alpha of the alpha-beta cost, per step of each collective's algorithm: a
     # ring all-reduce over g ranks takes 2 (g - 1) steps, a pairwise all-to-all g - 1, a send one.
     collectives = (slots * (np.where(tp > 1, layers * tp_calls * 2.0 * (tp - 1), 0)

@@ -231,6 +231,7 @@ def _probe_section(result: StudyResult) -> dict[str, Any] | None:
         mine[kind] = max(mine.get(kind, 0.0), g["tflops"])
     out["gemm_tflops"] = rates
     out["copy_gb_s"] = probe.get("copy_gb_s")
+    out["layer"] = probe.get("layer")
     out["fits"] = probe.get("fits", [])
     return out
 

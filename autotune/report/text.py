@@ -90,6 +90,15 @@ def _probe_blocks(probe: dict[str, Any]) -> list[Block]:
     items += [f"GEMM not measured ({e})" for e in probe.get("gemm_errors", [])]
     if probe.get("copy_gb_s"):
         items.append(f"memory copy: {probe['copy_gb_s']:.3g} GB/s")
+    layer = probe.get("layer") or {}
+    if layer.get("seconds"):
+        kept = ("" if layer.get("used", True) else f"; a floor, below the device profile's "
+                f"{layer.get('profile_seconds', 0.0) * 1e3:.3g} ms, which the model keeps")
+        items.append(f"a layer's fixed cost per micro-batch: {layer['seconds'] * 1e3:.3g} ms forward and backward "
+                     f"({'an MoE' if layer.get('moe') else 'a dense'} block at width {layer.get('d_model')}, "
+                     f"{layer.get('tokens')} tokens{kept})")
+    elif layer.get("error"):
+        items.append(f"a layer's fixed cost not measured ({layer['error']})")
     for f in probe.get("fits", []):
         where = " across nodes" if f.get("where") == "across" else ""
         items.append(f"{_COLLECTIVE_NAMES.get(f['kind'], f['kind'])} over {f['group']} ranks{where}: "

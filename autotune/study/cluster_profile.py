@@ -8,7 +8,10 @@ sizes the candidates use (and, on a cluster of several nodes, between two nodes)
 collective's times are fitted to the alpha-beta cost the step-time model uses (a start-up
 latency per algorithm step, a bandwidth over the bytes that cross a link), and the fits replace
 the profile's `latency_us`, `intra_node_gb_s` (`inter_node_gb_s`), `peak_tflops` and `hbm_gb_s`, and
-give the all-to-all and send bandwidths inside a node (`a2a_gb_s`, `p2p_gb_s`).
+give the all-to-all and send bandwidths inside a node (`a2a_gb_s`, `p2p_gb_s`). One block of the
+model, shrunk to a tiny width, run forward and backward, gives a floor of a layer's fixed cost per
+micro-batch (`launch_us`, raised to it where the profile's figure is lower): what makes many small
+micro-batches slower than their FLOPs say, on the device itself rather than a guess.
 
 It costs a few seconds (`PROBE_SECONDS` of measuring, plus starting the ranks, whose warm
 workers the trials then reuse), and is cached per cluster and device (`cache_dir()`), so later
@@ -29,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from autotune.predict.steptime import LAUNCHES_PER_LAYER_PASS
 from autotune.space.devices import DeviceProfile
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
 from autotune.trials.machine import cpu_matmul_shapes
-from autotune.trials.probe import ProbeConfig
+from autotune.trials.probe import ProbeConfig, layer_model
 
 PROBE_SECONDS = {"cpu": 1.0, "cuda": 6.0}  # measuring time on the ranks (start-up not included)
 PROBE_TIMEOUT_S = 120.0
@@ -61,7 +65,8 @@ def probe_world(spec: Spec) -> int:
 
 
 def probe_config(spec: Spec) -> ProbeConfig:
-    """What the probe measures for this space: its GEMM shapes, its group sizes, its message sizes."""
+    """What the probe measures for this space: its GEMM shapes, its group sizes, its message sizes,
+    its block's fixed cost."""
     cfg = spec.model.config()
     world = probe_world(spec)
     device = spec.cluster.device
@@ -78,7 +83,7 @@ def probe_config(spec: Spec) -> ProbeConfig:
     return ProbeConfig(device=device, world=world, gemms=tuple(dict.fromkeys(gemms)),
                        precisions=("fp32", "bf16", "bf16-params"),
                        groups=tuple(sizes), sizes=MESSAGE_BYTES[device], seconds=PROBE_SECONDS[device],
-                       timeout_s=PROBE_TIMEOUT_S)
+                       timeout_s=PROBE_TIMEOUT_S, layer=layer_model(cfg))
 
 
 def cluster_key(spec: Spec, probe: ProbeConfig) -> str:
@@ -95,7 +100,8 @@ def cluster_key(spec: Spec, probe: ProbeConfig) -> str:
     c = spec.cluster
     what = {"nodes": nodes, "device": c.device, "profile": c.profile, "cpus_per_rank": c.cpus_per_rank,
             "ranks_per_node": c.ranks_per_node, "cluster_nodes": c.nodes, "torch": torch_version,
-            "probe": [probe.world, probe.gemms, probe.precisions, probe.groups, probe.sizes, probe.seconds]}
+            "probe": [probe.world, probe.gemms, probe.precisions, probe.groups, probe.sizes, probe.seconds,
+                      probe.layer.to_dict() if probe.layer else None]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -150,6 +156,13 @@ def apply(profile: DeviceProfile, record: dict[str, Any]) -> DeviceProfile:
         changes["inter_node_gb_s"] = across[0]["gb_s"]
     if fits:
         changes["latency_us"] = float(np.median([f["latency_us"] for f in fits]))
+    # A bare block's fixed cost is a floor of a layer's in a real step (which adds communication
+    # calls, hooks and the schedule's own work): it raises the profile's figure, never lowers it. On
+    # this machine's CPU the bare block costs about half of what the CPU grids' calibration finds, and
+    # applying it as it is made the pp grid's search take 7 trials instead of 1.
+    layer = record.get("layer") or {}
+    if layer.get("seconds"):  # forward and backward: 3 passes of the model's count
+        changes["launch_us"] = max(profile.launch_us, layer["seconds"] / (3 * LAUNCHES_PER_LAYER_PASS) * 1e6)
     when = record.get("measured_at", "")
     return replace(profile, **changes, sources={**profile.sources, "probe": f"cluster probe of {when}"})
 
@@ -182,10 +195,14 @@ def measure(spec: Spec) -> dict[str, Any]:
         fits += [dict(f, where="across") for f in fit_collectives(across.get("collectives", []))
                  if f["kind"] != "all_to_all"]
     c = spec.cluster
+    layer = figures.get("layer")
+    if isinstance(layer, dict) and layer.get("seconds"):  # a floor: does it raise the profile's figure?
+        own = c.device_profile().launch_us * 3 * LAUNCHES_PER_LAYER_PASS * 1e-6
+        layer = {**layer, "profile_seconds": own, "used": layer["seconds"] > own}
     return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": probe.world,
             "cores": c.total_ranks * c.cpus_per_rank if c.device == "cpu" else None,
             "device": figures.get("device", spec.cluster.device), "device_name": figures.get("device_name"),
-            "gemms": figures.get("gemms", []), "copy_gb_s": figures.get("copy_gb_s"),
+            "gemms": figures.get("gemms", []), "copy_gb_s": figures.get("copy_gb_s"), "layer": layer,
             "collectives": figures.get("collectives", []), "fits": fits,
             "measure_s": figures.get("seconds"), "wall_s": time.monotonic() - start}
 

@@ -6,6 +6,9 @@ Run by the same rank processes as a trial (`autotune.trials.rank_process`, launc
 * on rank 0's device, the rate of the dense and grouped GEMM shapes the candidates run, per
   precision (`bf16` as autocast runs it, both operands cast from fp32 on every call, as a step
   pays it; `bf16-params` on bf16 operands), and the device's copy bandwidth;
+* on rank 0's device, a layer's fixed cost: one block of the model (its experts, router and
+  attention, every width shrunk to a few values, so that no FLOPs count) forward and backward on a
+  few tokens, the kernel launches and framework work a micro-batch pays per layer whatever its size;
 * over groups of the sizes the candidates use, the time of an all-reduce, an all-to-all and a
   send/recv pair (ping-pong, halved) against message size.
 
@@ -17,12 +20,14 @@ a device profile is the driver's (`autotune.study.cluster_profile`); this module
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
-from trainables.moe.config import ParallelDims
+from trainables.moe.config import ModelConfig, ParallelDims
 
 COLLECTIVES = ("all_reduce", "all_to_all", "send_recv")
+LAYER_TOKENS = 16  # tokens of the layer-cost call: enough for every expert path, too few to compute
+LAYER_WIDTH = 16  # d_model, expert and dense FFN widths of the block whose fixed cost is timed
 MIN_REPS, MAX_REPS = 3, 200
 
 
@@ -37,6 +42,7 @@ class ProbeConfig:
     groups: tuple[int, ...] = (2,)  # collective group sizes (ranks 0..g-1), each <= world
     sizes: tuple[int, ...] = (1 << 12, 1 << 16, 1 << 20)  # message bytes per rank
     seconds: float = 4.0  # measuring time, all points together (start-up not included)
+    layer: ModelConfig | None = None  # the shrunk model whose block's fixed cost is timed; None: not timed
     timeout_s: float = 120.0
 
     @property
@@ -98,6 +104,36 @@ def measure_gemms(cfg: ProbeConfig, device: Any, budget: float) -> list[dict[str
                 continue
             out.append({**row, "seconds": seconds, "tflops": 2.0 * groups * rows * k * n / seconds / 1e12})
     return out
+
+
+def layer_model(cfg: ModelConfig) -> ModelConfig:
+    """The model with every width shrunk to `LAYER_WIDTH` (2 heads): its block runs the same kernels
+    (router, every expert's grouped GEMM, attention, norms) with next to no FLOPs."""
+    return replace(cfg, d_model=LAYER_WIDTH, n_heads=2, ffn_hidden=LAYER_WIDTH, dense_ffn_hidden=LAYER_WIDTH,
+                   vocab_size=LAYER_WIDTH, max_seq_len=max(cfg.max_seq_len, LAYER_TOKENS))
+
+
+def measure_layer(model: ModelConfig, device: Any, budget: float) -> dict[str, Any]:
+    """Seconds of one block's forward and backward on `LAYER_TOKENS` tokens: a MoE block where the
+    model has MoE layers, else a dense one. Recorded with its error where it cannot run."""
+    import torch
+
+    from trainables.moe.model import Block
+
+    moe = model.n_moe_layers > 0 and model.n_experts > 1
+    row: dict[str, Any] = {"moe": moe, "tokens": LAYER_TOKENS, "d_model": model.d_model}
+    try:
+        torch.manual_seed(0)
+        block = Block(model, moe).to(device)
+        x = torch.randn(1, LAYER_TOKENS, model.d_model, device=device, requires_grad=True)
+
+        def call() -> None:
+            block(x).sum().backward()
+
+        row["seconds"] = _rate(call, device, budget)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+        row["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return row
 
 
 def measure_copy(device: Any, budget: float) -> float:
@@ -186,8 +222,10 @@ def iter_probe(cfg: ProbeConfig) -> Iterator[Any]:
     start = time.perf_counter()
     figures: dict[str, Any] = {"type": "probe", "device": device.type, "world": dist.get_world_size()}
     if rank == 0:
-        figures["gemms"] = measure_gemms(cfg, device, 0.4 * cfg.seconds)
+        figures["gemms"] = measure_gemms(cfg, device, 0.35 * cfg.seconds)
         figures["copy_gb_s"] = measure_copy(device, 0.05 * cfg.seconds)
+        if cfg.layer is not None:
+            figures["layer"] = measure_layer(cfg.layer, device, 0.05 * cfg.seconds)
         if device.type == "cuda":
             import torch
 

@@ -177,7 +177,7 @@ def test_gpu_check_on_cpu_runs_every_part(tmp_path):
     # The cluster profile the study measured before its first trial is kept with the figures.
     probe = study["cluster_probe"]
     assert probe["error"] is None and probe["device"] == "cpu", probe
-    assert probe["gemm_tflops"]["fp32"]["dense"] > 0 and probe["copy_gb_s"] > 0
+    assert probe["gemm_tflops"]["fp32"]["dense"] > 0 and probe["copy_gb_s"] > 0 and probe["layer"]["seconds"] > 0
     assert bool(probe["fits"]) == (probe["world"] > 1)  # one rank has no collectives to time
     kernels = {k["part"]: k for k in parts["kernels"]["parts"]}
     assert parts["kernels"]["kernel_goal_met"] and kernels["layer"]["kernels_grouped"] <= 24 < kernels["layer"]["kernels_loop"]

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+from dataclasses import replace
+
 import pytest
 
+from autotune.predict.steptime import LAUNCHES_PER_LAYER_PASS
 from autotune.space.devices import get
 from autotune.space.spec import spec_from_data
 from autotune.study import cluster_profile as cp
@@ -60,6 +63,30 @@ def test_applying_a_record_replaces_what_it_measured_and_keeps_the_rest():
     assert (p.inter_node_gb_s, p.launch_us, p.ranks_per_node) == (base.inter_node_gb_s, base.launch_us,
                                                                   base.ranks_per_node)
     assert cp.apply(base, {"error": "the probe timed out"}) == base
+    # A bare block's fixed cost, forward and backward (3 passes of the model's launches per layer), is
+    # a floor: it raises the profile's figure (300 us a launch, 3.6 ms a layer) and never lowers it.
+    slow = cp.apply(base, {**record, "layer": {"moe": True, "tokens": 16, "seconds": 0.0048}})
+    assert slow.launch_us * 3 * LAUNCHES_PER_LAYER_PASS == pytest.approx(4800.0)
+    assert cp.apply(base, {**record, "layer": {"moe": True, "tokens": 16, "seconds": 0.0012}}).launch_us == base.launch_us
+    assert cp.apply(base, {**record, "layer": {"moe": True, "error": "no kernel"}}).launch_us == base.launch_us
+    h100 = get("H100-SXM")  # 10 us a launch: a bare block of 1.2 ms a layer raises it
+    assert cp.apply(h100, {"layer": {"seconds": 0.0012}}).launch_us == pytest.approx(100.0)
+
+
+def test_the_layer_cost_runs_the_models_own_block_shrunk_to_a_tiny_width():
+    import torch
+
+    from autotune.trials.probe import LAYER_WIDTH, layer_model, measure_layer
+    from trainables.moe.config import preset
+
+    small = layer_model(preset("moe-64e"))  # its 64 experts and top-2 routing, every width 16
+    assert (small.d_model, small.ffn_hidden, small.dense_ffn, small.n_experts, small.top_k) == (
+        LAYER_WIDTH, LAYER_WIDTH, LAYER_WIDTH, 64, 2)
+    moe = measure_layer(small, torch.device("cpu"), 0.05)
+    dense = measure_layer(replace(small, first_dense_layers=small.n_layers), torch.device("cpu"), 0.05)
+    assert moe["moe"] and not dense["moe"] and moe["seconds"] > 0 and dense["seconds"] > 0
+    broken = measure_layer(replace(small, n_heads=3), torch.device("cpu"), 0.05)  # 16 is not divisible by 3
+    assert broken["error"] and "seconds" not in broken
 
 
 @pytest.mark.slow
@@ -77,6 +104,10 @@ def test_the_probe_measures_on_ray_ranks_and_a_later_study_reuses_it(tmp_path, m
         assert not record.get("error") and "reused" not in record, record
         assert {g["precision"] for g in record["gemms"]} == {"fp32", "bf16", "bf16-params"}
         assert all(g["tflops"] > 0 for g in record["gemms"]) and record["copy_gb_s"] > 0
+        assert record["layer"]["moe"] and record["layer"]["seconds"] > 0
+        assert record["layer"]["used"] == (record["layer"]["seconds"] > record["layer"]["profile_seconds"])
+        assert cp.apply(get("cpu"), record).launch_us == pytest.approx(max(
+            get("cpu").launch_us, record["layer"]["seconds"] / (3 * LAUNCHES_PER_LAYER_PASS) * 1e6))
         # Every collective at every message size, on the real ranks (rank 0's clock).
         kinds = {(c["kind"], c["bytes"]) for c in record["collectives"]}
         assert kinds == {(k, s) for k in ("all_reduce", "all_to_all", "send_recv") for s in plan.sizes}

@@ -166,6 +166,7 @@ def test_report_is_written_and_consistent(study_run):
     probe = result.cluster_probe
     assert probe and not probe.get("error") and report["cluster_probe"]["fits"] == probe["fits"]
     assert "## Cluster profile" in text and "all-reduce over 2 ranks" in text
+    assert "a layer's fixed cost per micro-batch" in text and report["cluster_probe"]["layer"]["seconds"] > 0
     stored = optuna.load_study(study_name="e2e", storage=open_storage(spec.study.storage_url())).user_attrs
     assert stored[PROFILE_ATTR] == apply(spec.cluster.device_profile(), probe).to_dict()
 
