@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from trainables.moe.config import ModelConfig, ParallelDims
 
 COLLECTIVES = ("all_reduce", "all_to_all", "send_recv")
-LAYER_TOKENS = 16  # tokens of the layer-cost call: enough for every expert path, too few to compute
+LAYER_TOKENS = 16  # tokens of the layer-cost call: every kernel of the block runs, next to no FLOPs
 LAYER_WIDTH = 16  # d_model, expert and dense FFN widths of the block whose fixed cost is timed
 MIN_REPS, MAX_REPS = 3, 200
 
@@ -115,20 +115,27 @@ def layer_model(cfg: ModelConfig) -> ModelConfig:
 
 def measure_layer(model: ModelConfig, device: Any, budget: float) -> dict[str, Any]:
     """Seconds of one block's forward and backward on `LAYER_TOKENS` tokens: a MoE block where the
-    model has MoE layers, else a dense one. Recorded with its error where it cannot run."""
+    model has MoE layers, else a dense one; under bf16 autocast on a GPU (as GPU trials run, and
+    the grouped GEMMs' fused kernels want), fp32 on a CPU. Recorded with its error where it cannot run."""
     import torch
 
     from trainables.moe.model import Block
 
     moe = model.n_moe_layers > 0 and model.n_experts > 1
-    row: dict[str, Any] = {"moe": moe, "tokens": LAYER_TOKENS, "d_model": model.d_model}
+    low = device.type == "cuda"
+    row: dict[str, Any] = {"moe": moe, "tokens": LAYER_TOKENS, "d_model": model.d_model,
+                           "precision": "bf16" if low else "fp32"}
     try:
         torch.manual_seed(0)
         block = Block(model, moe).to(device)
+        for p in block.parameters():  # expert weights start as uninitialised memory: no NaNs or denormals
+            torch.nn.init.normal_(p, std=0.02)
         x = torch.randn(1, LAYER_TOKENS, model.d_model, device=device, requires_grad=True)
 
         def call() -> None:
-            block(x).sum().backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
+                y = block(x)
+            y.float().sum().backward()
 
         row["seconds"] = _rate(call, device, budget)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
