@@ -105,7 +105,8 @@ def test_steptime_tables_quick():
     assert "grid_tiny_cpu" not in judged and "qwen3_235b_h100_megatron" in judged  # measured here; MoE of 4 rows
     assert "gpt_1b3_v100_megatron_ds" in judged  # dense, 15 rows
     for t in tables.values():
-        assert 0 <= t["loo_top_pick_shortfall"] < 1
+        assert 0 <= t["loo_top_pick_shortfall"] < 1 and 0 <= t["uncalibrated_top_pick_shortfall"] < 1
+        assert (t["uncalibrated_top_pick_shortfall"] == 0) == (t["best_predicted_uncalibrated"] == t["best_measured"])
     for k in judged:  # a MoE table's verdict follows its top pick; a dense table's never does
         if tables[k]["moe"] and tables[k]["loo_top_pick_shortfall"] > data["goal_top_pick_shortfall"]:
             assert data["published_goals_met"][k] is False
