@@ -28,7 +28,7 @@ SPACE = {
     "search": {"ep": [1, 2], "tp": [1], "pp": [1], "world_sizes": [1, 2], "micro_batch_size": [2, 8],
                "global_batch_size": 16, "seq_len": 32, "precision": ["fp32", "bf16"], "recompute": ["none", "full"]},
     "budget": {"trials": 6, "warmup_steps": 1, "measure_steps": 6, "max_concurrent": 2, "trial_timeout_s": 300,
-               "early_stop": True},
+               "early_stop": True, "remeasure_share": 0},  # no re-measuring of tied leaders: not what is tested
     "study": {"name": "stops", "seed": 3, "sampler": "random"},
 }
 
@@ -66,7 +66,7 @@ def test_stopped_trials_leave_no_placement_group_and_no_rank_process(stopped_stu
 def test_no_trial_waits_for_placement_after_it_starts(stopped_study):
     result, _ = stopped_study
     launched = [t for t in result.trials if t.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)]
-    assert len(launched) >= 6  # the budget, plus any re-measures of leaders tied with the best
+    assert len(launched) == 6  # the budget
     assert not [t.reason for t in launched if "could not place" in t.reason]
     waits = {t.number: t.placement_wait_s for t in sorted(launched, key=lambda t: t.number)}
     assert all(w is not None for w in waits.values()), waits
