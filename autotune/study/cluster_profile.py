@@ -123,6 +123,12 @@ def fit_collectives(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def launch_us_of(layer_seconds: float) -> float:
+    """A layer's fixed cost, forward and backward (3 passes), as the step-time model's cost of one
+    launch (`LAUNCHES_PER_LAYER_PASS` of them per layer and pass), in us."""
+    return layer_seconds / (3 * LAUNCHES_PER_LAYER_PASS) * 1e6
+
+
 def apply(profile: DeviceProfile, record: dict[str, Any]) -> DeviceProfile:
     """The profile with the probe's figures in place of its own (those the probe measured)."""
     if record.get("error"):
@@ -161,8 +167,8 @@ def apply(profile: DeviceProfile, record: dict[str, Any]) -> DeviceProfile:
     # this machine's CPU the bare block costs about half of what the CPU grids' calibration finds, and
     # applying it as it is made the pp grid's search take 7 trials instead of 1.
     layer = record.get("layer") or {}
-    if layer.get("seconds"):  # forward and backward: 3 passes of the model's count
-        changes["launch_us"] = max(profile.launch_us, layer["seconds"] / (3 * LAUNCHES_PER_LAYER_PASS) * 1e6)
+    if layer.get("seconds"):
+        changes["launch_us"] = max(profile.launch_us, launch_us_of(layer["seconds"]))
     when = record.get("measured_at", "")
     return replace(profile, **changes, sources={**profile.sources, "probe": f"cluster probe of {when}"})
 
@@ -197,8 +203,8 @@ def measure(spec: Spec) -> dict[str, Any]:
     c = spec.cluster
     layer = figures.get("layer")
     if isinstance(layer, dict) and layer.get("seconds"):  # a floor: does it raise the profile's figure?
-        own = c.device_profile().launch_us * 3 * LAUNCHES_PER_LAYER_PASS * 1e-6
-        layer = {**layer, "profile_seconds": own, "used": layer["seconds"] > own}
+        own = c.device_profile().launch_us  # as a layer's seconds: launch_us_of's inverse
+        layer = {**layer, "profile_seconds": own / launch_us_of(1.0), "used": launch_us_of(layer["seconds"]) > own}
     return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": probe.world,
             "cores": c.total_ranks * c.cpus_per_rank if c.device == "cpu" else None,
             "device": figures.get("device", spec.cluster.device), "device_name": figures.get("device_name"),

@@ -29,6 +29,14 @@ COLLECTIVES = ("all_reduce", "all_to_all", "send_recv")
 LAYER_TOKENS = 16  # tokens of the layer-cost call: every kernel of the block runs, next to no FLOPs
 LAYER_WIDTH = 16  # d_model, expert and dense FFN widths of the block whose fixed cost is timed
 MIN_REPS, MAX_REPS = 3, 200
+# What a device or build raises for a shape or kernel it cannot run (a grouped GEMM's dtype or
+# alignment on an older card): recorded with the measurement, not the end of the probe.
+UNRUNNABLE = (RuntimeError, ValueError, TypeError, NotImplementedError)
+
+
+def _error_line(exc: BaseException) -> str:
+    """The first line of an error, as a record keeps it."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 @dataclass(frozen=True)
@@ -99,8 +107,8 @@ def measure_gemms(cfg: ProbeConfig, device: Any, budget: float) -> list[dict[str
             row = {"precision": precision, "groups": groups, "rows": rows, "k": k, "n": n}
             try:
                 seconds = _rate(call, device, share)
-            except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
-                out.append({**row, "error": (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]})
+            except UNRUNNABLE as exc:
+                out.append({**row, "error": _error_line(exc)})
                 continue
             out.append({**row, "seconds": seconds, "tflops": 2.0 * groups * rows * k * n / seconds / 1e12})
     return out
@@ -138,8 +146,8 @@ def measure_layer(model: ModelConfig, device: Any, budget: float) -> dict[str, A
             y.float().sum().backward()
 
         row["seconds"] = _rate(call, device, budget)
-    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
-        row["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    except UNRUNNABLE as exc:
+        row["error"] = _error_line(exc)
     return row
 
 
