@@ -64,3 +64,12 @@ def redact_url(url: str) -> str:
 
 def has_secret(url: str | None) -> bool:
     return bool(url) and redact(url) != url
+
+
+def error_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:
+    """What a message, a record or the console keeps of an error: its first non-blank line, masked
+    and cut to `limit` characters; an error without text gives `empty` (default: its type's name)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__ if empty is None else empty
+    return redact(lines[0].strip())[:limit]

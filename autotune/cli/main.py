@@ -11,6 +11,7 @@ import typer
 
 from autotune.cli.common import _fail, _load, err, out
 from autotune.cli.validate import validate
+from autotune.redaction import error_line
 from autotune.space.spec import Spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -188,8 +189,7 @@ def _crash_report(spec: Spec, exc: BaseException) -> str:
     except OSError:
         err.print(text, markup=False)
         where = "the traceback is above"
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    return (f"the study stopped on an unexpected {type(exc).__name__}: {first}; trials recorded so far are kept "
+    return (f"the study stopped on an unexpected {type(exc).__name__}: {error_line(exc, empty='')}; trials recorded so far are kept "
             f"(run again with --resume); {where}")
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from autotune.deploy.secrets import written_secrets
-from autotune.redaction import redact
+from autotune.redaction import error_line, redact
 from autotune.settings import RUNS_ENV, TRACKING_ENV, resolve_settings
 from autotune.space.spec import Spec
 
@@ -90,7 +90,7 @@ def _client(address: str):
 
 
 def _explain(address: str, exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = error_line(exc)
     if "401" in text or "Authentication" in text or "403" in text:
         return (f"{address} refused the request ({text[:200]}): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
                 f"(or ~/.ray/auth_token) to the cluster's token")

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from autotune.records.tracking import redact
+from autotune.redaction import error_line
 
 MISSING = ("autotune dashboard needs the optional package optuna-dashboard: "
            "pip install 'autotune[ui]' (or pip install optuna-dashboard), then run it again")
@@ -52,8 +53,7 @@ def serve(study: str, storage_url: str, host: str, port: int, ready: Callable[[s
     except KeyError:
         raise DashboardError(f"storage {shown} holds no study named {study!r}; check the name or --storage") from None
     except Exception as exc:  # a database URL that does not connect
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise DashboardError(f"--storage: cannot open {shown} ({redact(first)}); check the URL, the server and "
+        raise DashboardError(f"--storage: cannot open {shown} ({error_line(exc, 200)}); check the URL, the server and "
                              f"its credentials") from None
     try:
         server = make_server(host, port, wsgi(storage), server_class=_Server, handler_class=_QuietHandler)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from autotune.redaction import redact  # one masking rule for everything written
+from autotune.redaction import error_line, redact  # one masking rule for everything written
 from autotune.schema import INTERVAL_METRICS, LAYOUT_PARAMS, MEMORY_CATEGORIES, SUMMARY_METRICS
 from autotune.space.spec import Spec
 from autotune.trial_record import TrialRecord
@@ -83,7 +83,7 @@ class Tracker:
         except Exception as exc:  # a scheme MLflow has no store for: said by check(), as a config error
             text = str(exc).strip()
             why = (f"MLflow has no store for {uri.split('://', 1)[0]!r} URIs" if "unsupported URI" in text
-                   else redact(text.splitlines()[0] if text else type(exc).__name__)[:200])
+                   else error_line(exc, 200))
             self._refused = (f"tracking.uri: MLflow cannot keep runs at {redact(uri)} ({why}); use a folder, "
                              "sqlite:///FILE.db, http(s)://SERVER or postgresql://USER@HOST/DB")
 
@@ -96,8 +96,7 @@ class Tracker:
                 exp = self.client.get_experiment_by_name(self.experiment)
                 self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         except Exception as exc:  # any failure here means no trial could be recorded
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrackingError(f"tracking store {redact(self.uri)} is not usable ({redact(first)[:300]}); start the server, fix "
+            raise TrackingError(f"tracking store {redact(self.uri)} is not usable ({error_line(exc)}); start the server, fix "
                                 f"tracking.uri / MLFLOW_TRACKING_URI, or drop it to use sqlite:///mlflow.db") from None
 
     # -- study ------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from autotune.predict.steptime import LAUNCHES_PER_LAYER_PASS
+from autotune.redaction import error_line
 from autotune.space.devices import DeviceProfile
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
@@ -227,8 +228,7 @@ def cluster_profile(spec: Spec) -> dict[str, Any]:
     try:
         record = measure(spec)
     except Exception as exc:  # the study goes on with the profile's own figures
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return {"error": first[:500], "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return {"error": error_line(exc, 500), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     record["key"] = key
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from autotune.records.tracking import Tracker, redact
+from autotune.redaction import error_line
 from autotune.schema import SUMMARY_METRICS, Status
 from autotune.search.stats import step_time_interval
 from autotune.space.layout import Layout
@@ -94,8 +95,7 @@ class Recorder(Callback):
         try:
             return getattr(self.tracker, method)(*args)
         except Exception as exc:  # the store went away: keep the study, say so once
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.tracking_error = (f"MLflow at {redact(self.tracker.uri)} stopped answering ({first[:200]}); "
+            self.tracking_error = (f"MLflow at {redact(self.tracker.uri)} stopped answering ({error_line(exc, 200)}); "
                                    f"the records are in the study's Optuna storage: run `autotune sync "
                                    f"{self.spec.study.name}` once it is back")
             self.progress.note(f"warning: {self.tracking_error}")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from autotune.predict.candidates import Candidate, screen
 from autotune.records.results import StudyResult
 from autotune.records.tracking import Tracker, TrackingError, machine_description, public_spec, redact
-from autotune.redaction import mask_values
+from autotune.redaction import error_line, mask_values
 from autotune.settings import resolve
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
@@ -52,18 +52,13 @@ class RunOptions:
     report: bool = True
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return redact(text.splitlines()[0][:300]) if text else type(exc).__name__
-
-
 def _storage_error(spec: Spec, exc: Exception) -> StudyError:
     """The study's storage cannot be opened: a path (OSError) or a database URL that does not connect."""
     where = redact(spec.study.storage_url())
     if isinstance(exc, OSError):
         return StudyError(f"study.storage: cannot use {where} ({exc.strerror or exc}); choose a writable path or a "
                           f"reachable database URL")
-    return StudyError(f"study.storage: cannot use {where} ({_first_line(exc)}); check the URL, the server and its "
+    return StudyError(f"study.storage: cannot use {where} ({error_line(exc)}); check the URL, the server and its "
                       f"credentials")
 
 
@@ -239,7 +234,7 @@ def _run_leased(spec: Spec, spec_text: str, options: RunOptions, screening, trac
             tracker.close_stale(parent)
     except Exception as exc:  # the store answered the preflight but refuses writes (full disk, permissions)
         raise StudyError(f"tracking store {redact(tracker.uri)} refused to record the study "
-                         f"({_first_line(exc)}); free space or fix the store, then run again"
+                         f"({error_line(exc)}); free space or fix the store, then run again"
                          + (" with --resume" if options.resume else "")) from None
     sessions = list(study.user_attrs.get(SESSIONS_ATTR, []))
     session = len(sessions)

@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from autotune.redaction import error_line
 from autotune.schema import Status
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
@@ -195,8 +196,7 @@ def run_command_trial(trial: CommandTrial, placement: CommandPlacement, timeout_
             outcome.reason = f"trial exceeded its {timeout_s:.0f} s budget"
             return outcome
         except RayError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            outcome.status, outcome.reason = Status.CRASHED, f"a node task failed: {first[:300]}"
+            outcome.status, outcome.reason = Status.CRASHED, f"a node task failed: {error_line(exc)}"
             return outcome
         for i, r in enumerate(results):
             outcome.ranks += [{"rank": i * placement.nproc + j, "node": r["node"], "ip": r["ip"]}

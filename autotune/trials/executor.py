@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, NodeDiedError, RayError, RayTaskError, TaskCancelledError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from autotune.redaction import error_line
 from autotune.schema import Status
 from autotune.trials.outcome import TrialOutcome, wait_for_placement
 from autotune.trials.owner import give_back, owner_handle, reserve, start_time
@@ -160,8 +161,7 @@ def _classify(rank: int, exc: BaseException, node_id: str | None) -> tuple[Statu
     Workers on a lost node fail at once, but the node is only declared dead after the GCS
     health checks fail, so a dead worker waits (up to NODE_DEATH_WAIT_S) for that verdict.
     """
-    text = [line for line in str(exc).strip().splitlines() if line.strip()]
-    first = text[0] if text else type(exc).__name__
+    first = error_line(exc, 2000)
     lost = isinstance(exc, NodeDiedError)
     if not lost and not isinstance(exc, RayTaskError) and node_id:
         deadline = time.monotonic() + NODE_DEATH_WAIT_S

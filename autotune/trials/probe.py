@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
+from autotune.redaction import error_line
 from trainables.moe.config import ModelConfig, ParallelDims
 
 COLLECTIVES = ("all_reduce", "all_to_all", "send_recv")
@@ -32,11 +33,6 @@ MIN_REPS, MAX_REPS = 3, 200
 # What a device or build raises for a shape or kernel it cannot run (a grouped GEMM's dtype or
 # alignment on an older card): recorded with the measurement, not the end of the probe.
 UNRUNNABLE = (RuntimeError, ValueError, TypeError, NotImplementedError)
-
-
-def _error_line(exc: BaseException) -> str:
-    """The first line of an error, as a record keeps it."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 @dataclass(frozen=True)
@@ -108,7 +104,7 @@ def measure_gemms(cfg: ProbeConfig, device: Any, budget: float) -> list[dict[str
             try:
                 seconds = _rate(call, device, share)
             except UNRUNNABLE as exc:
-                out.append({**row, "error": _error_line(exc)})
+                out.append({**row, "error": error_line(exc)})
                 continue
             out.append({**row, "seconds": seconds, "tflops": 2.0 * groups * rows * k * n / seconds / 1e12})
     return out
@@ -147,7 +143,7 @@ def measure_layer(model: ModelConfig, device: Any, budget: float) -> dict[str, A
 
         row["seconds"] = _rate(call, device, budget)
     except UNRUNNABLE as exc:
-        row["error"] = _error_line(exc)
+        row["error"] = error_line(exc)
     return row
 
 

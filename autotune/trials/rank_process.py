@@ -54,6 +54,7 @@ def rank_process(cfg: Any, rank: int, world: int, addr: str, port: int, threads:
     import torch
     import torch.distributed as dist
 
+    from autotune.redaction import error_line
     from autotune.schema import Status
     from trainables.moe.train import RankResult, backend_for, iter_run, resolve_device
 
@@ -84,11 +85,10 @@ def rank_process(cfg: Any, rank: int, world: int, addr: str, port: int, threads:
                 conn.send(item)
     except torch.OutOfMemoryError as exc:
         conn.send({"type": "error", "status": Status.OOM.value, "rank": rank,
-                   "reason": f"rank {rank}: out of memory: {str(exc).splitlines()[0]}"})
+                   "reason": f"rank {rank}: out of memory: {error_line(exc, 2000)}"})
     except Exception as exc:  # a trial's failure is data, not a crash of the study
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         conn.send({"type": "error", "status": Status.CRASHED.value, "rank": rank,
-                   "reason": f"rank {rank}: {type(exc).__name__}: {first}"[:2000]})
+                   "reason": f"rank {rank}: {type(exc).__name__}: {error_line(exc, 2000, empty='')}"[:2000]})
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

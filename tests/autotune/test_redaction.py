@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autotune.redaction import redact, redact_url
+from autotune.redaction import error_line, redact, redact_url
 
 
 @pytest.mark.parametrize("text,shown", [
@@ -34,3 +34,12 @@ def test_values_registered_as_secrets_are_masked_in_any_text_and_short_ones_are_
     mask_values([secret, "ab", None])
     assert redact(f"KeyError: {secret!r} rejected; token={secret}") == "KeyError: '***' rejected; token=***"
     assert redact("ab ab") == "ab ab"
+
+
+def test_an_errors_line_is_its_first_text_masked_and_cut_or_its_types_name():
+    exc = RuntimeError("\n  \n(psycopg.OperationalError) connection to postgresql://tuner:hunter22@db:5432/x failed\n"
+                       "DETAIL: the second line is not kept")
+    assert error_line(exc) == "(psycopg.OperationalError) connection to postgresql://tuner:***@db:5432/x failed"
+    assert error_line(exc, 20) == "(psycopg.Operational"
+    assert error_line(KeyError()) == "KeyError"  # no text: its type says what it was
+    assert error_line(ValueError("   "), empty="") == ""  # where the caller already names the type
