@@ -11,7 +11,7 @@ Figures:
   intervals overlap (tied within noise).
 
     python -m benchmarks.early_stop            # the quick-start budget (14 trials), ~2 x 2 min
-    python -m benchmarks.early_stop --quick    # 2 ranks, 2 trials, one Ray for both: checks the script
+    python -m benchmarks.early_stop --quick    # 2 ranks, 2 trials, one Ray for both, no cluster probe: checks the script
 
 Results: benchmarks/results/early_stop.{csv,json} (`early_stop_quick.*` with --quick).
 """
@@ -45,7 +45,7 @@ def space(early_stop: bool, quick: bool, tmp: Path) -> dict[str, Any]:
     data["study"] = {**data.get("study", {}), "name": f"early-stop-{name}", "output_dir": str(tmp / "runs")}
     data["tracking"] = {"experiment": "benchmark-early-stop", "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
     if quick:  # a few short trials on 2 ranks: checks the script, not the figure
-        data["cluster"]["ranks"] = 2
+        data["cluster"].update(ranks=2, probe=False)  # the probe has its own check (benchmarks.cluster_probe)
         data["search"].update(world_sizes=[1, 2], ep=[1, 2], tp=[1], pp=[1], seq_len=32)
         data["budget"].update(trials=2, measure_steps=3, remeasure_share=0)
     return data
