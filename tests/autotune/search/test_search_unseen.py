@@ -16,6 +16,7 @@ from autotune.predict.speedmodel import SpeedModel
 from autotune.predict.steptime import Topology, predict, prior_weights
 from autotune.space.spec import load_spec
 from benchmarks import search_efficiency as se
+from benchmarks.replay import load_table, replay_layout_searcher
 
 ROOT = Path(__file__).resolve().parents[3]
 SPACE = ROOT / "search_spaces" / "seed-16x80gb.yaml"
@@ -51,10 +52,10 @@ def test_an_unseen_table_with_another_optimum_is_found_within_budget(tmp_path):
     se._quiet()
     path, model_pick = _table(tmp_path)
     spec = load_spec(SPACE)
-    table = se.load_table(path, screen(spec).cap_bytes, spec.search.global_batch_size * spec.search.seq_len)
+    table = load_table(path, screen(spec).cap_bytes, spec.search.global_batch_size * spec.search.seq_len)
     assert model_pick not in table.good  # the uncalibrated model would open on the wrong layout
     data = yaml.safe_load(SPACE.read_text())
     for seed in (0, 1):
-        run = se.replay_layout_searcher(data, table, seed)
+        run = replay_layout_searcher(data, table, seed)
         found = run.found_at(table)
         assert found is not None and found <= spec.budget.trials, (seed, run.keys[:found or 40])
