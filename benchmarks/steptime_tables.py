@@ -17,6 +17,10 @@ the leave-one-out top pick (the row whose held-out prediction is fastest) within
 measured best (issue 24).
 The run exits 1 when a goal is missed (not with --quick).
 
+A diagnosis beside the goals, on every published table that ran a layout at two micro-batch
+sizes: that layout's step time split into a fixed cost per layer and micro-batch and a cost per
+layer and sequence (`fixed_costs`), against what the model's overhead term charges.
+
     python -m benchmarks.steptime_tables          # every table (a few seconds)
     python -m benchmarks.steptime_tables --quick  # the same (it is fast); checks the script
 
@@ -42,7 +46,7 @@ from scipy.stats import kendalltau  # noqa: E402
 
 from autotune.space import devices  # noqa: E402
 from autotune.predict.calibrate import leave_one_out  # noqa: E402
-from autotune.predict.steptime import Topology, prior_weights, raw_terms  # noqa: E402
+from autotune.predict.steptime import TERMS, Topology, prior_weights, raw_terms  # noqa: E402
 from autotune.space.layout import Layout  # noqa: E402
 from autotune.space.spec import load_spec  # noqa: E402
 from benchmarks.common import RESULTS, SPACES, machine, say, write_csv, write_json  # noqa: E402
@@ -120,7 +124,7 @@ def evaluate(t: dict[str, Any]) -> dict[str, Any]:
             if loo_tps is not None else None, "tau_flops_only_baseline": _tau(roofline, measured),
             "loo_median_rel_err": float(np.median(err)) if err is not None else None,
             "uncalibrated_median_rel_err": float(np.median(np.abs(tokens / predicted - step) / step)),
-            "best_measured": layouts[best_measured].key,
+            "best_measured": layouts[best_measured].key, "fixed_costs": fixed_costs(t, raw),
             "best_predicted_uncalibrated": layouts[int(np.argmax(predicted))].key,
             # The uncalibrated model's pick, the same measure as the leave-one-out one's: what a study's
             # first launch would get before any calibration.
@@ -130,6 +134,44 @@ def evaluate(t: dict[str, Any]) -> dict[str, Any]:
                          "pred_tokens_per_s_loo": round(float(q), 1) if loo_tps is not None else ""}
                         for lay, m, p, q in zip(layouts, measured, predicted,
                                                 loo_tps if loo_tps is not None else predicted)]}
+
+
+def _layer_slots(lay: Layout, n_layers: int, gbs: int) -> float:
+    """Layer passes of one micro-batch the busiest stage runs in a step: (micro-batches + pp - 1)
+    slots of n_layers / pp layers (the model's own count, `steptime.raw_terms`)."""
+    micro = max(gbs // (lay.micro_batch_size * lay.dp * lay.ep), 1)
+    return (micro + lay.pp - 1) * n_layers / lay.pp
+
+
+def fixed_costs(t: dict[str, Any], raw: np.ndarray) -> list[dict[str, Any]]:
+    """Each layout measured at two micro-batch sizes (all else equal), its step time split into a
+    fixed cost per layer and micro-batch and a cost per layer and sequence: two rows, two unknowns,
+    T = slots x (fixed + per_sequence x micro_batch). Beside it, what the model's overhead term
+    charges per layer and micro-batch (kernel launches at the profile's `launch_us`). A diagnosis,
+    not a goal: where the fixed cost is far above the model's, micro-batch 1 is slower than the
+    model says."""
+    layouts = _layouts(t["rows"])
+    overhead = raw[:, TERMS.index("overhead")] * prior_weights()[TERMS.index("overhead")]
+    groups: dict[tuple, list[int]] = {}
+    for i, lay in enumerate(layouts):
+        groups.setdefault((lay.ep, lay.tp, lay.pp, lay.dp, lay.precision, lay.recompute, lay.schedule), []).append(i)
+    out = []
+    for key, idx in groups.items():
+        sizes = {layouts[i].micro_batch_size: i for i in idx}
+        if len(sizes) != 2:
+            continue
+        (i, j) = sizes.values()
+        a = np.array([[_layer_slots(layouts[n], t["model"].n_layers, t["gbs"]),
+                       _layer_slots(layouts[n], t["model"].n_layers, t["gbs"]) * layouts[n].micro_batch_size]
+                      for n in (i, j)])
+        step = np.array([t["gbs"] * t["seq"] / float(t["rows"][n]["tokens_per_s"]) for n in (i, j)])
+        fixed, per_seq = np.linalg.solve(a, step)
+        model = overhead[i] / _layer_slots(layouts[i], t["model"].n_layers, t["gbs"])
+        out.append({"layout": layouts[i].key.rsplit("/", 4)[0], "micro_batch_sizes": sorted(sizes),
+                    "fixed_ms_per_layer_micro_batch": round(float(fixed) * 1e3, 3),
+                    "ms_per_layer_sequence": round(float(per_seq) * 1e3, 3),
+                    "model_fixed_ms_per_layer_micro_batch": round(float(model) * 1e3, 3)})
+    return out
 
 
 def _f(x: float | None) -> str:
@@ -155,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['uncalibrated_top_pick_shortfall']:.1%} below the best")
         if r["loo_top_pick"] is not None:
             say(f"    leave-one-out top pick {r['loo_top_pick']}: {r['loo_top_pick_shortfall']:.1%} below the best")
+        if r["published"] and r["fixed_costs"]:
+            fc = [c["fixed_ms_per_layer_micro_batch"] for c in r["fixed_costs"]]
+            own = [c["model_fixed_ms_per_layer_micro_batch"] for c in r["fixed_costs"]]
+            say(f"    fixed cost per layer and micro-batch, from {len(fc)} layout(s) measured at two micro-batch "
+                f"sizes: {min(fc):.2f}-{max(fc):.2f} ms (the model's overhead term: {min(own):.3f}-{max(own):.3f} ms)")
         # Issue 24: tau on every published table of >= 5 rows, the top pick on every published MoE table.
         if r["published"] and (applies or r["moe"]):
             tau_ok = not applies or (r["tau_loo_calibrated"] is not None

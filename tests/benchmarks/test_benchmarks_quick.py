@@ -112,6 +112,10 @@ def test_steptime_tables_quick():
             assert data["published_goals_met"][k] is False
     assert data["published_moe_tables"] == sum(1 for k in judged if tables[k]["moe"]
                                                and tables[k]["rows"] >= data["goal_min_rows"])
+    # The fixed cost per layer and micro-batch, from the layouts a table has at two micro-batch sizes.
+    split = tables["qwen3_30b_h100_megatron_bridge"]["fixed_costs"]
+    assert len(split) == 2 and all(c["micro_batch_sizes"] == [1, 4] for c in split)
+    assert not tables["qwen3_235b_h800_pai_megatron"]["fixed_costs"]  # every row at micro-batch 1
 
 
 def test_seed_opening_quick():
