@@ -9,6 +9,8 @@ different CPU share. Each rank reports the CUDA_VISIBLE_DEVICES and thread count
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -26,16 +28,22 @@ CFG = RunConfig(model="tiny", micro_batch_size=2, global_batch_size=2, seq_len=1
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_with_two_fake_gpus():
-    # One CPU's worth of rank tasks at a time, so the second trial lands on the first one's worker.
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
+    # One CPU's worth of rank tasks at a time, so the second trial lands on the first one's worker;
+    # idle workers kept, as a study's own Ray keeps them (autotune.study.runner.warm_workers).
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
+             _system_config={"num_workers_soft_limit": 8})
     yield
     ray.shutdown()
 
 
-@ray.remote(num_cpus=0, num_gpus=1)
+# Its own environment gives it a worker of its own: it cannot take the first trial's idle worker.
+@ray.remote(num_cpus=0, num_gpus=1, runtime_env={"env_vars": {"AUTOTUNE_TEST_GPU_HOLDER": "1"}})
 class GpuHolder:
     def ids(self) -> list[str]:
         return [str(i) for i in ray.get_runtime_context().get_accelerator_ids()["GPU"]]
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def _only_rank(outcome) -> dict:
@@ -52,12 +60,15 @@ def test_each_rank_sees_the_gpus_and_threads_of_its_own_task():
     holder = GpuHolder.remote()
     held = ray.get(holder.ids.remote())
     assert held == first["accelerators"]["GPU"], "the holder was meant to take the first trial's GPU"
-    for _ in range(3):
+    assert ray.get(holder.pid.remote()) != first["worker_pid"]
+    for _ in range(8):
         second = _only_rank(run_trial(CFG, {"CPU": 2.0, "GPU": 1.0}, timeout_s=120))
         if second["worker_pid"] == first["worker_pid"]:
             break
-        # On a loaded machine Ray may lease a new worker before the first one is idle again (CI saw it
-        # once); what is checked here needs the reused one.
+        # On a loaded machine Ray may lease a new worker before the first one is idle again (CI saw
+        # it twice), and later tries then get that newer one (here, with four idle workers, Ray handed
+        # them out newest first): end it, so that the first trial's worker is soon the one left.
+        os.kill(second["worker_pid"], signal.SIGKILL)
         time.sleep(1.0)
     ray.kill(holder)
 
