@@ -168,7 +168,8 @@ def cluster_env() -> dict[str, str]:
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16),
                RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="4",
                RAY_health_check_initial_delay_ms="0", RAY_health_check_timeout_ms="1000",
-               RAY_num_workers_soft_limit="64")  # idle workers kept, as docker/docker-compose.yml keeps them
+               RAY_num_workers_soft_limit="64",  # idle workers kept, as docker/docker-compose.yml keeps them
+               RAY_worker_niceness="0")  # ranks at normal priority, as the compose file runs them
     return env
 
 

@@ -342,7 +342,9 @@ def render_manifests(spec: Spec, space_text: str, *, schedule: str, image: str, 
     # so each trial's ranks started on new workers that import torch first (autotune.study.runner.warm_workers).
     worker_container = {"name": "ray-worker", "image": image, "imagePullPolicy": "IfNotPresent",
                         "securityContext": CONTAINER_SECURITY,
-                        "env": [{"name": "RAY_num_workers_soft_limit", "value": str(shape.ranks + 2)}],
+                        "env": [{"name": "RAY_num_workers_soft_limit", "value": str(shape.ranks + 2)},
+                                # ranks at normal priority, not Ray's nice 15 (autotune.study.runner)
+                                {"name": "RAY_worker_niceness", "value": "0"}],
                         "resources": worker_resources, "volumeMounts": [shm_mount]}
     cluster = {
         "apiVersion": RAY_API, "kind": "RayCluster",

@@ -37,7 +37,8 @@ def record_from_result(number: int, layout: Layout, prediction: dict[str, int], 
             metrics.update(step_time_interval(step_times).as_metrics())
         rank_mem = {r["rank"]: r for r in summary.get("ranks", [])}
         ranks = tuple({**rank_mem.get(r["rank"], {}), "rank": r["rank"], "node": r.get("node"), "ip": r.get("ip"),
-                       "worker_pid": r.get("worker_pid"), **r.get("memory", {})} for r in outcome.get("ranks", []))
+                       "worker_pid": r.get("worker_pid"), "nice": r.get("nice"), **r.get("memory", {})}
+                      for r in outcome.get("ranks", []))
         return TrialRecord(number=number, layout=layout, status=Status(outcome["status"]),
                            reason=outcome.get("reason", ""), metrics=metrics, prediction=prediction, ranks=ranks,
                            losses=tuple(summary.get("losses", [s["loss"] for s in outcome.get("steps", [])

@@ -106,6 +106,14 @@ def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate,
 # The study
 
 
+# Ray starts its workers at nice 15 (RayConfig `worker_niceness`), so that anything else on the node
+# comes first; a trial's ranks are forked from those workers and would inherit it. A training run is
+# measured at normal priority: beside two busy processes on 2 cores, one tiny rank took 84-92 s at
+# nice 15 and 3.7 s at nice 0 (the study's own driver is such a process). The compose file, the
+# manifests and the tests' clusters set RAY_worker_niceness=0 on their nodes for the same reason.
+WORKER_NICENESS = 0
+
+
 def ray_init(spec: Spec, address: str | None) -> bool:
     """Connect to a cluster, or start a local Ray sized for the space. True if we started it."""
     import ray
@@ -123,7 +131,8 @@ def ray_init(spec: Spec, address: str | None) -> bool:
         return True
     # The ranks' CPUs; trial coordinators only hold a sliver of the head node's own resource.
     num_cpus = max(1, math.ceil(spec.cluster.total_ranks * spec.cluster.cpus_per_rank))
-    kwargs["_system_config"] = {"num_workers_soft_limit": warm_workers(spec, num_cpus)}
+    kwargs["_system_config"] = {"num_workers_soft_limit": warm_workers(spec, num_cpus),
+                                "worker_niceness": WORKER_NICENESS}
     try:
         ray.init(num_cpus=num_cpus, **kwargs)
     except Exception as exc:

@@ -256,8 +256,9 @@ def run_trial(cfg: RunConfig, placement: Placement | dict[str, float], strategy:
                 kind = item.get("type")
                 if kind == "started":
                     started[rank] = {k: v for k, v in item.items() if k != "type"}
-                elif kind == "placed":  # what the rank's process runs with (devices, threads)
-                    started.setdefault(rank, {"rank": rank}).update(env=item["env"], torch_threads=item["torch_threads"])
+                elif kind == "placed":  # what the rank's process runs with (devices, threads, priority)
+                    started.setdefault(rank, {"rank": rank}).update(env=item["env"], torch_threads=item["torch_threads"],
+                                                                    nice=item.get("nice"))
                 elif kind == "rendezvous":
                     for r in range(1, world):
                         gens[r] = launch(r, item["addr"], item["port"])

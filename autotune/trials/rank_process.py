@@ -64,7 +64,7 @@ def rank_process(cfg: Any, rank: int, world: int, addr: str, port: int, threads:
             apply_environment(env)
         torch.set_num_threads(max(1, threads))
         conn.send({"type": "placed", "rank": rank, "env": {k: os.environ.get(k) for k in REPORTED_ENV},
-                   "torch_threads": torch.get_num_threads()})
+                   "torch_threads": torch.get_num_threads(), "nice": os.nice(0)})
         timeout = timedelta(seconds=cfg.timeout_s or 600)
         device = resolve_device(cfg.device)
         if device.type == "cuda":

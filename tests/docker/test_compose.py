@@ -111,6 +111,7 @@ def test_workers_scale():
     for name in ("ray-head", "ray-worker", "ray-worker-gpu"):
         env = interpolate(SERVICES[name]["environment"], {"RAY_AUTH_TOKEN": "t", "MLFLOW_AUTH_ADMIN_PASSWORD": "p"})
         assert int(env["RAY_num_workers_soft_limit"]) >= 64, name
+        assert env["RAY_worker_niceness"] == "0", name  # ranks at normal priority, not Ray's nice 15
 
 
 def test_mlflow_on_postgres_with_allowed_hosts_and_basic_auth():

@@ -106,6 +106,7 @@ def test_raycluster_head_and_worker_group(rendered):
     env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
     ranks_per_pod = -(-spec.cluster.total_ranks // group["replicas"])
     assert int(env["RAY_num_workers_soft_limit"]) > ranks_per_pod
+    assert env["RAY_worker_niceness"] == "0"  # ranks at normal priority, not Ray's nice 15
 
 
 def test_every_volume_mount_has_its_volume(rendered):

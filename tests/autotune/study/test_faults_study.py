@@ -357,7 +357,8 @@ def test_a_lost_worker_node_ends_its_trial_as_node_lost_and_it_is_retried_once(t
         data = space(tmp_path, "lost", search={"ep": [1], "tp": [1], "world_sizes": [1],
                                                 "micro_batch_size": [1, 2, 4], "precision": ["fp32"],
                                                 "recompute": ["none", "full"]},
-                     budget={"trials": 4, "max_concurrent": 2, "measure_steps": 60},  # long enough to be caught mid-run
+                     # long enough to be caught mid-run: at normal priority 60 steps ended before the kill
+                     budget={"trials": 4, "max_concurrent": 2, "measure_steps": 200},
                      cluster={"probe": False})  # a probe's rank on node 2 would be killed instead of a trial's
         lost = threading.Event()
 
@@ -368,7 +369,7 @@ def test_a_lost_worker_node_ends_its_trial_as_node_lost_and_it_is_retried_once(t
                     nodes = [n for n in ray.nodes() if "node2" in n["Resources"] and n["Alive"]]
                     raylet = cluster.raylet_of(nodes[0]["NodeID"]) if nodes else None
                 if raylet is not None and rank_processes(str(cluster.root), raylet):
-                    time.sleep(1.0)
+                    time.sleep(0.5)
                     os.kill(raylet, signal.SIGKILL)
                     lost.set()
                 time.sleep(0.2)

@@ -29,9 +29,10 @@ CFG = RunConfig(model="tiny", micro_batch_size=2, global_batch_size=2, seq_len=1
 @pytest.fixture(scope="module", autouse=True)
 def ray_with_two_fake_gpus():
     # One CPU's worth of rank tasks at a time, so the second trial lands on the first one's worker;
-    # idle workers kept, as a study's own Ray keeps them (autotune.study.runner.warm_workers).
+    # idle workers kept and run at normal priority, as a study's own Ray keeps and runs them
+    # (autotune.study.runner: warm_workers, WORKER_NICENESS).
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
-             _system_config={"num_workers_soft_limit": 8})
+             _system_config={"num_workers_soft_limit": 8, "worker_niceness": 0})
     yield
     ray.shutdown()
 

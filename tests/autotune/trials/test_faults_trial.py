@@ -29,7 +29,8 @@ BUNDLE = {"CPU": 1.0}
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    # ranks at normal priority, as a study's own Ray runs them (autotune.study.runner.WORKER_NICENESS)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", _system_config={"worker_niceness": 0})
     yield
     ray.shutdown()
 
