@@ -156,17 +156,17 @@ def fixed_costs(t: dict[str, Any], raw: np.ndarray) -> list[dict[str, Any]]:
     for i, lay in enumerate(layouts):
         groups.setdefault((lay.ep, lay.tp, lay.pp, lay.dp, lay.precision, lay.recompute, lay.schedule), []).append(i)
     out = []
-    for key, idx in groups.items():
+    for idx in groups.values():
         sizes = {layouts[i].micro_batch_size: i for i in idx}
         if len(sizes) != 2:
             continue
-        (i, j) = sizes.values()
-        a = np.array([[_layer_slots(layouts[n], t["model"].n_layers, t["gbs"]),
-                       _layer_slots(layouts[n], t["model"].n_layers, t["gbs"]) * layouts[n].micro_batch_size]
-                      for n in (i, j)])
-        step = np.array([t["gbs"] * t["seq"] / float(t["rows"][n]["tokens_per_s"]) for n in (i, j)])
+        pair = tuple(sizes.values())
+        slots = [_layer_slots(layouts[n], t["model"].n_layers, t["gbs"]) for n in pair]
+        a = np.array([[s, s * layouts[n].micro_batch_size] for s, n in zip(slots, pair)])
+        step = np.array([t["gbs"] * t["seq"] / float(t["rows"][n]["tokens_per_s"]) for n in pair])
         fixed, per_seq = np.linalg.solve(a, step)
-        model = overhead[i] / _layer_slots(layouts[i], t["model"].n_layers, t["gbs"])
+        i = pair[0]
+        model = overhead[i] / slots[0]
         out.append({"layout": layouts[i].key.rsplit("/", 4)[0], "micro_batch_sizes": sorted(sizes),
                     "fixed_ms_per_layer_micro_batch": round(float(fixed) * 1e3, 3),
                     "ms_per_layer_sequence": round(float(per_seq) * 1e3, 3),
