@@ -161,15 +161,17 @@ class Cluster:
         wait_gone(left, 10)
 
 
-def cluster_env() -> dict[str, str]:
+def cluster_env(ray_priority: bool = False) -> dict[str, str]:
     """Token auth on with this session's token (tests/conftest.py), fast node-death detection, and
-    the deployment's idle-worker limit."""
+    the deployment's idle-worker limit. Workers at normal priority, as the compose file runs them,
+    unless `ray_priority` leaves Ray's own nice 15, as on a cluster started by hand."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16),
                RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="4",
                RAY_health_check_initial_delay_ms="0", RAY_health_check_timeout_ms="1000",
-               RAY_num_workers_soft_limit="64",  # idle workers kept, as docker/docker-compose.yml keeps them
-               RAY_worker_niceness="0")  # ranks at normal priority, as the compose file runs them
+               RAY_num_workers_soft_limit="64")  # idle workers kept, as docker/docker-compose.yml keeps them
+    if not ray_priority:
+        env["RAY_worker_niceness"] = "0"
     return env
 
 
@@ -179,25 +181,27 @@ def own_ports(head: bool = False) -> list[str]:
     return flags + [f"--ray-client-server-port={free_port()}"] if head else flags
 
 
-def start_cluster(nodes: list[dict], dashboard: bool = False, attempts: int = 3) -> Cluster:
-    """nodes[0] is the head; each is {"num_cpus": n, "resources": {...}}.
+def start_cluster(nodes: list[dict], dashboard: bool = False, attempts: int = 3,
+                  ray_priority: bool = False) -> Cluster:
+    """nodes[0] is the head; each is {"num_cpus": n, "resources": {...}}. `ray_priority`: see
+    cluster_env.
 
     A loaded machine sometimes fails a node's start (a port taken meanwhile, a slow GCS): the
     whole cluster is then torn down and started again on fresh ports.
     """
     for attempt in range(attempts):
         try:
-            return _start_cluster(nodes, dashboard)
+            return _start_cluster(nodes, dashboard, ray_priority)
         except RuntimeError:
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _start_cluster(nodes: list[dict], dashboard: bool) -> Cluster:
+def _start_cluster(nodes: list[dict], dashboard: bool, ray_priority: bool) -> Cluster:
     root = Path(tempfile.mkdtemp(prefix="atr", dir="/tmp"))  # short: socket paths have a length limit
     port = free_port()
-    env = cluster_env()
+    env = cluster_env(ray_priority)
     cluster = Cluster(root=root, port=port, env=env, nodes=nodes)
     # Every node of a machine would take Ray's fixed default ports for its dashboard agent (52365)
     # and a head for its client server (10001): on one machine, beside other clusters of the

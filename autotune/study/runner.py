@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from autotune.predict.candidates import Candidate, screen
 from autotune.records.results import StudyResult
@@ -110,8 +110,13 @@ def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate,
 # comes first; a trial's ranks are forked from those workers and would inherit it. A training run is
 # measured at normal priority: beside two busy processes on 2 cores, one tiny rank took 84-92 s at
 # nice 15 and 3.7 s at nice 0 (the study's own driver is such a process). The compose file, the
-# manifests and the tests' clusters set RAY_worker_niceness=0 on their nodes for the same reason.
+# manifests and most of the tests' clusters also set RAY_worker_niceness=0 on their nodes.
 WORKER_NICENESS = 0
+# On a cluster the study connects to, the same setting travels in the study's job-level runtime
+# environment: a worker reads RayConfig from its environment and does not lower its own priority,
+# whatever its node was started with (Ray's job supervisor runs its own actor this way). Job-level,
+# so every worker of the study shares one pool, as without it.
+PRIORITY_ENV = "RAY_worker_niceness"
 
 
 def ray_init(spec: Spec, address: str | None) -> bool:
@@ -127,7 +132,7 @@ def ray_init(spec: Spec, address: str | None) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False,
                               "configure_logging": False}
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, runtime_env=connected_runtime_env(os.environ), **kwargs)
         return True
     # The ranks' CPUs; trial coordinators only hold a sliver of the head node's own resource.
     num_cpus = max(1, math.ceil(spec.cluster.total_ranks * spec.cluster.cpus_per_rank))
@@ -144,6 +149,23 @@ def ray_init(spec: Spec, address: str | None) -> bool:
         ray.shutdown()
         ray.init(num_cpus=num_cpus, **kwargs)
     return True
+
+
+def connected_runtime_env(environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """The study's runtime environment on a cluster it connects to: its ranks at WORKER_NICENESS.
+
+    Inside a Ray job (`autotune deploy`, `ray job submit`) Ray merges this with the job's own
+    environment and refuses a variable set by both: where the job already sets the priority, the
+    job's choice stands."""
+    job = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job:
+        try:
+            env_vars = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            env_vars = {}
+        if PRIORITY_ENV in env_vars:
+            return None
+    return {"env_vars": {PRIORITY_ENV: str(WORKER_NICENESS)}}
 
 
 def warm_workers(spec: Spec, num_cpus: int) -> int:

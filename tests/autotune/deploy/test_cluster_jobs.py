@@ -42,8 +42,10 @@ def stack(tmp_path_factory):
     try:
         server = start_mlflow_server(pg.create_database("mlflow"), tmp)
         optuna_url = pg.create_database("optuna")
-        # Two nodes of one rank each: a world-2 trial has to span both.
-        cluster = start_cluster([{"num_cpus": 1}, {"num_cpus": 1, "resources": {"node2": 1}}], dashboard=True)
+        # Two nodes of one rank each: a world-2 trial has to span both. Started as by hand, its
+        # workers at Ray's own nice 15.
+        cluster = start_cluster([{"num_cpus": 1}, {"num_cpus": 1, "resources": {"node2": 1}}], dashboard=True,
+                                ray_priority=True)
         yield tmp, pg, server, cluster, optuna_url
     finally:
         if cluster:
@@ -117,6 +119,8 @@ def test_a_study_submitted_twice_continues_on_both_nodes(stack):
 
     nodes_per_trial = [{r["node"] for r in t.ranks} for t in launched if t.ok]
     assert len(set().union(*nodes_per_trial)) == 2, nodes_per_trial  # trials ran on both nodes
+    # ... at normal priority: the job's driver asks for it (autotune.study.runner.connected_runtime_env)
+    assert {r["nice"] for t in launched if t.ok for r in t.ranks} == {0}
     # The first job measured the cluster before its first trial: one rank per node, so the
     # collectives were timed between the two nodes, and the network's figures are the profile's.
     probe = result.cluster_probe

@@ -287,9 +287,12 @@ def test_tracking_server_dying_mid_study_loses_nothing(tmp_path):
 
 
 def test_a_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path):
-    """SIGKILL to `autotune run` on a real Ray cluster mid-study, then `run --resume`."""
-    cluster = start_cluster([{"num_cpus": 2}])
+    """SIGKILL to `autotune run` on a real Ray cluster mid-study, then `run --resume`. The cluster is
+    started as by hand, its workers at Ray's nice 15: the study's ranks run at normal priority all the same."""
+    cluster = start_cluster([{"num_cpus": 2}], ray_priority=True)
     try:
+        with cluster.client() as ray:
+            assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == 15  # the cluster's own default
         data = space(tmp_path, "crash", budget={"trials": 5, "measure_steps": 3})
         path = tmp_path / "space.yaml"
         path.write_text(yaml.safe_dump(data))
@@ -333,6 +336,7 @@ def test_a_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path):
             assert next(t for t in after.trials if t.number == number).to_dict() == record
         ran = launched(after)
         assert len(ran) == 5 and len({t.layout.key for t in ran}) == 5  # none re-run
+        assert {r["nice"] for t in ran for r in t.ranks} == {0}  # autotune.study.runner.connected_runtime_env
         study = optuna.load_study(study_name="crash", storage=open_storage(storage))
         assert not [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
         client = MlflowClient(tracking_uri=data["tracking"]["uri"])

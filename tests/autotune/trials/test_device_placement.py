@@ -17,6 +17,7 @@ import pytest
 import ray
 
 from autotune.schema import Status
+from autotune.study.runner import WORKER_NICENESS
 from autotune.trials.executor import run_trial
 from trainables.moe.run_config import RunConfig
 
@@ -32,7 +33,7 @@ def ray_with_two_fake_gpus():
     # idle workers kept and run at normal priority, as a study's own Ray keeps and runs them
     # (autotune.study.runner: warm_workers, WORKER_NICENESS).
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
-             _system_config={"num_workers_soft_limit": 8, "worker_niceness": 0})
+             _system_config={"num_workers_soft_limit": 8, "worker_niceness": WORKER_NICENESS})
     yield
     ray.shutdown()
 
