@@ -46,7 +46,7 @@ from scipy.stats import kendalltau  # noqa: E402
 
 from autotune.space import devices  # noqa: E402
 from autotune.predict.calibrate import leave_one_out  # noqa: E402
-from autotune.predict.steptime import TERMS, Topology, prior_weights, raw_terms  # noqa: E402
+from autotune.predict.steptime import TERMS, Topology, layer_slots, prior_weights, raw_terms  # noqa: E402
 from autotune.space.layout import Layout  # noqa: E402
 from autotune.space.spec import load_spec  # noqa: E402
 from benchmarks.common import RESULTS, SPACES, machine, say, write_csv, write_json  # noqa: E402
@@ -136,13 +136,6 @@ def evaluate(t: dict[str, Any]) -> dict[str, Any]:
                                                 loo_tps if loo_tps is not None else predicted)]}
 
 
-def _layer_slots(lay: Layout, n_layers: int, gbs: int) -> float:
-    """Layer passes of one micro-batch the busiest stage runs in a step: (micro-batches + pp - 1)
-    slots of n_layers / pp layers (the model's own count, `steptime.raw_terms`)."""
-    micro = max(gbs // (lay.micro_batch_size * lay.dp * lay.ep), 1)
-    return (micro + lay.pp - 1) * n_layers / lay.pp
-
-
 def fixed_costs(t: dict[str, Any], raw: np.ndarray) -> list[dict[str, Any]]:
     """Each layout measured at two micro-batch sizes (all else equal), its step time split into a
     fixed cost per layer and micro-batch and a cost per layer and sequence: two rows, two unknowns,
@@ -161,7 +154,7 @@ def fixed_costs(t: dict[str, Any], raw: np.ndarray) -> list[dict[str, Any]]:
         if len(sizes) != 2:
             continue
         pair = tuple(sizes.values())
-        slots = [_layer_slots(layouts[n], t["model"].n_layers, t["gbs"]) for n in pair]
+        slots = layer_slots(t["model"].n_layers, [layouts[n] for n in pair], t["gbs"])
         a = np.array([[s, s * layouts[n].micro_batch_size] for s, n in zip(slots, pair)])
         step = np.array([t["gbs"] * t["seq"] / float(t["rows"][n]["tokens_per_s"]) for n in pair])
         fixed, per_seq = np.linalg.solve(a, step)

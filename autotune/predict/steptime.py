@@ -169,6 +169,19 @@ def _columns(layouts: Sequence[Layout]) -> tuple[np.ndarray, ...]:
     return (*nums, *codes)
 
 
+def _slots(ep: np.ndarray, pp: np.ndarray, dp: np.ndarray, mb: np.ndarray, global_batch_size: int) -> np.ndarray:
+    micro = np.maximum(np.floor(global_batch_size / (mb * dp * ep)), 1)
+    return micro + pp - 1
+
+
+def layer_slots(n_layers: int, layouts: Sequence[Layout], global_batch_size: int) -> np.ndarray:
+    """Layer passes of one micro-batch that the busiest stage runs in a step: (micro-batches + pp - 1)
+    slots of n_layers / pp layers. The count every per-micro-batch term is charged by, for
+    benchmarks that split a measured step the same way."""
+    ep, _tp, pp, dp, mb, *_ = _columns(layouts)
+    return _slots(ep, pp, dp, mb, global_batch_size) * n_layers / pp
+
+
 def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: int, seq_len: int,
               profile: DeviceProfile, topology: Topology = Topology(),
               imbalance: np.ndarray | float = 1.0, sequence_parallel: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -189,8 +202,7 @@ def raw_terms(model: ModelConfig, layouts: Sequence[Layout], global_batch_size: 
     moe = n_moe_total / pp
     dense_l = layers - moe
     tokens = mb * seq_len
-    micro = np.maximum(np.floor(global_batch_size / (mb * dp * ep)), 1)
-    slots = micro + pp - 1
+    slots = _slots(ep, pp, dp, mb, global_batch_size)
     ab = np.where(low >= 1, 2.0, 4.0)  # activation bytes
     peak = np.select([low == 0, low == 1, low == 3], [profile.peak_flops("fp32"), profile.peak_flops("bf16"),
                                                      profile.peak_flops("bf16-params")], profile.peak_flops("fp16"))

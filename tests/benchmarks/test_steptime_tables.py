@@ -3,7 +3,7 @@ layout at two micro-batch sizes, split into a fixed and a per-sequence part. Che
 
 from __future__ import annotations
 
-from benchmarks.steptime_tables import _layer_slots, _layouts, fixed_costs, raw_terms
+from benchmarks.steptime_tables import _layouts, fixed_costs, raw_terms
 from autotune.space import devices
 from autotune.predict.steptime import Topology
 from trainables.moe.config import ModelConfig
@@ -23,8 +23,8 @@ def test_two_micro_batch_sizes_of_one_layout_give_back_the_fixed_and_the_per_seq
     fixed, per_seq = 0.004, 0.0015  # seconds per layer and micro-batch, per layer and sequence
     rows = []
     for ep, pp, mb in ((2, 2, 4), (2, 2, 1), (4, 1, 2)):  # the last layout has one size only: no split
-        lay = _layouts([_row(ep, 1, pp, 1, mb, 1.0)])[0]
-        rows.append(_row(ep, 1, pp, 1, mb, _layer_slots(lay, MODEL.n_layers, GBS) * (fixed + per_seq * mb)))
+        slots = (GBS // (mb * ep) + pp - 1) * MODEL.n_layers / pp  # micro-batches and bubble, layers per stage
+        rows.append(_row(ep, 1, pp, 1, mb, slots * (fixed + per_seq * mb)))
     table = {"rows": rows, "model": MODEL, "gbs": GBS, "seq": SEQ}
     raw, _ = raw_terms(MODEL, _layouts(rows), GBS, SEQ, devices.get("H100-SXM"), Topology(8))
     (got,) = fixed_costs(table, raw)

@@ -11,8 +11,8 @@ from autotune.space import devices
 from autotune.predict.calibrate import Calibration, calibrate, fit_weights, leave_one_out
 from autotune.predict.candidates import screen
 from autotune.predict.speedmodel import SpeedModel
-from autotune.predict.steptime import (PER_MICRO_BATCH, TERMS, Topology, _params_per_rank, predict, prior_weights,
-                                       raw_terms)
+from autotune.predict.steptime import (PER_MICRO_BATCH, TERMS, Topology, _params_per_rank, layer_slots, predict,
+                                       prior_weights, raw_terms)
 from autotune.search.searcher import MAX_OPENING_BUBBLE, opening, warm_start_size
 from autotune.space.layout import Layout
 from autotune.space.spec import load_spec
@@ -46,6 +46,13 @@ def test_bubble_is_the_pipeline_share_of_the_micro_batch_terms():
     assert t.bubble_s[0] == pytest.approx(per_mb * 3 / 5)
     # More micro-batches (smaller ones) shrink it.
     assert _one(L(pp=4, dp=4, mb=1))["bubble"] / _one(L(pp=4, dp=4, mb=1))["pred_step_time_s"] < t.bubble_frac[0]
+
+
+def test_layer_slots_count_micro_batches_bubble_and_layers_per_stage():
+    # 64 / (mb 8 x dp 4) = 2 micro-batches + 3 bubble slots, of n_layers / 4 layers; a micro-batch
+    # larger than the batch still runs once.
+    got = layer_slots(MODEL.n_layers, [L(pp=4, dp=4, mb=8), L(ep=2, dp=2, mb=2), L(dp=16, mb=8)], 64)
+    assert got.tolist() == pytest.approx([5 * MODEL.n_layers / 4, 8 * MODEL.n_layers, MODEL.n_layers])
 
 
 def test_leaving_the_node_costs_network_bandwidth():
