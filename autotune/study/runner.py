@@ -113,9 +113,9 @@ def make_trial_config(spec: Spec, number: int, layout: Layout, cand: Candidate,
 # manifests and most of the tests' clusters also set RAY_worker_niceness=0 on their nodes.
 WORKER_NICENESS = 0
 # On a cluster the study connects to, the same setting travels in the study's job-level runtime
-# environment: a worker reads RayConfig from its environment and does not lower its own priority,
-# whatever its node was started with (Ray's job supervisor runs its own actor this way). Job-level,
-# so every worker of the study shares one pool, as without it.
+# environment: a worker takes RayConfig's worker_niceness from its own environment, whatever its
+# node was started with (Ray's job supervisor runs its own actor this way; measured here: tasks at
+# nice 0 on a node at 15). Job-level, so every worker of the study shares one pool, as without it.
 PRIORITY_ENV = "RAY_worker_niceness"
 
 
