@@ -21,6 +21,7 @@ SPREAD_LIMIT = 1.25  # step_time_p90 / median
 IMBALANCE_LIMIT = 2.0  # max tokens on one expert / mean
 DROPPED_LIMIT = 0.01  # fraction of routed tokens
 TOKENS_TOLERANCE = 0.005  # tokens_per_s against global batch x seq_len / step time
+NORMAL_PRIORITY = 0  # a rank's niceness; Ray's workers default to 15 (autotune.study.runner.WORKER_NICENESS)
 
 
 def _cap_bytes(result: StudyResult) -> float:
@@ -124,7 +125,32 @@ def _checks(result: StudyResult, best: TrialRecord, unit: dict[str, Any]) -> lis
                    else " (a deployment run must use every rank)")
     checks.append(_check("world_size", "world size = cluster ranks", world == ranks, not searched or world == ranks,
                          world, ranks, detail))
+    checks.append(_priority_check(result))
     return checks
+
+
+def _priority_check(result: StudyResult) -> dict[str, Any]:
+    """Whether the layouts were compared at normal priority: a rank at a lower one waits behind
+    everything else on its node (at Ray's default nice 15 a tiny rank beside two busy processes ran
+    23-25x slower), so its throughput says more about the node's other work than about its layout."""
+    ran = [t for t in result.ok_trials() if t.ranks]
+    nice = {t.number: [r.get("nice") for r in t.ranks] for t in ran}
+    recorded = {n: [v for v in vals if v is not None] for n, vals in nice.items()}
+    recorded = {n: vals for n, vals in recorded.items() if vals}
+    name = f"ranks at normal priority (nice {NORMAL_PRIORITY})"
+    if not recorded:
+        return _check("ranks_priority", name, None, False, None, NORMAL_PRIORITY, "priority not recorded")
+    low = {n: max(vals) for n, vals in recorded.items() if max(vals) > NORMAL_PRIORITY}
+    worst = max((max(vals) for vals in recorded.values()), default=NORMAL_PRIORITY)
+    if not low:
+        detail = f"every rank of the {plural(len(recorded), 'measured trial')} ran at nice {NORMAL_PRIORITY}"
+    else:
+        numbers = ", ".join(f"#{n}" for n in sorted(low)[:5]) + (f" and {len(low) - 5} more" if len(low) > 5 else "")
+        detail = (f"{plural(len(low), 'trial')} of {len(recorded)} ran ranks at nice up to {worst} ({numbers}): "
+                  f"they yield to everything else on their nodes, so their throughput may not be their layout's; "
+                  f"start the cluster's nodes with RAY_worker_niceness=0, or let the study set it on connecting "
+                  f"(a job that sets the variable itself keeps its value)")
+    return _check("ranks_priority", name, not low, False, worst, NORMAL_PRIORITY, detail)
 
 
 def _tie_line(standing: dict[str, Any] | None) -> list[str]:

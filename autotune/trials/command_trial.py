@@ -152,7 +152,7 @@ def _node_main(trial: CommandTrial, node_rank: int, nnodes: int, nproc: int, mas
         how = f" (metrics_preset {trial.metrics_preset})" if trial.metrics_preset else ""
         reason = f"derived{how}: " + "; ".join(f"{k} = {v}" for k, v in sorted(out.derived.items()))
     return {"status": out.status.value, "reason": reason, "summary": out.summary, "steps": out.steps,
-            "node": node, "ip": ray.util.get_node_ip_address(),
+            "node": node, "ip": ray.util.get_node_ip_address(), "nice": os.nice(0),  # the command's priority
             "log": str(out.log_path)}
 
 
@@ -199,7 +199,7 @@ def run_command_trial(trial: CommandTrial, placement: CommandPlacement, timeout_
             outcome.status, outcome.reason = Status.CRASHED, f"a node task failed: {error_line(exc)}"
             return outcome
         for i, r in enumerate(results):
-            outcome.ranks += [{"rank": i * placement.nproc + j, "node": r["node"], "ip": r["ip"]}
+            outcome.ranks += [{"rank": i * placement.nproc + j, "node": r["node"], "ip": r["ip"], "nice": r.get("nice")}
                               for j in range(placement.nproc)]
         failed = [(i, r) for i, r in enumerate(results) if r["status"] != Status.OK.value]
         if failed:

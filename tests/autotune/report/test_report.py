@@ -23,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("Study", "Verdict", "Best layout", "Memory", "Throughput and latency", "Experts and loss",
             "Validation checks", "Top", "Trials by status", "Plots", "Launch")
 CHECK_IDS = {"peak_within_cap", "memory_prediction", "loss_decreasing", "throughput_stable", "expert_balance",
-             "tokens_dropped", "tokens_consistent", "memory_adds_up", "world_size"}
+             "tokens_dropped", "tokens_consistent", "memory_adds_up", "world_size", "ranks_priority"}
 
 
 def make_spec(cluster: dict[str, Any] | None = None, search: dict[str, Any] | None = None,
@@ -169,6 +169,9 @@ def test_real_study_json_holds_verdict_best_and_checks_with_figures(real_report)
     assert report["best"]["key"] == best.layout.key
     assert {c["id"] for c in report["checks"]} == CHECK_IDS
     for c in report["checks"]:
+        if c["id"] == "ranks_priority":  # launched here without Ray, whose worker records it (test_study)
+            assert c["passed"] is None and c["detail"] == "priority not recorded"
+            continue
         assert c["passed"] is not None and c["figure"] is not None and c["detail"], c
     gating_ok = all(c["passed"] for c in report["checks"] if c["gates"])
     assert report["verdict"]["ready"] is gating_ok
@@ -328,6 +331,31 @@ def test_warning_checks_do_not_gate_ready():
     assert len(report["verdict"]["warnings"]) == 2
     md = render_markdown(report)
     assert "no (warning)" in md and "Warnings (do not gate READY)" in md
+
+
+def test_ranks_below_normal_priority_are_a_warning_that_names_the_trials():
+    from dataclasses import replace
+
+    spec = make_spec()
+    records = [ok_record(spec, n, lay(4, mb=mb), 0.12 + n / 100, parts_of(11.0)) for n, mb in ((0, 2), (1, 8))]
+
+    def at(record, *nice):
+        return replace(record, ranks=tuple({"rank": i, "nice": v} for i, v in enumerate(nice)))
+
+    def priority(trials):
+        report = build_report(study(spec, trials))
+        return report, next(c for c in report["checks"] if c["id"] == "ranks_priority")
+
+    _, check = priority(records)  # records without the figure (older runs, other launchers)
+    assert check["passed"] is None and check["detail"] == "priority not recorded"
+    _, check = priority([at(records[0], 0, 0, 0, 0), at(records[1], 0, 0, 0, 0)])
+    assert check["passed"] is True and check["detail"] == "every rank of the 2 measured trials ran at nice 0"
+    report, check = priority([at(records[0], 0, 0, 0, 0), at(records[1], 0, 15, 0, 0)])
+    assert check["passed"] is False and check["gates"] is False and check["figure"] == 15
+    assert check["detail"].startswith("1 trial of 2 ran ranks at nice up to 15 (#1)")
+    assert "RAY_worker_niceness=0" in check["detail"]
+    assert report["verdict"]["status"] == "READY"
+    assert any(w.startswith("ranks at normal priority (nice 0)") for w in report["verdict"]["warnings"])
 
 
 def test_fewer_ranks_than_the_cluster_is_said_and_gates_only_a_deployment_run():

@@ -163,6 +163,8 @@ def test_report_is_written_and_consistent(study_run):
     text = (spec.study.directory() / "report" / "report.md").read_text()
     assert best.layout.name in text and "torchrun" in text
     assert json.dumps(report)  # serialisable as written
+    priority = next(c for c in report["checks"] if c["id"] == "ranks_priority")
+    assert priority["passed"] is True and priority["figure"] == 0, priority
     # The cluster was measured (or its figures reused) before the first trial; the step-time
     # model's profile, kept with the study, is the device profile with those figures.
     probe = result.cluster_probe
