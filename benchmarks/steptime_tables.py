@@ -19,7 +19,8 @@ The run exits 1 when a goal is missed (not with --quick).
 
 A diagnosis beside the goals, on every published table that ran a layout at two micro-batch
 sizes: that layout's step time split into a fixed cost per layer and micro-batch and a cost per
-layer and sequence (`fixed_costs`), against what the model's overhead term charges.
+layer and sequence (`fixed_costs`), beside the model's own predictions for those rows split the
+same way.
 
     python -m benchmarks.steptime_tables          # every table (a few seconds)
     python -m benchmarks.steptime_tables --quick  # the same (it is fast); checks the script
@@ -139,12 +140,16 @@ def evaluate(t: dict[str, Any]) -> dict[str, Any]:
 def fixed_costs(t: dict[str, Any], raw: np.ndarray) -> list[dict[str, Any]]:
     """Each layout measured at two micro-batch sizes (all else equal), its step time split into a
     fixed cost per layer and micro-batch and a cost per layer and sequence: two rows, two unknowns,
-    T = slots x (fixed + per_sequence x micro_batch). Beside it, what the model's overhead term
-    charges per layer and micro-batch (kernel launches at the profile's `launch_us`). A diagnosis,
-    not a goal: where the fixed cost is far above the model's, micro-batch 1 is slower than the
-    model says."""
+    T = slots x (fixed + per_sequence x micro_batch). The model's own predictions for the same two
+    rows are split the same way, so the two fixed costs compare like with like (the model's holds
+    its launches, the weights' traffic per micro-batch, collective latencies and its share of the
+    once-per-step terms); its overhead term alone (kernel launches at the profile's `launch_us`) is
+    given beside. A diagnosis, not a goal: where the measured fixed cost is far above the model's,
+    micro-batch 1 is slower than the model says."""
     layouts = _layouts(t["rows"])
-    overhead = raw[:, TERMS.index("overhead")] * prior_weights()[TERMS.index("overhead")]
+    prior = prior_weights()
+    predicted = raw @ prior
+    overhead = raw[:, TERMS.index("overhead")] * prior[TERMS.index("overhead")]
     groups: dict[tuple, list[int]] = {}
     for i, lay in enumerate(layouts):
         groups.setdefault((lay.ep, lay.tp, lay.pp, lay.dp, lay.precision, lay.recompute, lay.schedule), []).append(i)
@@ -153,17 +158,19 @@ def fixed_costs(t: dict[str, Any], raw: np.ndarray) -> list[dict[str, Any]]:
         sizes = {layouts[i].micro_batch_size: i for i in idx}
         if len(sizes) != 2:
             continue
-        pair = tuple(sizes.values())
+        pair = list(sizes.values())
         slots = layer_slots(t["model"].n_layers, [layouts[n] for n in pair], t["gbs"])
         a = np.array([[s, s * layouts[n].micro_batch_size] for s, n in zip(slots, pair)])
         step = np.array([t["gbs"] * t["seq"] / float(t["rows"][n]["tokens_per_s"]) for n in pair])
         fixed, per_seq = np.linalg.solve(a, step)
+        model_fixed, model_per_seq = np.linalg.solve(a, predicted[pair])
         i = pair[0]
-        model = overhead[i] / slots[0]
         out.append({"layout": layouts[i].key.rsplit("/", 4)[0], "micro_batch_sizes": sorted(sizes),
                     "fixed_ms_per_layer_micro_batch": round(float(fixed) * 1e3, 3),
                     "ms_per_layer_sequence": round(float(per_seq) * 1e3, 3),
-                    "model_fixed_ms_per_layer_micro_batch": round(float(model) * 1e3, 3)})
+                    "model_fixed_ms_per_layer_micro_batch": round(float(model_fixed) * 1e3, 3),
+                    "model_ms_per_layer_sequence": round(float(model_per_seq) * 1e3, 3),
+                    "model_overhead_ms_per_layer_micro_batch": round(float(overhead[i] / slots[0]) * 1e3, 3)})
     return out
 
 
@@ -191,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         if r["loo_top_pick"] is not None:
             say(f"    leave-one-out top pick {r['loo_top_pick']}: {r['loo_top_pick_shortfall']:.1%} below the best")
         if r["published"] and r["fixed_costs"]:
-            fc = [c["fixed_ms_per_layer_micro_batch"] for c in r["fixed_costs"]]
-            own = [c["model_fixed_ms_per_layer_micro_batch"] for c in r["fixed_costs"]]
-            say(f"    fixed cost per layer and micro-batch, from {len(fc)} layout(s) measured at two micro-batch "
-                f"sizes: {min(fc):.2f}-{max(fc):.2f} ms (the model's overhead term: {min(own):.3f}-{max(own):.3f} ms)")
+            say(f"    fixed cost per layer and micro-batch, from {len(r['fixed_costs'])} layout(s) measured at two "
+                f"micro-batch sizes, measured / the model's (its launches alone):")
+            for c in r["fixed_costs"]:
+                say(f"      {c['layout']:<18} mb {c['micro_batch_sizes']}: {c['fixed_ms_per_layer_micro_batch']:.2f} / "
+                    f"{c['model_fixed_ms_per_layer_micro_batch']:.2f} ms "
+                    f"({c['model_overhead_ms_per_layer_micro_batch']:.2f} ms); per layer and sequence "
+                    f"{c['ms_per_layer_sequence']:.2f} / {c['model_ms_per_layer_sequence']:.2f} ms")
         # Issue 24: tau on every published table of >= 5 rows, the top pick on every published MoE table.
         if r["published"] and (applies or r["moe"]):
             tau_ok = not applies or (r["tau_loo_calibrated"] is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from benchmarks.steptime_tables import _layouts, fixed_costs, raw_terms
 from autotune.space import devices
-from autotune.predict.steptime import Topology
+from autotune.predict.steptime import Topology, prior_weights
 from trainables.moe.config import ModelConfig
 
 MODEL = ModelConfig(vocab_size=1024, d_model=256, n_layers=8, n_heads=4, ffn_hidden=512, n_experts=8, top_k=2,
@@ -31,5 +31,12 @@ def test_two_micro_batch_sizes_of_one_layout_give_back_the_fixed_and_the_per_seq
     assert got["micro_batch_sizes"] == [1, 4] and got["layout"] == "EP2_TP1_PP2_DP1"
     assert abs(got["fixed_ms_per_layer_micro_batch"] - 4.0) < 1e-3
     assert abs(got["ms_per_layer_sequence"] - 1.5) < 1e-3
-    # The model's own charge: its overhead term, launches at the profile's launch_us, per layer pass.
-    assert 0 < got["model_fixed_ms_per_layer_micro_batch"] < 1.0
+    # The model's own predictions split the same way: its launches are part of its fixed cost.
+    assert 0 < got["model_overhead_ms_per_layer_micro_batch"] < got["model_fixed_ms_per_layer_micro_batch"]
+    predicted = raw @ prior_weights()
+    mb = [int(r["micro_batch_size"]) for r in rows[:2]]
+    for n in range(2):  # the split gives the model's two step times back
+        slots = (GBS // (mb[n] * 2) + 1) * MODEL.n_layers / 2
+        back = slots * (got["model_fixed_ms_per_layer_micro_batch"] + got["model_ms_per_layer_sequence"] * mb[n]) / 1e3
+        rounding = slots * 0.0005 * (1 + mb[n]) / 1e3  # both figures are given to 0.001 ms
+        assert abs(back - predicted[n]) <= rounding < 0.05 * predicted[n]
