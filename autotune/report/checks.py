@@ -133,7 +133,7 @@ def _priority_check(result: StudyResult) -> dict[str, Any]:
     """Whether the layouts were compared at normal priority: a rank at a lower one waits behind
     everything else on its node (at Ray's default nice 15 a tiny rank beside two busy processes ran
     23-25x slower), so its throughput says more about the node's other work than about its layout."""
-    ran = [t for t in result.ok_trials() if t.ranks]
+    ran = [t for t in result.trials if t.ok and t.ranks]  # every successful run, re-measures included
     nice = {t.number: [r.get("nice") for r in t.ranks] for t in ran}
     recorded = {n: [v for v in vals if v is not None] for n, vals in nice.items()}
     recorded = {n: vals for n, vals in recorded.items() if vals}
