@@ -133,15 +133,14 @@ def _priority_check(result: StudyResult) -> dict[str, Any]:
     """Whether the layouts were compared at normal priority: a rank at a lower one waits behind
     everything else on its node (at Ray's default nice 15 a tiny rank beside two busy processes ran
     23-25x slower), so its throughput says more about the node's other work than about its layout."""
-    ran = [t for t in result.trials if t.ok and t.ranks]  # every successful run, re-measures included
-    nice = {t.number: [r.get("nice") for r in t.ranks] for t in ran}
-    recorded = {n: [v for v in vals if v is not None] for n, vals in nice.items()}
+    recorded = {t.number: [r["nice"] for r in t.ranks if r.get("nice") is not None]
+                for t in result.trials if t.ok}  # every successful run, re-measures included
     recorded = {n: vals for n, vals in recorded.items() if vals}
     name = f"ranks at normal priority (nice {NORMAL_PRIORITY})"
     if not recorded:
         return _check("ranks_priority", name, None, False, None, NORMAL_PRIORITY, "priority not recorded")
     low = {n: max(vals) for n, vals in recorded.items() if max(vals) > NORMAL_PRIORITY}
-    worst = max((max(vals) for vals in recorded.values()), default=NORMAL_PRIORITY)
+    worst = max(max(vals) for vals in recorded.values())
     if not low:
         detail = f"every rank of the {plural(len(recorded), 'measured trial')} ran at nice {NORMAL_PRIORITY}"
     else:

@@ -117,6 +117,8 @@ WORKER_NICENESS = 0
 # node was started with (Ray's job supervisor runs its own actor this way; measured here: tasks at
 # nice 0 on a node at 15). Job-level, so every worker of the study shares one pool, as without it.
 PRIORITY_ENV = "RAY_worker_niceness"
+# Where Ray's job supervisor hands a job's driver the job's config (ray._private.runtime_env.constants).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def ray_init(spec: Spec, address: str | None) -> bool:
@@ -157,7 +159,7 @@ def connected_runtime_env(environ: Mapping[str, str]) -> dict[str, Any] | None:
     Inside a Ray job (`autotune deploy`, `ray job submit`) Ray merges this with the job's own
     environment and refuses a variable set by both: where the job already sets the priority, the
     job's choice stands."""
-    job = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    job = environ.get(JOB_CONFIG_ENV)
     if job:
         try:
             env_vars = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
