@@ -10,6 +10,11 @@ from autotune.schema import Status
 from autotune.space.layout import Layout
 
 
+# A rank's niceness when it runs at normal priority; Ray starts its workers at 15
+# (autotune.study.runner.WORKER_NICENESS).
+NORMAL_PRIORITY = 0
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     """One trial, launched or not. `metrics` uses the schema's names (autotune.schema)."""
@@ -40,6 +45,12 @@ class TrialRecord:
         tied leader (those have a budget of their own)."""
         return (self.status not in (Status.PRUNED_BY_MEMORY_MODEL, Status.INVALID)
                 and not self.reason.startswith(TIE_REMEASURE))
+
+    @property
+    def nice(self) -> int | None:
+        """The lowest priority (highest niceness) any of its ranks ran at, where they recorded it."""
+        values = [r["nice"] for r in self.ranks if r.get("nice") is not None]
+        return max(values) if values else None
 
     @property
     def tokens_per_s(self) -> float:

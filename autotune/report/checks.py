@@ -14,14 +14,17 @@ from typing import Any
 from autotune.records.results import StudyResult
 from autotune.report.format import fmt_dropped, fmt_error, fmt_loss, fmt_mem, fmt_ms, fmt_num, fmt_tokens, plural
 from autotune.schema import MEMORY_CATEGORIES
-from autotune.trial_record import TrialRecord
+from autotune.trial_record import NORMAL_PRIORITY, TrialRecord
 
 PREDICTION_TOLERANCE = 0.10  # |predicted - measured| / measured peak
 SPREAD_LIMIT = 1.25  # step_time_p90 / median
 IMBALANCE_LIMIT = 2.0  # max tokens on one expert / mean
 DROPPED_LIMIT = 0.01  # fraction of routed tokens
 TOKENS_TOLERANCE = 0.005  # tokens_per_s against global batch x seq_len / step time
-NORMAL_PRIORITY = 0  # a rank's niceness; Ray's workers default to 15 (autotune.study.runner.WORKER_NICENESS)
+# What a rank below normal priority means and how to mend it (the report's check, the console's warning).
+PRIORITY_ADVICE = ("they yield to everything else on their nodes, so their throughput may not be their layout's; "
+                   "start the cluster's nodes with RAY_worker_niceness=0, or let the study set it on connecting "
+                   "(a job that sets the variable itself keeps its value)")
 
 
 def _cap_bytes(result: StudyResult) -> float:
@@ -133,22 +136,18 @@ def _priority_check(result: StudyResult) -> dict[str, Any]:
     """Whether the layouts were compared at normal priority: a rank at a lower one waits behind
     everything else on its node (at Ray's default nice 15 a tiny rank beside two busy processes ran
     23-25x slower), so its throughput says more about the node's other work than about its layout."""
-    recorded = {t.number: [r["nice"] for r in t.ranks if r.get("nice") is not None]
-                for t in result.trials if t.ok}  # every successful run, re-measures included
-    recorded = {n: vals for n, vals in recorded.items() if vals}
+    recorded = {t.number: t.nice for t in result.trials if t.ok and t.nice is not None}  # re-measures too
     name = f"ranks at normal priority (nice {NORMAL_PRIORITY})"
     if not recorded:
         return _check("ranks_priority", name, None, False, None, NORMAL_PRIORITY, "priority not recorded")
-    low = {n: max(vals) for n, vals in recorded.items() if max(vals) > NORMAL_PRIORITY}
-    worst = max(max(vals) for vals in recorded.values())
+    low = sorted(n for n, nice in recorded.items() if nice > NORMAL_PRIORITY)
+    worst = max(recorded.values())
     if not low:
         detail = f"every rank of the {plural(len(recorded), 'measured trial')} ran at nice {NORMAL_PRIORITY}"
     else:
-        numbers = ", ".join(f"#{n}" for n in sorted(low)[:5]) + (f" and {len(low) - 5} more" if len(low) > 5 else "")
+        numbers = ", ".join(f"#{n}" for n in low[:5]) + (f" and {len(low) - 5} more" if len(low) > 5 else "")
         detail = (f"{plural(len(low), 'trial')} of {len(recorded)} ran ranks at nice up to {worst} ({numbers}): "
-                  f"they yield to everything else on their nodes, so their throughput may not be their layout's; "
-                  f"start the cluster's nodes with RAY_worker_niceness=0, or let the study set it on connecting "
-                  f"(a job that sets the variable itself keeps its value)")
+                  f"{PRIORITY_ADVICE}")
     return _check("ranks_priority", name, not low, False, worst, NORMAL_PRIORITY, detail)
 
 

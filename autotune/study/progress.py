@@ -15,7 +15,8 @@ from autotune.records.results import StudyResult
 from autotune.schema import Status
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
-from autotune.trial_record import TrialRecord
+from autotune.report.checks import PRIORITY_ADVICE
+from autotune.trial_record import NORMAL_PRIORITY, TrialRecord
 
 # Proposals the searcher answers without a run (autotune/search/searcher.py), by kind: the words
 # the summary line uses for one of them and for several.
@@ -67,6 +68,7 @@ class Progress:
         self.done = self.failed = self.pruned = self.invalid = 0
         self.best: TrialRecord | None = self._study_best()
         self._live: Live | None = None
+        self._priority_said = False  # the warning on ranks below normal priority, once per round
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "Progress":
@@ -128,6 +130,10 @@ class Progress:
             self._line(f"trial {record.number:>3} {record.status.value:<7} {record.layout.key}: "
                        f"{record.tokens_per_s:,.0f} tok/s"
                        + (f", peak {peak / 1e6:.1f} MB" if peak else ""))
+            if record.nice is not None and record.nice > NORMAL_PRIORITY and not self._priority_said:
+                self._priority_said = True
+                self._line(f"warning: trial {record.number}'s ranks ran at nice {record.nice}, below normal "
+                           f"priority: {PRIORITY_ADVICE}")
         else:
             self.failed += 1
             self._line(f"trial {record.number:>3} {record.status.value:<7} {record.layout.key}: {record.reason}")

@@ -51,6 +51,24 @@ def test_proposals_answered_without_a_run_are_listed_once_the_round_ends():
     assert lines[-1].startswith("[0:00] done 0")
 
 
+def test_ranks_below_normal_priority_are_said_once_at_the_first_such_trial():
+    spec = make_spec()
+    out = io.StringIO()
+    p = Progress("unit", 4, None, live=False, stream=out, spec=spec)
+
+    def at(number, *nice):
+        record = ok_record(spec, number, lay(ep=2, mb=2 + number), 0.1, parts_of(10))
+        return replace(record, ranks=tuple({"rank": i, "nice": v} for i, v in enumerate(nice)))
+
+    p.finished(at(0, 0, 0))
+    assert "warning" not in out.getvalue()
+    p.finished(at(1, 0, 15))
+    p.finished(at(2, 15, 15))
+    warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: trial 1's ranks ran at nice 15, below normal")
+    assert "RAY_worker_niceness=0" in warnings[0]
+
+
 def test_numbers_as_ranges():
     assert numbers_text([14, 7, 9, 15, 16]) == "7, 9, 14-16"
     assert numbers_text([3]) == "3" and numbers_text([]) == ""
