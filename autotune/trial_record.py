@@ -11,7 +11,7 @@ from autotune.space.layout import Layout
 
 
 # A rank's niceness when it runs at normal priority; Ray starts its workers at 15
-# (autotune.study.runner.WORKER_NICENESS).
+# (autotune.study.connect.WORKER_NICENESS).
 NORMAL_PRIORITY = 0
 
 

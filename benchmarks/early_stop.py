@@ -84,7 +84,7 @@ def _one_ray(quick: bool, tmp: Path):
     import ray
 
     from autotune.space.spec import spec_from_data
-    from autotune.study.runner import ray_init
+    from autotune.study.connect import ray_init
 
     ray_init(spec_from_data(space(False, True, tmp)), None)
     try:

@@ -147,7 +147,7 @@ def live_profile(data: dict[str, Any]) -> tuple[dict[str, Any], str]:
     (`autotune/study/cluster_profile.py`, cached per cluster), not the `cpu` placeholders."""
     from autotune.space.devices import PRECISIONS
     from autotune.study.cluster_profile import apply, cluster_profile
-    from autotune.study.runner import ray_init
+    from autotune.study.connect import ray_init
 
     spec = with_study(data, 0)
     if spec.cluster.device != "cpu" or spec.cluster.profile is not None or not spec.cluster.probe:

@@ -2,13 +2,13 @@
 
 Ray kills idle worker processes beyond a soft limit. Left at Ray's default (-1), the local Ray of
 a study killed workers between trials, so a trial's ranks often started on a new worker that
-imports torch before it can fork the rank (`autotune.study.runner.warm_workers`). This runs the same
+imports torch before it can fork the rank (`autotune.study.connect.warm_workers`). This runs the same
 study both ways, each in a fresh process with its own Ray, MLflow store and Optuna journal,
 interleaved and in alternating order (default first in odd rounds, warm first in even ones) so
 that machine drift hits both alike:
 
 * default: `num_workers_soft_limit = -1`, Ray's default, as the study ran before;
-* warm: the limit `autotune.study.runner.warm_workers` gives for the space (the study's behaviour now).
+* warm: the limit `autotune.study.connect.warm_workers` gives for the space (the study's behaviour now).
 
 Figures per side: the median trial's wall time (`TrialRecord.duration_s`: placement group to
 ranks reaped), the study's wall time (`run_study`, Ray start to report), and how many rank starts
@@ -47,12 +47,12 @@ def one_study(side: str, trials: int, folder: Path, remeasure: bool = True) -> d
     """Run the quick-start study once in this process; `side` picks Ray's idle-worker limit."""
     import yaml
 
-    import autotune.study.runner as study_module
+    import autotune.study.connect as connect_module
     from autotune.space.spec import spec_from_data
     from autotune.study.runner import RunOptions, run_study
 
     if side == "default":
-        study_module.warm_workers = lambda spec, num_cpus: -1  # Ray's own default
+        connect_module.warm_workers = lambda spec, num_cpus: -1  # Ray's own default (ray_init reads it here)
     data = yaml.safe_load(SPACE.read_text())
     data["budget"]["trials"] = trials
     if not remeasure:  # --quick: the script's path, without the end-of-study round
@@ -61,7 +61,7 @@ def one_study(side: str, trials: int, folder: Path, remeasure: bool = True) -> d
     data["study"]["output_dir"] = str(folder / "runs")
     text = yaml.safe_dump(data)
     spec = spec_from_data(data)
-    limit = study_module.warm_workers(spec, 0)
+    limit = connect_module.warm_workers(spec, 0)
     started = time.monotonic()
     result = run_study(spec, text, RunOptions(live=False))
     wall = time.monotonic() - started

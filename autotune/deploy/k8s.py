@@ -339,11 +339,11 @@ def render_manifests(spec: Spec, space_text: str, *, schedule: str, image: str, 
     head_container["env"] += [{"name": n, "valueFrom": {"secretKeyRef": {"name": names.secrets, "key": n}}}
                               for n in driver_secrets(spec)]
     # Ray kills idle workers beyond a soft limit; at its default a node killed them between trials,
-    # so each trial's ranks started on new workers that import torch first (autotune.study.runner.warm_workers).
+    # so each trial's ranks started on new workers that import torch first (autotune.study.connect.warm_workers).
     worker_container = {"name": "ray-worker", "image": image, "imagePullPolicy": "IfNotPresent",
                         "securityContext": CONTAINER_SECURITY,
                         "env": [{"name": "RAY_num_workers_soft_limit", "value": str(shape.ranks + 2)},
-                                # ranks at normal priority, not Ray's nice 15 (autotune.study.runner)
+                                # ranks at normal priority, not Ray's nice 15 (autotune.study.connect)
                                 {"name": "RAY_worker_niceness", "value": "0"}],
                         "resources": worker_resources, "volumeMounts": [shm_mount]}
     cluster = {

@@ -119,7 +119,7 @@ def test_a_study_submitted_twice_continues_on_both_nodes(stack):
 
     nodes_per_trial = [{r["node"] for r in t.ranks} for t in launched if t.ok]
     assert len(set().union(*nodes_per_trial)) == 2, nodes_per_trial  # trials ran on both nodes
-    # ... at normal priority: the job's driver asks for it (autotune.study.runner.connected_runtime_env)
+    # ... at normal priority: the job's driver asks for it (autotune.study.connect.connected_runtime_env)
     assert {r["nice"] for t in launched if t.ok for r in t.ranks} == {0}
     # The first job measured the cluster before its first trial: one rank per node, so the
     # collectives were timed between the two nodes, and the network's figures are the profile's.

@@ -13,7 +13,7 @@ from autotune.predict.steptime import LAUNCHES_PER_LAYER_PASS
 from autotune.space.devices import get
 from autotune.space.spec import spec_from_data
 from autotune.study import cluster_profile as cp
-from autotune.study.runner import WORKER_NICENESS
+from autotune.study.connect import WORKER_NICENESS
 
 
 def _spec(cpus_per_rank: float = 1.0, **search):
@@ -99,7 +99,7 @@ def test_the_probe_measures_on_ray_ranks_and_a_later_study_reuses_it(tmp_path, m
     plan = cp.probe_config(spec)
     assert plan.world == 2 and plan.groups == (2,) and plan.precisions == ("fp32", "bf16", "bf16-params")
     assert any(g[0] == 8 for g in plan.gemms)  # the grouped expert GEMM, every expert
-    # the probe's ranks at normal priority, as a study's own Ray runs them (runner.WORKER_NICENESS)
+    # the probe's ranks at normal priority, as a study's own Ray runs them (connect.WORKER_NICENESS)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
              _system_config={"worker_niceness": WORKER_NICENESS})
     try:

@@ -58,7 +58,7 @@ def test_a_study_tunes_the_toy_trainer_through_its_command(tmp_path, channel):
     for t in launched:
         assert t.tokens_per_s > 0
         assert len(t.ranks) == t.layout.world_size and all(r["node"] for r in t.ranks)
-        assert {r["nice"] for r in t.ranks} == {0}  # the command ran at normal priority (autotune.study.runner)
+        assert {r["nice"] for r in t.ranks} == {0}  # the command ran at normal priority (autotune.study.connect)
         node0 = spec.study.directory() / "trials" / f"{t.number:04d}" / "node0"
         log = (node0 / "command.log").read_text()
         assert f"EP{t.layout.ep}_TP{t.layout.tp}_" in log  # the layout reached the program

@@ -336,7 +336,7 @@ def test_a_killed_driver_resumes_without_losing_or_rerunning_trials(tmp_path):
             assert next(t for t in after.trials if t.number == number).to_dict() == record
         ran = launched(after)
         assert len(ran) == 5 and len({t.layout.key for t in ran}) == 5  # none re-run
-        assert {r["nice"] for t in ran for r in t.ranks} == {0}  # autotune.study.runner.connected_runtime_env
+        assert {r["nice"] for t in ran for r in t.ranks} == {0}  # autotune.study.connect.connected_runtime_env
         study = optuna.load_study(study_name="crash", storage=open_storage(storage))
         assert not [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
         client = MlflowClient(tracking_uri=data["tracking"]["uri"])

@@ -46,7 +46,7 @@ def test_a_failing_program_that_prints_its_secret_leaves_it_nowhere(tmp_path, mo
     spec = spec_from_data(data)
     import ray
 
-    from autotune.study.runner import ray_init
+    from autotune.study.connect import ray_init
 
     ray_init(spec, None)  # the study's own Ray, kept up after the study to read what its GCS recorded
     try:

@@ -86,7 +86,7 @@ def test_trials_run_their_ranks_on_warm_workers(study_run):
     assert all(len(w) == t.layout.world_size for w, t in zip(workers, launched))
     # at most one worker per rank of the cluster (one more for a worker handed back a moment late)
     assert len(set().union(*workers)) <= spec.cluster.total_ranks + 1, workers
-    # ... at normal priority, not the nice 15 Ray gives its workers (autotune.study.runner.WORKER_NICENESS)
+    # ... at normal priority, not the nice 15 Ray gives its workers (autotune.study.connect.WORKER_NICENESS)
     assert {r["nice"] for t in launched for r in t.ranks} == {0}
 
 

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from autotune.schema import Status
-from autotune.study.runner import WORKER_NICENESS
+from autotune.study.connect import WORKER_NICENESS
 from autotune.trials.executor import run_trial
 from trainables.moe.run_config import RunConfig
 
@@ -31,7 +31,7 @@ CFG = RunConfig(model="tiny", micro_batch_size=2, global_batch_size=2, seq_len=1
 def ray_with_two_fake_gpus():
     # One CPU's worth of rank tasks at a time, so the second trial lands on the first one's worker;
     # idle workers kept and run at normal priority, as a study's own Ray keeps and runs them
-    # (autotune.study.runner: warm_workers, WORKER_NICENESS).
+    # (autotune.study.connect: warm_workers, WORKER_NICENESS).
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
              _system_config={"num_workers_soft_limit": 8, "worker_niceness": WORKER_NICENESS})
     yield

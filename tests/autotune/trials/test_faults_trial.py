@@ -15,7 +15,7 @@ import pytest
 import ray
 
 from autotune.schema import Status
-from autotune.study.runner import WORKER_NICENESS
+from autotune.study.connect import WORKER_NICENESS
 from autotune.trials.executor import run_trial
 from tests.faults import alive, wait_gone
 from trainables.moe.run_config import RunConfig
@@ -30,7 +30,7 @@ BUNDLE = {"CPU": 1.0}
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    # ranks at normal priority, as a study's own Ray runs them (autotune.study.runner.WORKER_NICENESS)
+    # ranks at normal priority, as a study's own Ray runs them (autotune.study.connect.WORKER_NICENESS)
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
              _system_config={"worker_niceness": WORKER_NICENESS})
     yield

@@ -1,9 +1,11 @@
-"""Unit tests of the study runner's Ray connection settings (the real connection: test_faults_study)."""
+"""Unit tests of how the study gets its Ray: the settings it asks for on a cluster it connects to (the real
+connection: test_faults_study, test_cluster_jobs)."""
+
 from __future__ import annotations
 
 import json
 
-from autotune.study.runner import JOB_CONFIG_ENV, PRIORITY_ENV, WORKER_NICENESS, connected_runtime_env
+from autotune.study.connect import JOB_CONFIG_ENV, PRIORITY_ENV, WORKER_NICENESS, connected_runtime_env
 
 
 def test_a_connected_study_asks_for_its_ranks_at_normal_priority():
