@@ -228,10 +228,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from autotune.study.connect import WORKER_NICENESS
     from autotune.trials.tune_trial import tune_trial
 
     started = time.monotonic()
-    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    # Workers (so both paths' ranks) at the priority a study gives its own: at Ray's nice 15 both
+    # paths' ranks yield to any other process on the machine.
+    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _system_config={"worker_niceness": WORKER_NICENESS})
     try:
         with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
             auto_cfgs = [{"number": i, "run": cfg, "bundle": {"CPU": 1.0}, "strategy": "PACK", "timeout_s": 300,
