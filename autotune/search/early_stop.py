@@ -3,8 +3,10 @@
 ASHA compares one number per trial at a rung: with 1-step rungs on a shared 2-core machine,
 where one layout's step time moves 1.75x from run to run, it stopped layouts on noise. Here a
 running layout is stopped only when its measured steps so far give a step-time interval
-(`autotune.search.stats`) that lies wholly above a peer's: the peer is faster and the intervals do
-not overlap. In a Pareto study (`objective.minimize: peak_mem_bytes`) the peer must also need
+(`autotune.search.stats`) that lies wholly above a peer's, and its median is slower than the
+peer's by more than two runs of one layout differ (the run-to-run margin of the tie rule, from
+the study's re-measures pooled with the device's prior spread): a trial's steps share its run's
+conditions, so steps alone separate two runs that the next runs would not. In a Pareto study (`objective.minimize: peak_mem_bytes`) the peer must also need
 no more memory (measured, or predicted until measured), since a slower layout that needs less
 memory belongs on the front. The reason names the peer and both intervals; the trial's partial
 figures are kept in its record.
@@ -13,12 +15,14 @@ figures are kept in its record.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from autotune.schema import Status
-from autotune.search.stats import CONFIDENCE, Interval, separated, step_time_interval
+from autotune.search.stats import (CONFIDENCE, PRIOR_RUN_SD, Interval, RunSpread, separated,
+                                   step_time_interval)
 from autotune.space.spec import Spec
 from autotune.trial_record import TrialRecord
 
@@ -42,6 +46,14 @@ class NoiseAwareStopper(FIFOScheduler):
             f"trial #{t.number}": (list(t.step_times), t.metrics.get("peak_mem_bytes"))
             for t in known if t.status == Status.OK and t.step_times}
         self.label: dict[str, str] = {}
+        # How far apart two runs of one layout land: the study's own re-measures so far, pooled with
+        # the device's prior (what the report assumes of a layout measured once).
+        runs: dict[str, list[list[float]]] = {}
+        for t in known:
+            if t.status == Status.OK and t.step_times:
+                runs.setdefault(t.layout.key, []).append(list(t.step_times))
+        prior = PRIOR_RUN_SD.get(spec.cluster.device, PRIOR_RUN_SD["cpu"])
+        self.spread = RunSpread.of(runs).with_prior(prior)
 
     def _peer(self, trial: Any) -> str:
         if trial.trial_id not in self.label:
@@ -78,6 +90,8 @@ class NoiseAwareStopper(FIFOScheduler):
             theirs = step_time_interval(peer_times)
             if not (separated(mine, theirs) and theirs.hi < mine.lo):
                 continue
+            if math.log(mine.median / theirs.median) <= self.spread.margin(1, 1):
+                continue  # the next runs of the two may well swap places
             if self.pareto and (memory is None or peer_memory is None or peer_memory > memory):
                 continue  # the peer is faster but needs more memory: both may be on the front
             if best is None or theirs.median < best[1].median:
@@ -88,7 +102,9 @@ class NoiseAwareStopper(FIFOScheduler):
         also = " and needs no more memory" if self.pareto else ""
         return (f"stopped after {mine.n} measured steps: median step {_ms(mine.median)} ms "
                 f"[{_ms(mine.lo)}, {_ms(mine.hi)}] is slower than {label}'s {_ms(theirs.median)} ms "
-                f"[{_ms(theirs.lo)}, {_ms(theirs.hi)}] ({CONFIDENCE:.0%} intervals do not overlap){also}")
+                f"[{_ms(theirs.lo)}, {_ms(theirs.hi)}] ({CONFIDENCE:.0%} intervals do not overlap, and "
+                f"{mine.median / theirs.median:.2f}x is beyond the run-to-run margin of "
+                f"{math.exp(self.spread.margin(1, 1)):.2f}x){also}")
 
     def _finished(self, me: str, result: dict[str, Any]) -> None:
         """A finished trial is a peer with all its steps and its measured peak memory; a failed one

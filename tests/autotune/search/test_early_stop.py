@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune.schedulers import TrialScheduler
 
+from autotune.schema import Status
 from autotune.search.early_stop import NoiseAwareStopper
+from autotune.space.layout import Layout
 from autotune.space.spec import spec_from_data
+from autotune.trial_record import TrialRecord
 
 SPACE = {"model": {"preset": "tiny"}, "cluster": {"ranks": 4, "device": "cpu", "memory_gb": 0.02},
          "search": {"world_sizes": [1, 2, 4], "global_batch_size": 16, "seq_len": 64},
@@ -78,3 +82,34 @@ def test_in_a_pareto_study_a_faster_peer_that_needs_more_memory_stops_nobody():
     feed(s, trial(3, pred_mem=900), [0.4, 0.41])
     assert s.on_trial_result(None, trial(2), {"step_time_s": 1.0, "measured_steps": 4}) == TrialScheduler.STOP
     assert "trial #3" in s.reasons["t2"] and "needs no more memory" in s.reasons["t2"]
+
+
+def test_a_gap_that_two_runs_of_one_layout_could_show_stops_nothing():
+    # Tight, separated intervals, 1.2x apart: a trial's steps share its run's conditions, and on
+    # CPU two runs of one layout differ by more (the device's prior spread: a 1.37x margin).
+    s = stopper()
+    feed(s, trial(1), [0.50, 0.50, 0.50])
+    assert feed(s, trial(2), [0.60, 0.60, 0.60, 0.60]) == [TrialScheduler.CONTINUE] * 4
+    assert s.reasons == {}
+    assert 1.3 < math.exp(s.spread.margin(1, 1)) < 1.45
+    # The same gap on a dedicated card (prior 0.03: a 1.09x margin) is beyond doubt.
+    data = json.loads(json.dumps(SPACE))
+    data["cluster"] = {"ranks": 4, "device": "cuda", "memory_gb": 80}
+    g = NoiseAwareStopper(spec_from_data(data))
+    feed(g, trial(1), [0.50, 0.50, 0.50])
+    assert feed(g, trial(2), [0.60, 0.60]) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    assert "1.20x is beyond the run-to-run margin of 1.09x" in g.reasons["t2"]
+
+
+def test_the_studys_own_re_measures_narrow_the_margin():
+    # Earlier runs in which a layout measured twice within 1% of itself: the study's spread, pooled
+    # with the prior, lets a 1.25x gap stop a trial that the prior alone would let run.
+    layout = Layout(1, 1, 1, 4, 2, "fp32", "none")
+    known = [TrialRecord(n, layout, Status.OK, step_times=(t, t, t)) for n, t in enumerate((0.500, 0.505) * 10)]
+    s = NoiseAwareStopper(spec_from_data(json.loads(json.dumps(SPACE))), known)
+    assert s.spread.dof > 5 and math.exp(s.spread.margin(1, 1)) < 1.2
+    feed(s, trial(30), [0.50, 0.50, 0.50])
+    assert feed(s, trial(31), [0.625, 0.625]) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    prior_only = stopper()  # the same two trials without the study's re-measures: it runs on
+    feed(prior_only, trial(30), [0.50, 0.50, 0.50])
+    assert feed(prior_only, trial(31), [0.625, 0.625]) == [TrialScheduler.CONTINUE] * 2

@@ -14,6 +14,7 @@ from ray.util import placement_group_table
 from autotune.records.tracking import FRONT_TAG, Tracker
 from autotune.schema import Status
 from autotune.space.spec import spec_from_data
+from autotune.study.connect import WORKER_NICENESS
 from autotune.study.runner import RunOptions, run_study
 from tests.autotune.report.test_pareto import pareto_spec, trials
 from tests.faults import wait_gone
@@ -40,7 +41,8 @@ def stopped_study(tmp_path_factory):
     data["tracking"] = {"experiment": "stops", "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
     data["study"]["output_dir"] = str(tmp / "runs")
     # Ray started here, so that its placement-group table can be read after the study.
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR",
+             _system_config={"worker_niceness": WORKER_NICENESS})  # as a study's own Ray runs its ranks
     try:
         result = run_study(spec_from_data(data), yaml.safe_dump(data), RunOptions(live=False))
         table = placement_group_table()
