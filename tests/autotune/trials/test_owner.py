@@ -10,6 +10,7 @@ import pytest
 import ray
 from ray.util import placement_group_table
 
+from autotune.study.connect import WORKER_NICENESS
 from autotune.trials.owner import FREE_WAIT_S, TrialOwner, free_now, owner_handle, reserve, start_time
 from tests.faults import alive, wait_gone
 
@@ -18,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.alone]  # wall-clock bounds: nothing
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             _system_config={"worker_niceness": WORKER_NICENESS})  # the owner's priority in a study
     yield
     ray.shutdown()
 
