@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from autotune.search.stats import PRIOR_RUN_DOF, PRIOR_RUN_SD, Interval, RunSpread, rule_text, runs_interval, tied_with_best
+from autotune.search.stats import (PRIOR_RUN_DOF, Interval, RunSpread, prior_run_sd, rule_text, runs_interval,
+                                   tied_with_best)
 from autotune.space.layout import Layout
 from autotune.space.spec import Spec
 from autotune.trial_record import TIE_REMEASURE, TrialRecord
@@ -119,7 +120,7 @@ class StudyResult:
 
         # What a layout's interval says of its next run, not only of the steps measured: the
         # run-to-run spread, with a prior until the study has re-measured enough to know its own.
-        prior_sd = PRIOR_RUN_SD.get(self.spec.cluster.device, PRIOR_RUN_SD["cpu"])
+        prior_sd = prior_run_sd(self.spec.cluster.device)
         shown = spread.with_prior(prior_sd)
 
         def entry(k: str) -> dict[str, Any]:

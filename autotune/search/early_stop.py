@@ -6,10 +6,11 @@ running layout is stopped only when its measured steps so far give a step-time i
 (`autotune.search.stats`) that lies wholly above a peer's, and its median is slower than the
 peer's by more than two runs of one layout differ (the run-to-run margin of the tie rule, from
 the study's re-measures pooled with the device's prior spread): a trial's steps share its run's
-conditions, so steps alone separate two runs that the next runs would not. In a Pareto study (`objective.minimize: peak_mem_bytes`) the peer must also need
-no more memory (measured, or predicted until measured), since a slower layout that needs less
-memory belongs on the front. The reason names the peer and both intervals; the trial's partial
-figures are kept in its record.
+conditions, so steps alone separate two runs that the next runs would not. In a Pareto study
+(`objective.minimize: peak_mem_bytes`) the peer must also need no more memory (measured, or
+predicted until measured), since a slower layout that needs less memory belongs on the front.
+The reason names the peer, both intervals and the margin; the trial's partial figures are kept
+in its record.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from typing import Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from autotune.schema import Status
-from autotune.search.stats import (CONFIDENCE, PRIOR_RUN_SD, Interval, RunSpread, separated,
-                                   step_time_interval)
+from autotune.search.stats import CONFIDENCE, Interval, RunSpread, prior_run_sd, separated, step_time_interval
 from autotune.space.spec import Spec
 from autotune.trial_record import TrialRecord
 
@@ -52,8 +52,10 @@ class NoiseAwareStopper(FIFOScheduler):
         for t in known:
             if t.status == Status.OK and t.step_times:
                 runs.setdefault(t.layout.key, []).append(list(t.step_times))
-        prior = PRIOR_RUN_SD.get(spec.cluster.device, PRIOR_RUN_SD["cpu"])
-        self.spread = RunSpread.of(runs).with_prior(prior)
+        self.spread = RunSpread.of(runs).with_prior(prior_run_sd(spec.cluster.device))
+        # Fixed for the stopper's life: the largest log step-time ratio of two single runs that
+        # the spread explains.
+        self.margin = self.spread.margin(1, 1)
 
     def _peer(self, trial: Any) -> str:
         if trial.trial_id not in self.label:
@@ -90,7 +92,7 @@ class NoiseAwareStopper(FIFOScheduler):
             theirs = step_time_interval(peer_times)
             if not (separated(mine, theirs) and theirs.hi < mine.lo):
                 continue
-            if math.log(mine.median / theirs.median) <= self.spread.margin(1, 1):
+            if math.log(mine.median / theirs.median) <= self.margin:
                 continue  # the next runs of the two may well swap places
             if self.pareto and (memory is None or peer_memory is None or peer_memory > memory):
                 continue  # the peer is faster but needs more memory: both may be on the front
@@ -104,7 +106,7 @@ class NoiseAwareStopper(FIFOScheduler):
                 f"[{_ms(mine.lo)}, {_ms(mine.hi)}] is slower than {label}'s {_ms(theirs.median)} ms "
                 f"[{_ms(theirs.lo)}, {_ms(theirs.hi)}] ({CONFIDENCE:.0%} intervals do not overlap, and "
                 f"{mine.median / theirs.median:.2f}x is beyond the run-to-run margin of "
-                f"{math.exp(self.spread.margin(1, 1)):.2f}x){also}")
+                f"{math.exp(self.margin):.2f}x){also}")
 
     def _finished(self, me: str, result: dict[str, Any]) -> None:
         """A finished trial is a peer with all its steps and its measured peak memory; a failed one

@@ -124,6 +124,11 @@ PRIOR_RUN_SD = {"cpu": 0.11, "cuda": 0.03}
 PRIOR_RUN_DOF = 5
 
 
+def prior_run_sd(device: str) -> float:
+    """The prior run-to-run spread for a device (a device without its own figure gets the CPU's)."""
+    return PRIOR_RUN_SD.get(device, PRIOR_RUN_SD["cpu"])
+
+
 @dataclass(frozen=True)
 class RunSpread:
     """How much one layout's runs differ from each other: the standard deviation of log median

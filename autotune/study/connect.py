@@ -9,6 +9,7 @@ import os
 from typing import Any, Mapping
 
 from autotune.space.spec import Spec
+from autotune.trial_record import NORMAL_PRIORITY
 
 
 # Ray starts its workers at nice 15 (RayConfig `worker_niceness`), so that anything else on the node
@@ -16,7 +17,7 @@ from autotune.space.spec import Spec
 # measured at normal priority: beside two busy processes on 2 cores, one tiny rank took 84-92 s at
 # nice 15 and 3.7 s at nice 0 (the study's own driver is such a process). The compose file, the
 # manifests and most of the tests' clusters also set RAY_worker_niceness=0 on their nodes.
-WORKER_NICENESS = 0
+WORKER_NICENESS = NORMAL_PRIORITY
 # On a cluster the study connects to, the same setting travels in the study's job-level runtime
 # environment: a worker takes RayConfig's worker_niceness from its own environment, whatever its
 # node was started with (Ray's job supervisor runs its own actor this way; measured here: tasks at
