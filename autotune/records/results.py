@@ -109,6 +109,19 @@ class StudyResult:
         return LeaderEvidence(intervals={k: runs_interval(v) for k, v in steps.items()},
                               runs={k: len(v) for k, v in steps.items()}, spread=RunSpread.of(steps))
 
+    def shown_intervals(self, ev: "LeaderEvidence | None" = None) -> dict[str, Interval]:
+        """Every measured layout's interval as the report shows it, wherever it shows it: over the
+        layout's runs, widened to the run-to-run spread (the study's, pooled with the device's prior
+        until the study has re-measured enough to know its own), so that it says where the
+        layout's next run falls, not only where its measured steps fell."""
+        ev = ev or self.evidence()
+        shown = ev.spread.with_prior(prior_run_sd(self.spec.cluster.device))
+        out = {}
+        for key, runs in self.measurements().items():
+            iv = ev.intervals.get(key) or runs_interval([_step_times(r) for r in runs])
+            out[key] = shown.widen(iv, len(runs))
+        return out
+
     def standing(self) -> dict[str, Any] | None:
         """The best layout, the layouts statistically tied with it (autotune.search.stats) and the rule."""
         ev = self.evidence()
@@ -117,14 +130,11 @@ class StudyResult:
         if key is None:
             return None
         by_key = {t.layout.key: t for t in self.fitting()}
-
-        # What a layout's interval says of its next run, not only of the steps measured: the
-        # run-to-run spread, with a prior until the study has re-measured enough to know its own.
         prior_sd = prior_run_sd(self.spec.cluster.device)
-        shown = spread.with_prior(prior_sd)
+        shown, widened = spread.with_prior(prior_sd), self.shown_intervals(ev)
 
         def entry(k: str) -> dict[str, Any]:
-            iv = shown.widen(intervals[k], counts[k])
+            iv = widened[k]
             return {"layout": k, "trial": by_key[k].number, "tokens_per_s": by_key[k].tokens_per_s,
                     "step_time_s": iv.median, "step_time_lo_s": iv.lo, "step_time_hi_s": iv.hi,
                     "steps": iv.n, "runs": counts[k]}

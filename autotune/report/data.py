@@ -18,6 +18,7 @@ from autotune.report.checks import _cap_bytes, _checks, _fits, _verdict
 from autotune.report.format import memory_unit
 from autotune.report.front import front_data, stopped_data
 from autotune.schema import MEMORY_CATEGORIES, Status, pred_name
+from autotune.search.stats import Interval
 from autotune.space.layout import rule_of
 from autotune.trial_record import TrialRecord
 
@@ -147,16 +148,18 @@ def _best_section(result: StudyResult, best: TrialRecord) -> dict[str, Any]:
 
 
 def _trial_row(rank: int, t: TrialRecord, cap: float, best: TrialRecord | None,
-               tied: frozenset[str] = frozenset()) -> dict[str, Any]:
+               tied: frozenset[str] = frozenset(), shown: Interval | None = None) -> dict[str, Any]:
+    """One row of the ranking; `shown` is the layout's interval as the whole report shows it
+    (`StudyResult.shown_intervals`), so that one layout has one interval on the page."""
     status = _ok_status(t) if t.ok and not _fits(t, cap) else t.status.value
+    lo, hi = (shown.lo, shown.hi) if shown is not None and shown.known else (None, None)
     return {"rank": rank, "number": t.number, "layout": t.layout.name, "key": t.layout.key,
             "mb": t.layout.micro_batch_size, "precision": t.layout.precision, "recompute": t.layout.recompute,
             "schedule": t.layout.schedule, "world": t.layout.world_size,
             "tokens_per_s": t.metrics.get("tokens_per_s") if t.ok else None,
             "pred_tokens_per_s": t.prediction.get("pred_tokens_per_s"),  # the step-time model's, at launch
             "step_time_s": t.metrics.get("step_time_s") if t.ok else None,
-            "step_time_lo_s": t.metrics.get("step_time_lo_s") if t.ok else None,
-            "step_time_hi_s": t.metrics.get("step_time_hi_s") if t.ok else None,
+            "step_time_lo_s": lo if t.ok else None, "step_time_hi_s": hi if t.ok else None,
             "peak_mem_bytes": t.metrics.get("peak_mem_bytes"), "status": status,
             "best": best is not None and t.number == best.number, "tied": t.ok and t.layout.key in tied}
 
@@ -177,6 +180,7 @@ def build_report(result: StudyResult) -> dict[str, Any]:
     checks = _checks(result, best, unit) if best is not None else []
     standing = result.standing()
     tied = frozenset(t["layout"] for t in standing["tied"]) if standing else frozenset()
+    shown = result.shown_intervals()
     report = {
         "title": f"Deployment report: {result.name}",
         "study": {"name": result.name, "model": spec.model.preset, "n_experts": model.n_experts,
@@ -196,7 +200,8 @@ def build_report(result: StudyResult) -> dict[str, Any]:
             "total": len(result.trials),
             "counts_by_status": result.counts_by_status(),
             "counts_by_reason": by_reason,
-            "top": [_trial_row(i, t, cap, best, tied) for i, t in enumerate(ranked[:TOP_N], start=1)],
+            "top": [_trial_row(i, t, cap, best, tied, shown.get(t.layout.key))
+                    for i, t in enumerate(ranked[:TOP_N], start=1)],
             "not_ok": [{"number": t.number, "layout": t.layout.key, "status": t.status.value, "reason": t.reason}
                        for t in result.trials if not t.ok],
             "points": [{"number": t.number, "label": _label(t), "tokens_per_s": t.tokens_per_s,

@@ -81,3 +81,64 @@ def test_a_later_run_of_the_study_replaces_rather_than_pools():
     assert result.best().layout == b.layout  # a's old measurement no longer counts
     assert result.standing()["best"]["runs"] == 1
     assert result.changes()["remeasured"][0]["layout"] == a.layout.key
+
+
+def test_one_layout_has_one_interval_wherever_the_report_shows_it(tmp_path):
+    """The ranking's interval column is the standing's (widened to the run-to-run spread), for
+    the leaders, for a layout measured once and for one over the memory cap."""
+    spec = make_spec()
+    a = ok_record(spec, 0, lay(ep=1), 0.100, parts_of(10))
+    b = ok_record(spec, 1, lay(ep=2), 0.104, parts_of(10))
+    c = ok_record(spec, 2, lay(ep=4), 0.300, parts_of(10))
+    over = ok_record(spec, 3, lay(ep=2, mb=8), 0.090, parts_of(60))  # 60 MB on a 50 MB rank
+    again = [_again(a, 4, 0.110, spec), _again(b, 5, 0.095, spec)]
+    result = study(spec, [a, b, c, over, *again])
+    report = build_report(result)
+    standing = report["standing"]
+    by_key = {e["layout"]: e for e in [standing["best"], *standing["tied"]]}
+    rows = {r["key"]: r for r in report["trials"]["top"]}
+    assert set(by_key) == {a.layout.key, b.layout.key}
+    for key, e in by_key.items():
+        assert (rows[key]["step_time_lo_s"], rows[key]["step_time_hi_s"]) == (e["step_time_lo_s"], e["step_time_hi_s"])
+    shown = result.shown_intervals()
+    assert set(shown) == {a.layout.key, b.layout.key, c.layout.key, over.layout.key}
+    for key in (c.layout.key, over.layout.key):  # measured once: its 3 steps' interval, widened
+        steps_only = result.evidence().intervals.get(key)
+        assert rows[key]["step_time_lo_s"] == shown[key].lo and rows[key]["step_time_hi_s"] == shown[key].hi
+        assert rows[key]["step_time_lo_s"] < rows[key]["step_time_s"] < rows[key]["step_time_hi_s"]
+        if steps_only is not None:
+            assert shown[key].hi - shown[key].lo > steps_only.hi - steps_only.lo
+    assert rows[over.layout.key]["status"] != "ok"  # ranked below the fitting ones, still with its interval
+    md = write_report(result, tmp_path).markdown.read_text()
+    top = md_table(md, "rank | trial")
+    best_table = md_table(md, "layout | trial")
+    assert top[0][10] == best_table[0][4]  # the same interval text in both tables
+
+
+def test_throughput_stability_is_judged_inside_each_run():
+    """Runs of the best at different levels, each steady inside: the check passes and names the
+    pooled figure beside; steps that stray inside a run still fail it; one run: p90 / median."""
+    spec = make_spec()
+
+    def runs_of(levels, jitter):
+        a = ok_record(spec, 0, lay(ep=1), levels[0], parts_of(10))
+        a = replace(a, step_times=(levels[0], levels[0] * jitter, levels[0]))
+        out = [a]
+        for i, level in enumerate(levels[1:], start=1):
+            r = _again(a, 10 + i, level, spec)
+            out.append(replace(r, step_times=(level, level * jitter, level)))
+        return out
+
+    def stable(trials):
+        result = study(spec, trials)
+        return next(c for c in build_report(result)["checks"] if c["id"] == "throughput_stable")
+
+    steady = stable(runs_of([0.080, 0.100, 0.140], 1.02))
+    assert steady["passed"] is True and steady["figure"] == pytest.approx(1.016, abs=0.005)
+    assert "9 steps in 3 runs" in steady["detail"] and "the runs pooled: " in steady["detail"]
+    pooled = steady["detail"].split("the runs pooled: ")[1]
+    assert float(pooled.split(" = ")[1].split(" ")[0]) > 1.25  # what the check used to judge
+    jittery = stable(runs_of([0.100, 0.100, 0.100], 1.5))
+    assert jittery["passed"] is False and jittery["figure"] > 1.25
+    one = stable([ok_record(spec, 0, lay(ep=1), 0.100, parts_of(10), step_time_p90_s=0.130)])
+    assert one["passed"] is False and one["figure"] == pytest.approx(1.3) and "runs" not in one["detail"]
