@@ -216,4 +216,8 @@ def test_early_stop_quick():
     (data,) = _check(_run("benchmarks.early_stop", "--quick", timeout=400), "early_stop_quick")
     assert data["quick"] and [r["early_stop"] for r in data["runs"]] == [False, True]
     assert all(r["trials"] == 2 and r["failed"] == 0 for r in data["runs"])
-    assert {"steps_saved", "wall_s_saved", "steps_ratio", "wall_ratio", "best_no_worse"} <= set(data)
+    assert {"steps_saved", "wall_s_saved", "steps_ratio", "wall_ratio", "best_no_worse", "goals_met"} <= set(data)
+    # Both picks judged by runs of their own, outside the studies.
+    assert all(r["best_true_tokens_per_s"] > 0 for r in data["runs"])
+    assert set(data["true_tokens_per_s"]) == {r["best"] for r in data["runs"]}
+    assert len(data["pair_true_ratios"]) == 1
