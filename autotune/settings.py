@@ -68,7 +68,7 @@ def is_url(storage: str) -> bool:
 
 
 def default_runs_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The runs folder when no space file is at hand (`autotune report`, `autotune sync`)."""
+    """The runs folder when no space file is at hand (`autotune report`, `sync` and `dashboard` given a study name)."""
     environ = os.environ if environ is None else environ
     return Path(_env(environ, RUNS_ENV) or DEFAULT_RUNS_DIR).absolute()
 

@@ -19,7 +19,7 @@ studies' own pooled figures, which on 2 cores are mostly run-to-run noise):
   benchmark's 3% regret tolerance. The run exits 1 when a goal is missed.
 
     python -m benchmarks.early_stop            # the figure, ~10 min on 2 cores
-    python -m benchmarks.early_stop --quick    # 1 pair of 2 trials on 2 ranks, one Ray, a short judge: checks the script
+    python -m benchmarks.early_stop --quick    # 1 pair of 2 trials on 2 ranks, a short judge: checks the script
 
 Results: benchmarks/results/early_stop.{csv,json} (`early_stop_quick.*` with --quick).
 """

@@ -29,6 +29,17 @@ def _default_runs_dir() -> Path:
     return default_runs_dir()
 
 
+def _study_of(study: str, directory: Optional[Path], storage: Optional[str]) -> tuple[str, Path, Optional[str]]:
+    """A study named by its name or by its space file, as `autotune run` took it: its name, runs
+    folder and storage (options given on the command line win; the environment's settings apply
+    as they do to `run`)."""
+    path = Path(study)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        spec = _load(path, resolved=True)
+        return spec.study.name, directory or Path(spec.study.output_dir), storage or spec.study.storage
+    return study, directory or _default_runs_dir(), storage
+
+
 def _route_logs(directory: Path, verbose: bool, libraries: tuple[str, ...] = ("ray", "optuna", "mlflow")):
     """Other libraries' messages to `<directory>/autotune.log` (autotune/cli/logs.py); None when the
     folder is not writable (the command then says so in its own words)."""
@@ -124,7 +135,7 @@ def _run(space: Path, spec: Spec, options: dict) -> None:
 
 @app.command()
 def report(
-    study: str = typer.Argument(..., help="the study name (study.name in the space)"),
+    study: str = typer.Argument(..., help="the study: its name (study.name in the space) or its space file"),
     directory: Optional[Path] = typer.Option(None, "--dir", help="the runs folder (default: $AUTOTUNE_RUNS_DIR, "
                                                                  "else autotune-runs)"),
     storage: Optional[str] = typer.Option(None, "--storage", envvar="AUTOTUNE_STORAGE",
@@ -135,7 +146,7 @@ def report(
     from autotune.report.write import write_report
     from autotune.study.store import StudyError, load_result
 
-    directory = directory or _default_runs_dir()
+    study, directory, storage = _study_of(study, directory, storage)
     try:
         result = load_result(study, directory, storage)
     except StudyError as exc:
@@ -148,7 +159,7 @@ def report(
 
 @app.command()
 def sync(
-    study: str = typer.Argument(..., help="the study name (study.name in the space)"),
+    study: str = typer.Argument(..., help="the study: its name (study.name in the space) or its space file"),
     directory: Optional[Path] = typer.Option(None, "--dir", help="the runs folder (default: $AUTOTUNE_RUNS_DIR, "
                                                                  "else autotune-runs)"),
     storage: Optional[str] = typer.Option(None, "--storage", envvar="AUTOTUNE_STORAGE",
@@ -160,8 +171,9 @@ def sync(
     from autotune.settings import resolve_settings
     from autotune.study.store import StudyError, load_result
 
+    study, directory, storage = _study_of(study, directory, storage)
     try:
-        result = load_result(study, directory or _default_runs_dir(), storage)
+        result = load_result(study, directory, storage)
     except StudyError as exc:
         _fail(str(exc), exc.code)
     tracker = Tracker(uri or resolve_settings(result.spec).tracking_uri, result.spec.tracking.experiment)
@@ -318,9 +330,11 @@ def k8s(
 
 @app.command()
 def dashboard(
-    study: str = typer.Argument(..., help="the study name (study.name in the space)"),
-    directory: Path = typer.Option(Path("autotune-runs"), "--dir", help="the study output folder's parent"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage (journal path or RDB URL)"),
+    study: str = typer.Argument(..., help="the study: its name (study.name in the space) or its space file"),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="the runs folder (default: $AUTOTUNE_RUNS_DIR, "
+                                                                 "else autotune-runs)"),
+    storage: Optional[str] = typer.Option(None, "--storage", envvar="AUTOTUNE_STORAGE",
+                                          help="Optuna storage (journal path or RDB URL)"),
     port: int = typer.Option(8080, help="port to serve on"),
     host: str = typer.Option("127.0.0.1", help="address to bind; keep loopback unless you mean to share it"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="also show the server's own messages"),
@@ -330,6 +344,7 @@ def dashboard(
     from autotune.records.tracking import redact
     from autotune.study.store import StudyError, find_storage
 
+    study, directory, storage = _study_of(study, directory, storage)
     try:
         url = find_storage(study, directory, storage)
     except StudyError as exc:

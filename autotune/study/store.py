@@ -72,7 +72,8 @@ def find_storage(name: str, output_dir: Path, storage_url: str | None = None) ->
     url = storage_path(storage_url, output_dir) if storage_url else (
         state.get("storage") or str(output_dir / name / "optuna.journal"))
     if "://" not in url and not Path(url).exists():
-        raise StudyError(f"no study {name!r} under {output_dir}: {url} does not exist; pass --dir or --storage")
+        raise StudyError(f"no study {name!r} under {output_dir}: {url} does not exist; name the study's space "
+                         "file, or pass --dir or --storage")
     return url
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -173,6 +176,24 @@ def test_report_is_written_and_consistent(study_run):
     assert "a layer's fixed cost per micro-batch" in text and report["cluster_probe"]["layer"]["seconds"] > 0
     stored = optuna.load_study(study_name="e2e", storage=open_storage(spec.study.storage_url())).user_attrs
     assert stored[PROFILE_ATTR] == apply(spec.cluster.device_profile(), probe).to_dict()
+
+
+def test_report_command_takes_the_space_file_as_run_does(study_run):
+    """`autotune report space.yaml` finds the study where `autotune run space.yaml` put it; a
+    name it cannot find says how to point at the study."""
+    tmp, data, spec, result = study_run
+    space = tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    out = spec.study.directory() / "report"
+    (out / "report.md").unlink()
+    cmd = [sys.executable, "-m", "autotune.cli", "report"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOTUNE_")}
+    proc = subprocess.run([*cmd, str(space)], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert str(out / "report.md") in proc.stdout and result.best().layout.name in (out / "report.md").read_text()
+    proc = subprocess.run([*cmd, "e2e"], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no study 'e2e' under ")
+    assert "name the study's space file, or pass --dir or --storage" in proc.stderr
 
 
 def test_resume_extends_the_study_without_rerunning(study_run):
