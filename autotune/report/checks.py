@@ -95,8 +95,8 @@ def _checks(result: StudyResult, best: TrialRecord, unit: dict[str, Any]) -> lis
     ratio = p90 / median if median and p90 is not None else None
     detail = (f"p90 {fmt_ms(p90)} ms / median {fmt_ms(median)} ms = {ratio:.3f}" if ratio is not None
               else "step times not recorded")
-    runs = [steps for steps in (_finite_steps(r) for r in result.measurements().get(best.layout.key, [])) if steps]
-    if len(runs) > 1:
+    runs = [_finite_steps(r) for r in result.measurements().get(best.layout.key, [])]
+    if len(runs) > 1 and min(map(len, runs)) > 1:  # every run's own spread is known
         # Re-measured: each step against its own run's median. Runs differ in level on a shared
         # machine; that spread is the tie rule's to weigh, and pooling it here would make the
         # check fail more often the more evidence the study gathered for its best.

@@ -140,5 +140,9 @@ def test_throughput_stability_is_judged_inside_each_run():
     assert float(pooled.split(" = ")[1].split(" ")[0]) > 1.25  # what the check used to judge
     jittery = stable(runs_of([0.100, 0.100, 0.100], 1.5))
     assert jittery["passed"] is False and jittery["figure"] > 1.25
+    # A run that kept one step says nothing of its own spread: the pooled figure is judged.
+    single = [replace(r, step_times=r.step_times[:1]) for r in runs_of([0.080, 0.100, 0.140], 1.0)]
+    pooled_only = stable(single)
+    assert pooled_only["passed"] is False and "runs" not in pooled_only["detail"]
     one = stable([ok_record(spec, 0, lay(ep=1), 0.100, parts_of(10), step_time_p90_s=0.130)])
     assert one["passed"] is False and one["figure"] == pytest.approx(1.3) and "runs" not in one["detail"]
