@@ -109,6 +109,10 @@ class StudyResult:
         return LeaderEvidence(intervals={k: runs_interval(v) for k, v in steps.items()},
                               runs={k: len(v) for k, v in steps.items()}, spread=RunSpread.of(steps))
 
+    def run_steps(self, key: str) -> list[list[float]]:
+        """One layout's measured steps, run by run (the runs that count, `measurements`)."""
+        return [_step_times(r) for r in self.measurements().get(key, [])]
+
     def shown_intervals(self, ev: "LeaderEvidence | None" = None) -> dict[str, Interval]:
         """Every measured layout's interval as the report shows it, wherever it shows it: over the
         layout's runs, widened to the run-to-run spread (the study's, pooled with the device's prior
@@ -122,9 +126,10 @@ class StudyResult:
             out[key] = shown.widen(iv, len(runs))
         return out
 
-    def standing(self) -> dict[str, Any] | None:
-        """The best layout, the layouts statistically tied with it (autotune.search.stats) and the rule."""
-        ev = self.evidence()
+    def standing(self, ev: "LeaderEvidence | None" = None) -> dict[str, Any] | None:
+        """The best layout, the layouts statistically tied with it (autotune.search.stats) and the rule
+        (`ev`: the study's `evidence()`, where the caller has it already)."""
+        ev = ev or self.evidence()
         intervals, spread, counts = ev.intervals, ev.spread, ev.runs
         key, tied = tied_with_best(intervals, spread, counts)
         if key is None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
 from autotune.records.results import StudyResult
 from autotune.report.format import fmt_dropped, fmt_error, fmt_loss, fmt_mem, fmt_ms, fmt_num, fmt_tokens, plural
 from autotune.schema import MEMORY_CATEGORIES
+from autotune.search.stats import within_runs_p90
 from autotune.trial_record import NORMAL_PRIORITY, TrialRecord
 
 PREDICTION_TOLERANCE = 0.10  # |predicted - measured| / measured peak
@@ -37,17 +36,6 @@ def _cap_bytes(result: StudyResult) -> float:
 def _fits(t: TrialRecord, cap: float) -> bool:
     return t.ok and t.held_bytes is not None and t.held_bytes <= cap
 
-
-
-def _finite_steps(t: TrialRecord) -> list[float]:
-    return [float(x) for x in t.step_times if x is not None and math.isfinite(x) and x > 0]
-
-
-def within_runs_p90(runs: list[list[float]]) -> float:
-    """The 90th percentile of every measured step divided by the median of its own run: how far
-    a layout's steps stray inside one run (one run: its p90 / median)."""
-    ratios = [x / median for steps in runs for median in (float(np.median(steps)),) for x in steps]
-    return float(np.quantile(ratios, 0.9))
 
 
 def _check(cid: str, name: str, passed: bool | None, gates: bool, figure: Any, limit: Any,
@@ -95,12 +83,13 @@ def _checks(result: StudyResult, best: TrialRecord, unit: dict[str, Any]) -> lis
     ratio = p90 / median if median and p90 is not None else None
     detail = (f"p90 {fmt_ms(p90)} ms / median {fmt_ms(median)} ms = {ratio:.3f}" if ratio is not None
               else "step times not recorded")
-    runs = [_finite_steps(r) for r in result.measurements().get(best.layout.key, [])]
-    if len(runs) > 1 and min(map(len, runs)) > 1:  # every run's own spread is known
+    runs = result.run_steps(best.layout.key)
+    inside = within_runs_p90(runs)
+    if inside is not None:
         # Re-measured: each step against its own run's median. Runs differ in level on a shared
         # machine; that spread is the tie rule's to weigh, and pooling it here would make the
         # check fail more often the more evidence the study gathered for its best.
-        ratio = within_runs_p90(runs)
+        ratio = inside
         detail = (f"each step over its own run's median: p90 {ratio:.3f} ({plural(sum(map(len, runs)), 'step')} in "
                   f"{len(runs)} runs); the runs pooled: {detail} (their run-to-run spread, which the tie rule "
                   f"weighs)")

@@ -178,9 +178,10 @@ def build_report(result: StudyResult) -> dict[str, Any]:
     front = {t.number for t in result.pareto()}
     by_reason = dict(Counter(_reason_key(t) for t in ranked if not _fits(t, cap)).most_common())
     checks = _checks(result, best, unit) if best is not None else []
-    standing = result.standing()
+    evidence = result.evidence()  # one bootstrap of every leader for the standing and the ranking
+    standing = result.standing(evidence)
     tied = frozenset(t["layout"] for t in standing["tied"]) if standing else frozenset()
-    shown = result.shown_intervals()
+    shown = result.shown_intervals(evidence)
     report = {
         "title": f"Deployment report: {result.name}",
         "study": {"name": result.name, "model": spec.model.preset, "n_experts": model.n_experts,

@@ -188,6 +188,20 @@ class RunSpread:
                         iv.confidence)
 
 
+def within_runs_p90(runs: Sequence[Iterable[float | None]]) -> float | None:
+    """The 90th percentile of every measured step over the median of its own run: how far a
+    layout's steps stray inside a run, whatever the run-to-run spread. None unless there are
+    several runs and each kept two steps or more (a run of one step says nothing of its own)."""
+    clean = [_finite(r) for r in runs]
+    if len(clean) < 2 or min(map(len, clean)) < 2:
+        return None
+    ratios = []
+    for steps in clean:
+        median = float(np.median(steps))
+        ratios.extend(x / median for x in steps)
+    return float(np.quantile(ratios, 0.9))
+
+
 def _finite(steps: Iterable[float | None]) -> list[float]:
     """The steps that were measured: a step the run lost (None, nan, inf) says nothing."""
     return [t for t in steps if t is not None and math.isfinite(t)]
