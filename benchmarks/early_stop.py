@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine, say, write_csv, write_json  # noqa: E402
+from benchmarks.common import RESULTS, machine, preload_launch, say, write_csv, write_json  # noqa: E402
 
 QUICKSTART = ROOT / "search_spaces" / "quickstart-cpu.yaml"
 PAIRS = 3
@@ -87,15 +87,11 @@ def run(early_stop: bool, seed: int, quick: bool, tmp: Path) -> dict[str, Any]:
 
 def judge(layouts: list, quick: bool, tmp: Path) -> dict[str, float]:
     """Each pick's true throughput: long runs alone, in rounds of shuffled order."""
-    import tests.launch as launch_mod
     from autotune.search.stats import runs_interval
     from autotune.space.spec import spec_from_data
     from benchmarks.fidelity import _long_run
 
-    # Ranks fork from a server that already imported these, as in benchmarks.fidelity.
-    launch_mod._CTX.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.pipelining",
-                                            "torch.distributed.fsdp.sharded_grad_scaler", "trainables.moe.train",
-                                            "tests.launch"])
+    preload_launch()
     spec = spec_from_data(space(False, 0, quick, tmp))
     rounds, warmup, measure = (1, 1, 2) if quick else (JUDGE_ROUNDS, JUDGE_WARMUP, JUDGE_MEASURE)
     times: dict[str, list[list[float]]] = {}

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine, say, write_csv, write_json  # noqa: E402
+from benchmarks.common import RESULTS, machine, preload_launch, say, write_csv, write_json  # noqa: E402
 
 QUICKSTART = ROOT / "search_spaces" / "quickstart-cpu.yaml"
 STUDIES = 10
@@ -216,14 +216,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    import tests.launch as launch_mod
     from autotune.predict.candidates import screen
     from autotune.space.spec import spec_from_data
 
-    # Ranks fork from a server that already imported these, so a run starts in milliseconds.
-    launch_mod._CTX.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.pipelining",
-                                            "torch.distributed.fsdp.sharded_grad_scaler", "trainables.moe.train",
-                                            "tests.launch"])
+    preload_launch()
     started = time.monotonic()
     data = yaml.safe_load(space_path.read_text())
     spec = spec_from_data(data)

@@ -24,7 +24,7 @@ import yaml  # noqa: E402
 from autotune.predict.candidates import INVALID, Screening, screen  # noqa: E402
 from autotune.space.layout import Layout  # noqa: E402
 from autotune.space.spec import Spec, spec_from_data  # noqa: E402
-from benchmarks.common import RESULTS, SPACES, machine, say, write_csv, write_json  # noqa: E402
+from benchmarks.common import RESULTS, SPACES, machine, preload_launch, say, write_csv, write_json  # noqa: E402
 
 
 def space_file(name: str) -> Path:
@@ -61,15 +61,6 @@ def table_path(name: str, quick: bool) -> Path:
 
 # ------------------------------------------------------------------------------------------------
 # Measuring the grid
-
-
-def _preload_fork_server() -> None:
-    import tests.launch as launch_mod
-
-    # Each rank forks from a server that already imported these, so a run starts in milliseconds.
-    launch_mod._CTX.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.pipelining",
-                                            "torch.distributed.fsdp.sharded_grad_scaler", "trainables.moe.train",
-                                            "tests.launch"])
 
 
 def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -127,7 +118,7 @@ def measure(name: str, quick: bool, add_pass: bool, passes: int = 1, average: bo
 
 
 def _measure_pass(name: str, quick: bool, add_pass: bool, average: bool) -> int:
-    _preload_fork_server()
+    preload_launch()
     import torch
 
     from autotune.trials.configs import run_config_for

@@ -50,14 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import tests.launch as _launch
+from benchmarks.common import preload_launch  # noqa: E402
 
-# Every rank imports these; preloading them in the fork server makes each rank start in
-# milliseconds instead of importing dynamo (pulled in by meta-device init), the pipelining
-# package and the grad scaler once per rank.
-_launch._CTX.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed.pipelining",
-                                     "torch.distributed.fsdp.sharded_grad_scaler", "trainables.moe.train",
-                                     "tests.launch"])
+preload_launch()
 
 from autotune.predict.memory import predict, state_memory
 from tests.launch import launch
